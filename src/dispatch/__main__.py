@@ -1,0 +1,7 @@
+"""`python -m dispatch`: the same entry point as the console script."""
+
+from __future__ import annotations
+
+from dispatch.cli.main import main
+
+main()

@@ -1,0 +1,3 @@
+"""Adapters: one per external program, each behind a small Protocol (see `protocols`)."""
+
+from __future__ import annotations

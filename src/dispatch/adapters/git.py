@@ -1,0 +1,267 @@
+"""git worktrees and branches through one chokepoint that runs the real git via GitPython.
+
+GitPython has no worktree API, so every operation is a `git` argv run by
+`git.Git.execute` (an argv list, never a shell). GitPython is imported on first
+use only: importing it costs 100-200 ms that commands which never touch git
+should not pay. Every command gets `-C <repo>` because GitPython silently falls
+back to the process's cwd when its working directory does not exist, which would
+run the command against the wrong repository.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from dispatch.errors import EnvironmentProblem, ToolFailed
+
+if TYPE_CHECKING:
+    from git import Git, GitCommandNotFound
+
+_import_lock = threading.Lock()
+_gitpython: tuple[type[Git], type[GitCommandNotFound]] | None = None
+
+# git's own wording (GitPython forces LC_ALL=C, so it is stable) for a path that
+# is no usable repository: reported as an environment problem, not a tool failure.
+_UNUSABLE_REPO = {
+    "fatal: not a git repository": "is not a git repository",
+    "fatal: cannot change to": "does not exist, so it is not a git repository",
+    "fatal: this operation must be run in a work tree": "is a git repository without a work tree",
+    "fatal: detected dubious ownership": "is a git repository owned by another user",
+}
+
+
+def _load_gitpython() -> tuple[type[Git], type[GitCommandNotFound]]:
+    """Import GitPython once, such that a missing git binary surfaces as our error."""
+    global _gitpython
+    with _import_lock:
+        if _gitpython is None:
+            previous = os.environ.get("GIT_PYTHON_REFRESH")
+            # GitPython probes the git binary at import time and, unless told to be
+            # quiet, raises ImportError when it is missing; the chokepoint reports that.
+            os.environ["GIT_PYTHON_REFRESH"] = "quiet"
+            try:
+                import git
+            except ImportError as exc:
+                raise EnvironmentProblem(f"GitPython cannot be loaded: {exc}") from exc
+            finally:
+                if previous is None:
+                    os.environ.pop("GIT_PYTHON_REFRESH", None)
+                else:
+                    os.environ["GIT_PYTHON_REFRESH"] = previous
+            _gitpython = (git.Git, git.GitCommandNotFound)
+        return _gitpython
+
+
+def _absolute(path: Path) -> Path:
+    """Absolute against our cwd: with `git -C repo` a relative path would be read from repo."""
+    return Path(os.path.abspath(path))
+
+
+def _same_path(a: str | Path, b: str | Path) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+@dataclass(frozen=True)
+class _Result:
+    argv: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One worktree of `git worktree list --porcelain -z`."""
+
+    path: str
+    branch: str | None
+    locked: bool
+    bare: bool
+
+
+class GitWorktrees:
+    """The `Worktrees` adapter: real git, argv lists, a per-repository lock for `add`."""
+
+    def __init__(self, lock_dir: Path) -> None:
+        self.lock_dir = lock_dir
+        self.calls: list[list[str]] = []
+
+    def _run(self, repo: Path | None, *args: str, check: bool = True) -> _Result:
+        """Run git (in repo when given); the one place that maps failures to domain errors."""
+        git_class, not_found = _load_gitpython()
+        argv = [str(git_class.GIT_PYTHON_GIT_EXECUTABLE)]
+        if repo is not None:
+            argv += ["-C", str(_absolute(repo))]
+        argv += args
+        self.calls.append(argv)
+        try:
+            status, stdout, stderr = git_class().execute(
+                argv, with_extended_output=True, with_exceptions=False
+            )
+        except not_found as exc:
+            raise EnvironmentProblem(
+                f"git cannot be run: {argv[0]} was not found",
+                hint="install git or put it on PATH",
+            ) from exc
+        if status != 0 and repo is not None:
+            for line in stderr.splitlines():
+                for prefix, problem in _UNUSABLE_REPO.items():
+                    if line.startswith(prefix):
+                        raise EnvironmentProblem(f"{repo} {problem}")
+        if check and status != 0:
+            raise ToolFailed(argv, status, stderr)
+        return _Result(argv, status, stdout, stderr)
+
+    def version(self) -> str:
+        """git's version, e.g. "2.39.5"; EnvironmentProblem when git is missing."""
+        return self._run(None, "version").stdout.strip().removeprefix("git version ")
+
+    def toplevel(self, path: Path) -> Path:
+        """The top level of the work tree containing path."""
+        return Path(self._run(path, "rev-parse", "--show-toplevel").stdout.strip())
+
+    def head_ref(self, repo: Path) -> str:
+        """The current branch name, or the commit id when HEAD is detached."""
+        branch = self._run(repo, "symbolic-ref", "--quiet", "--short", "HEAD", check=False)
+        if branch.returncode == 0:
+            return branch.stdout.strip()
+        return self._run(repo, "rev-parse", "--verify", "HEAD").stdout.strip()
+
+    def ref_exists(self, repo: Path, ref: str) -> bool:
+        """Whether ref names a commit."""
+        verify = ["rev-parse", "--verify", "--quiet", "--end-of-options"]
+        result = self._run(repo, *verify, f"{ref}^{{commit}}", check=False)
+        return result.returncode == 0
+
+    def branch_exists(self, repo: Path, branch: str) -> bool:
+        """Whether the local branch exists."""
+        verify = ["rev-parse", "--verify", "--quiet", "--end-of-options"]
+        result = self._run(repo, *verify, f"refs/heads/{branch}", check=False)
+        return result.returncode == 0
+
+    def _entries(self, repo: Path) -> list[_Entry]:
+        # -z keeps paths with newlines intact; records end with an empty field.
+        out = self._run(repo, "worktree", "list", "--porcelain", "-z").stdout
+        entries: list[_Entry] = []
+        fields: dict[str, str] = {}
+        for field in out.split("\0"):
+            if field:
+                key, _, value = field.partition(" ")
+                fields[key] = value
+                continue
+            if "worktree" in fields:
+                entries.append(
+                    _Entry(
+                        path=fields["worktree"],
+                        branch=fields.get("branch"),
+                        locked="locked" in fields,
+                        bare="bare" in fields,
+                    )
+                )
+            fields = {}
+        return entries
+
+    def _entry(self, repo: Path, path: Path) -> tuple[int, _Entry] | None:
+        for index, entry in enumerate(self._entries(repo)):
+            if _same_path(entry.path, path):
+                return index, entry
+        return None
+
+    def list_worktrees(self, repo: Path) -> list[Path]:
+        """Every registered worktree, the main one first (as git lists them)."""
+        return [Path(entry.path) for entry in self._entries(repo)]
+
+    def is_worktree(self, repo: Path, path: Path) -> bool:
+        """Whether path is registered as a worktree of repo."""
+        return self._entry(repo, _absolute(path)) is not None
+
+    def _lock_path(self, repo: Path) -> Path:
+        # Keyed on the common dir so that a repository reached through any of its
+        # worktrees, or through a symlink, takes the same lock.
+        common = self._run(
+            repo, "rev-parse", "--path-format=absolute", "--git-common-dir"
+        ).stdout.strip()
+        digest = hashlib.sha256(os.path.realpath(common).encode()).hexdigest()[:20]
+        return self.lock_dir / f"git-worktree-{digest}.lock"
+
+    def add(self, repo: Path, path: Path, branch: str, base: str, *, new_branch: bool) -> bool:
+        """`git worktree add` under a per-repository lock; True only if it verifiably did it.
+
+        With new_branch, `branch` is created from `base`; otherwise the existing
+        `branch` is checked out and `base` is unused. A non-zero exit raises
+        ToolFailed even though git may already have made the branch and worktree.
+        """
+        from filelock import FileLock
+
+        path = _absolute(path)
+        lock_path = self._lock_path(repo)
+        self.lock_dir.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if new_branch:
+            # --no-track: setting up tracking writes .git/config, which parallel adds race on.
+            args = ["worktree", "add", "--no-track", "-b", branch, "--", str(path), base]
+        else:
+            args = ["worktree", "add", "--", str(path), branch]
+        # flock is released when its holder dies, so waiting without a timeout can
+        # only wait for a live git; the wait stays interruptible by Ctrl-C.
+        with FileLock(str(lock_path)):
+            self._run(repo, *args)
+        found = self._entry(repo, path)
+        return found is not None and found[1].branch == f"refs/heads/{branch}"
+
+    def remove(self, repo: Path, path: Path) -> None:
+        """Remove a worktree, discarding its changes, even if locked or half made; idempotent.
+
+        Callers decide whether the work in it may be discarded; a path that is not
+        a registered worktree is left alone, whatever it holds.
+        """
+        path = _absolute(path)
+        found = self._entry(repo, path)
+        if found is None:
+            return
+        index, entry = found
+        if index == 0 or entry.bare:
+            raise ValueError(f"refusing to remove the main worktree of {repo}: {entry.path}")
+        if entry.locked:
+            self._run(repo, "worktree", "unlock", "--", entry.path, check=False)
+        # Twice --force: also removes a locked worktree and one with changes.
+        removed = self._run(
+            repo, "worktree", "remove", "--force", "--force", "--", entry.path, check=False
+        )
+        if removed.returncode == 0:
+            return
+        # git refuses some half-made or unusual worktrees (missing directory, broken
+        # .git file, submodules): delete the directory and let prune drop the entry.
+        try:
+            if os.path.lexists(entry.path):
+                shutil.rmtree(entry.path)
+        except OSError as exc:
+            raise ToolFailed(
+                removed.argv, removed.returncode, f"{removed.stderr}\ncannot delete: {exc}"
+            ) from exc
+        self._run(repo, "worktree", "prune")
+        if self._entry(repo, path) is not None:
+            raise ToolFailed(removed.argv, removed.returncode, removed.stderr)
+
+    def delete_branch(self, repo: Path, branch: str) -> None:
+        """`git branch -D`; a branch already gone is not an error."""
+        if not self.branch_exists(repo, branch):
+            return
+        result = self._run(repo, "branch", "-D", "--", branch, check=False)
+        if result.returncode != 0 and self.branch_exists(repo, branch):
+            raise ToolFailed(result.argv, result.returncode, result.stderr)
+
+    def commits_ahead(self, repo: Path, base: str, branch: str) -> int:
+        """How many commits branch has that base does not."""
+        out = self._run(repo, "rev-list", "--count", "--end-of-options", f"{base}..{branch}")
+        return int(out.stdout.strip())
+
+    def has_changes(self, worktree: Path) -> bool:
+        """Uncommitted changes or untracked files in the worktree."""
+        return self._run(worktree, "status", "--porcelain").stdout.strip() != ""

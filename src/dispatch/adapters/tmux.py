@@ -1,0 +1,226 @@
+"""tmux through one chokepoint that runs the `tmux` binary with an argv list (no shell).
+
+libtmux is deliberately not used here: importing it costs 100-160 ms, and its
+object listing asks tmux for about 125 fields per window (320 ms for 1,000
+windows), while the sweep needs a handful of fields in one raw `list-panes -a`
+call. Talking to the binary directly keeps both costs at a few milliseconds.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+
+from dispatch.adapters.protocols import Pane
+from dispatch.errors import EnvironmentProblem, ToolFailed
+
+# A tmux command that takes longer than this means a wedged server; failing beats hanging.
+_TIMEOUT_SECONDS = 30.0
+
+_PANE_FIELDS = (
+    "session_name",
+    "window_id",
+    "window_name",
+    "pane_id",
+    "pane_pid",
+    "pane_dead",
+    "pane_dead_status",
+    "pane_start_command",
+)
+# tmux escapes tabs and newlines in names and start commands, so a tab splits safely.
+_PANE_FORMAT = "\t".join(f"#{{{field}}}" for field in _PANE_FIELDS)
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _no_server(stderr: str) -> bool:
+    """Whether tmux failed only because no server listens on the socket."""
+    # "server exited unexpectedly": we connected while the server was shutting down
+    # (its last session just ended); either way none of its panes is left.
+    return stderr.startswith(
+        ("no server running", "error connecting to", "server exited unexpectedly")
+    )
+
+
+def _gone(stderr: str) -> bool:
+    """Whether tmux failed because the target (or the whole server) no longer exists."""
+    # "no current target": the server is up but its last session just ended.
+    return _no_server(stderr) or stderr.startswith(
+        ("can't find window", "can't find pane", "can't find session", "no current target")
+    )
+
+
+def _literal(text: str) -> str:
+    """Protect text that tmux expands as a format (-n, -c, -s, pipe-pane's command)."""
+    return text.replace("#", "##")
+
+
+class TmuxTerminal:
+    """The `Terminal` adapter: one tmux server, chosen by socket name (`tmux -L`)."""
+
+    def __init__(self, socket: str | None) -> None:
+        self.socket = socket or None
+        self.calls: list[list[str]] = []
+        self._binary: str | None = None
+
+    def _prefix(self) -> list[str]:
+        if self._binary is None:
+            found = shutil.which("tmux")
+            if found is None:
+                raise EnvironmentProblem(
+                    "tmux cannot be run: it was not found on PATH",
+                    hint="install tmux or put it on PATH",
+                )
+            self._binary = found
+        return [self._binary, "-L", self.socket] if self.socket else [self._binary]
+
+    def _run(self, args: list[str], *, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run tmux on our server; the one place that maps failures to domain errors."""
+        argv = [*self._prefix(), *args]
+        self.calls.append(argv)
+        try:
+            result = subprocess.run(
+                argv,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                encoding="utf-8",
+                errors="replace",
+                timeout=_TIMEOUT_SECONDS,
+                check=False,
+            )
+        except FileNotFoundError as exc:
+            raise EnvironmentProblem(f"tmux cannot be run: {argv[0]} is gone") from exc
+        except subprocess.TimeoutExpired as exc:
+            raise ToolFailed(argv, -1, f"no answer within {_TIMEOUT_SECONDS:g} s") from exc
+        if check and result.returncode != 0:
+            raise ToolFailed(argv, result.returncode, result.stderr)
+        return result
+
+    def version(self) -> str:
+        """tmux's version, e.g. "3.3a"; EnvironmentProblem when tmux is missing."""
+        return self._run(["-V"]).stdout.strip().removeprefix("tmux ")
+
+    def spawn(
+        self, session: str, name: str, argv: list[str], cwd: Path, env: Mapping[str, str]
+    ) -> str:
+        """Open a detached window running argv (no shell) in session; return its window id.
+
+        The session is created on demand with this window as its first one, so it
+        holds no idle placeholder window: it lives exactly as long as it has work.
+        """
+        if not argv:
+            raise ValueError("spawn needs a command")
+        if not session or any(char in session for char in ":."):
+            # tmux silently rewrites ':' and '.' in session names, so targets would miss.
+            raise EnvironmentProblem(f"invalid tmux session name {session!r}: no ':' or '.'")
+        if not cwd.is_dir():
+            # tmux silently starts in another directory when this one is missing.
+            raise EnvironmentProblem(f"cannot start window {name}: {cwd} is not a directory")
+        # tmux runs a single argument through `sh -c`; a fixed trampoline keeps it verbatim.
+        command = argv if len(argv) > 1 else ["sh", "-c", 'exec "$@"', "sh", argv[0]]
+        options = ["-n", _literal(name), "-c", _literal(str(cwd)), "-P", "-F", "#{window_id}"]
+        for key, value in env.items():
+            if not _ENV_NAME.fullmatch(key):
+                raise ValueError(f"invalid environment variable name {key!r}")
+            options += ["-e", f"{key}={value}"]
+        new_window = ["new-window", "-d", "-t", f"={session}:", *options, "--", *command]
+
+        result = self._run(new_window, check=False)
+        if result.returncode == 0:
+            return result.stdout.strip()
+        if not (_no_server(result.stderr) or result.stderr.startswith("can't find session")):
+            raise ToolFailed(result.args, result.returncode, result.stderr)
+        new_session = ["new-session", "-d", "-s", _literal(session), *options, "--", *command]
+        created = self._run(new_session, check=False)
+        if created.returncode == 0:
+            return created.stdout.strip()
+        if not created.stderr.startswith("duplicate session"):
+            raise ToolFailed(created.args, created.returncode, created.stderr)
+        # Another process created the session between our two calls: join it.
+        return self._run(new_window).stdout.strip()
+
+    def list_panes(self) -> list[Pane]:
+        """Every pane of the server in one call; [] when no server runs."""
+        result = self._run(["list-panes", "-a", "-F", _PANE_FORMAT], check=False)
+        if result.returncode != 0:
+            if _no_server(result.stderr):
+                return []
+            raise ToolFailed(result.args, result.returncode, result.stderr)
+        panes: list[Pane] = []
+        for line in result.stdout.splitlines():
+            fields = line.split("\t", len(_PANE_FIELDS) - 1)
+            if len(fields) != len(_PANE_FIELDS):
+                raise ToolFailed(result.args, 0, f"unexpected list-panes line: {line!r}")
+            session, window_id, window_name, pane_id, pid, dead, status, start = fields
+            panes.append(
+                Pane(
+                    session=session,
+                    window_id=window_id,
+                    window_name=window_name,
+                    pane_id=pane_id,
+                    pane_pid=int(pid) if pid else 0,
+                    dead=dead == "1",
+                    dead_status=int(status) if status else None,
+                    start_command=start,
+                )
+            )
+        return panes
+
+    def window_exists(self, window_id: str) -> bool:
+        """Whether the window is there, by exact id; False when no server runs."""
+        # A listing rather than `display-message -t`, which falls back to the current
+        # window when the target is gone.
+        result = self._run(["list-windows", "-a", "-F", "#{window_id}"], check=False)
+        if result.returncode != 0:
+            if _no_server(result.stderr):
+                return False
+            raise ToolFailed(result.args, result.returncode, result.stderr)
+        return window_id in result.stdout.split()
+
+    def kill_window(self, window_id: str) -> None:
+        """Kill a window (its process gets SIGHUP); a window already gone is not an error."""
+        result = self._run(["kill-window", "-t", window_id], check=False)
+        if result.returncode != 0 and not _gone(result.stderr):
+            raise ToolFailed(result.args, result.returncode, result.stderr)
+
+    def kill_windows_running(self, session: str, marker: str) -> list[str]:
+        """Kill the windows of session whose pane start command contains marker; their ids.
+
+        The start command is tmux's rendering of the argv: arguments joined by
+        spaces, quoted where needed, tabs and newlines escaped.
+        """
+        killed: list[str] = []
+        for pane in self.list_panes():
+            if (
+                pane.session == session
+                and marker in pane.start_command
+                and pane.window_id not in killed
+            ):
+                self.kill_window(pane.window_id)
+                killed.append(pane.window_id)
+        return killed
+
+    def send_interrupt(self, window_id: str) -> None:
+        """Send C-c to the window's active pane; a window already gone is not an error."""
+        result = self._run(["send-keys", "-t", window_id, "C-c"], check=False)
+        if result.returncode != 0 and not _gone(result.stderr):
+            raise ToolFailed(result.args, result.returncode, result.stderr)
+
+    def pipe_pane(self, pane_id: str, log_path: Path) -> None:
+        """Append everything the pane prints to log_path (kept after the window is gone)."""
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        # The one shell string: tmux runs pipe-pane's command with sh, and the only
+        # variable part is our own path, quoted. No -o: with it a second call would
+        # toggle the pipe off; without it, it replaces the pipe and appending goes on.
+        command = _literal(f"cat >> {shlex.quote(str(log_path))}")
+        self._run(["pipe-pane", "-t", pane_id, command])
+
+    def attach_argv(self, window_id: str, inside_tmux: bool) -> list[str]:
+        """The argv that attaches to (or, inside tmux, switches to) the window."""
+        verb = "switch-client" if inside_tmux else "attach-session"
+        return [*self._prefix(), verb, "-t", window_id]

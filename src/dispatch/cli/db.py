@@ -1,0 +1,51 @@
+"""`dispatch db upgrade|current` and `dispatch doctor`."""
+
+from __future__ import annotations
+
+import typer
+
+from dispatch.cli import output as out
+
+db_app = typer.Typer(help="Database migrations.", no_args_is_help=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(db_app, name="db")
+    app.command("doctor")(doctor)
+
+
+@db_app.command("upgrade")
+def upgrade(ctx: typer.Context) -> None:
+    """Apply pending migrations (also done automatically on first use)."""
+    from dispatch.cli.main import state
+
+    db = state(ctx).get_app().db
+    before = db.current_revision()
+    after = db.upgrade()
+    out.line(f"{before or 'empty'} -> {after}" if before != after else f"already at {after}")
+
+
+@db_app.command("current")
+def current(ctx: typer.Context) -> None:
+    """Print the database's schema revision."""
+    from dispatch.cli.main import state
+    from dispatch.store.database import HEAD_REVISION
+
+    revision = state(ctx).get_app().db.current_revision()
+    suffix = " (head)" if revision == HEAD_REVISION else f" (head is {HEAD_REVISION})"
+    out.line((revision or "empty") + suffix)
+
+
+def doctor(ctx: typer.Context, json: bool = typer.Option(False, "--json")) -> None:
+    """Check tmux, git, the database, migrations, config and agent commands."""
+    from dispatch.cli.main import state
+    from dispatch.services.doctor import run_checks
+
+    st = state(ctx)
+    checks = run_checks(st.config, st.db, st.get_app)
+    if json:
+        out.emit_json([{"name": c.name, "detail": c.detail, "ok": c.ok} for c in checks])
+    else:
+        out.key_values("dispatch doctor", [(c.name, c.detail, c.ok) for c in checks])
+    if not all(c.ok for c in checks):
+        raise typer.Exit(7)

@@ -1,0 +1,210 @@
+"""The only place that prints: rich tables for people, JSON for scripts, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from dispatch.errors import DispatchError
+    from dispatch.store.models import Attempt, Event, Task
+
+
+class Mode:
+    """Whether this invocation asked for JSON; the error funnel reads it too."""
+
+    json = False
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat().replace("+00:00", "Z")
+
+
+def attempt_json(a: Attempt) -> dict[str, Any]:
+    return {
+        "id": a.id,
+        "task_id": a.task_id,
+        "number": a.number,
+        "state": a.state,
+        "outcome": a.outcome,
+        "exit_code": a.exit_code,
+        "host": a.host,
+        "tmux_target": a.tmux_target,
+        "worktree": a.worktree,
+        "branch": a.branch,
+        "session_id": a.session_id,
+        "started_at": _iso(a.started_at),
+        "ended_at": _iso(a.ended_at),
+        "heartbeat_at": _iso(a.heartbeat_at),
+        "error": a.error,
+        "redispatch_of": a.redispatch_of,
+    }
+
+
+def task_json(t: Task, attempts: Sequence[Attempt] | None = None) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "id": t.id,
+        "title": t.title,
+        "status": t.status,
+        "repo": t.repo,
+        "agent": t.agent,
+        "base_ref": t.base_ref,
+        "priority": t.priority,
+        "closed": t.closed_at is not None,
+        "last_error": t.last_error,
+        "created_at": _iso(t.created_at),
+        "updated_at": _iso(t.updated_at),
+        "branch": t.branch,
+        "worktree": t.worktree,
+    }
+    if attempts is not None:
+        data["attempts"] = [attempt_json(a) for a in attempts]
+    return data
+
+
+def event_json(e: Event) -> dict[str, Any]:
+    return {
+        "id": e.id,
+        "task_id": e.task_id,
+        "attempt_id": e.attempt_id,
+        "kind": e.kind,
+        "from_status": e.from_status,
+        "to_status": e.to_status,
+        "at": _iso(e.at),
+        "detail": e.detail,
+    }
+
+
+def emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, ensure_ascii=False, indent=None) + "\n")
+    sys.stdout.flush()
+
+
+def line(text: str) -> None:
+    """A plain line on stdout (ids, paths: things scripts read)."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def notice(text: str) -> None:
+    """A message for the person, on stderr so stdout stays clean for scripts."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+def error(exc: DispatchError) -> None:
+    if Mode.json:
+        emit_json({"error": {"code": exc.exit_code, "kind": exc.kind, "message": exc.message}})
+        return
+    text = f"dispatch: error: {exc.message}"
+    if exc.hint:
+        text += f" (hint: {exc.hint})"
+    notice(text.replace("\n", " "))
+
+
+def _console() -> Console:
+    from rich.console import Console
+
+    # rich honours NO_COLOR and drops styling when stdout is not a terminal.
+    return Console(highlight=False, no_color="NO_COLOR" in os.environ)
+
+
+def _safe(text: str | None) -> str:
+    """Table cells on one line, with markup shown as typed."""
+    from rich.markup import escape
+
+    return escape((text or "").replace("\n", " ").replace("\r", " "))
+
+
+def task_table(tasks: Iterable[Task]) -> None:
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False)
+    for name in ("ID", "STATUS", "PRI", "AGENT", "TITLE", "LAST ERROR"):
+        table.add_column(name, overflow="fold")
+    rows = 0
+    for t in tasks:
+        status = t.status + (" (closed)" if t.closed_at else "")
+        table.add_row(
+            str(t.id), status, str(t.priority), _safe(t.agent), _safe(t.title), _safe(t.last_error)
+        )
+        rows += 1
+    if rows:
+        _console().print(table)
+    else:
+        notice("no tasks")
+
+
+def task_detail(t: Task, attempts: Sequence[Attempt], events: Sequence[Event]) -> None:
+    from rich.table import Table
+
+    console = _console()
+    closed = f" (closed {_iso(t.closed_at)})" if t.closed_at else ""
+    console.print(f"task {t.id}: {_safe(t.title)}")
+    for label, value in (
+        ("status", t.status + closed),
+        ("repo", t.repo),
+        ("agent", t.agent),
+        ("base", t.base_ref),
+        ("priority", str(t.priority)),
+        ("branch", t.branch or "-"),
+        ("worktree", t.worktree or "-"),
+        ("last error", t.last_error or "-"),
+    ):
+        console.print(f"  {label:<11}{_safe(value)}")
+    if attempts:
+        table = Table(title="attempts", box=None, title_justify="left")
+        for name in ("#", "ID", "STATE", "OUTCOME", "EXIT", "WINDOW", "STARTED", "ERROR"):
+            table.add_column(name, overflow="fold")
+        for a in attempts:
+            table.add_row(
+                str(a.number),
+                str(a.id),
+                a.state,
+                a.outcome or "-",
+                "-" if a.exit_code is None else str(a.exit_code),
+                a.tmux_target or "-",
+                _iso(a.started_at) or "-",
+                _safe(a.error) or "-",
+            )
+        console.print(table)
+    event_table(events, console=console)
+
+
+def event_table(events: Sequence[Event], console: Console | None = None) -> None:
+    from rich.table import Table
+
+    if not events:
+        notice("no events")
+        return
+    table = Table(title="events", box=None, title_justify="left")
+    for name in ("ID", "AT", "TASK", "ATTEMPT", "KIND", "FROM", "TO", "DETAIL"):
+        table.add_column(name, overflow="fold")
+    for e in events:
+        detail = ", ".join(f"{k}={v}" for k, v in e.detail.items())
+        table.add_row(
+            str(e.id),
+            _iso(e.at) or "",
+            str(e.task_id or "-"),
+            str(e.attempt_id or "-"),
+            e.kind,
+            e.from_status or "-",
+            e.to_status or "-",
+            _safe(detail),
+        )
+    (console or _console()).print(table)
+
+
+def key_values(title: str, rows: Sequence[tuple[str, str, bool]]) -> None:
+    """A check list (`doctor`): name, detail, passed."""
+    console = _console()
+    console.print(title)
+    for name, detail, ok in rows:
+        mark = "ok  " if ok else "FAIL"
+        console.print(f"  {mark} {name:<12} {_safe(detail)}")

@@ -1,0 +1,51 @@
+"""`dispatch sweep`: reap in-progress tasks whose agent is gone (SPEC §4)."""
+
+from __future__ import annotations
+
+import typer
+
+from dispatch.cli import output as out
+from dispatch.errors import UsageError
+
+
+def register(app: typer.Typer) -> None:
+    app.command("sweep")(sweep)
+
+
+def sweep(
+    ctx: typer.Context,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Report what would be reaped."),
+    requeue: bool = typer.Option(False, "--requeue", help="Reaped tasks go back to ready."),
+    stale_after: str | None = typer.Option(
+        None, "--stale-after", metavar="DURATION", help="Other hosts' heartbeat age (e.g. 10m)."
+    ),
+    json: bool = typer.Option(False, "--json", help="Print JSON."),
+    quiet: bool = typer.Option(
+        False, "--quiet", "-q", help="Print nothing when nothing is reaped."
+    ),
+) -> None:
+    """Reap tasks left in-progress without a live agent; report orphans. Safe from cron."""
+    from dispatch.cli.main import state
+    from dispatch.config import parse_duration
+    from dispatch.services.sweep import sweep as sweep_service
+
+    app = state(ctx).get_app()
+    try:
+        stale = parse_duration(stale_after) if stale_after else app.settings.stale_after
+    except ValueError as exc:
+        raise UsageError(f"--stale-after: {exc}") from None
+    report = sweep_service(app, dry_run=dry_run, requeue=requeue, stale_after=stale)
+    if quiet and not report.reaped:
+        return
+    if json:
+        out.emit_json(report.as_json())
+        return
+    verb = "would reap" if dry_run else "reaped"
+    for r in report.reaped:
+        out.line(f"{verb} task {r.task_id} (attempt {r.attempt_id}): {r.reason} -> {r.status}")
+    for w in report.orphan_windows:
+        out.line(f"orphan window {w} (no running attempt; not killed)")
+    for p in report.orphan_worktrees:
+        out.line(f"orphan worktree {p} (no task; not removed)")
+    if not quiet:
+        out.notice(f"checked {report.checked} attempt(s), {verb} {len(report.reaped)}")

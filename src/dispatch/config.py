@@ -1,0 +1,305 @@
+"""Settings from the TOML config file, the environment and global options (SPEC §6)."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from dispatch.errors import EnvironmentProblem
+from dispatch.lifecycle import Completion
+
+PLACEHOLDERS = frozenset(
+    {"prompt", "prompt_file", "task_id", "attempt_id", "worktree", "branch", "session_id"}
+)
+_PLACEHOLDER = re.compile(r"\{(\w+)\}")
+
+
+@dataclass(frozen=True)
+class AgentProfile:
+    """How to start (and resume) one kind of agent."""
+
+    name: str
+    command: tuple[str, ...]
+    resume: tuple[str, ...] | None = None
+    completion: Completion = Completion.EXIT
+
+    def argv(self, values: Mapping[str, str], *, resume: bool = False) -> list[str]:
+        """The argv with placeholders replaced inside each element, in one pass, never re-split."""
+        template = self.resume if resume and self.resume else self.command
+        return [_PLACEHOLDER.sub(lambda m: values.get(m[1], m[0]), part) for part in template]
+
+
+BUILTIN_AGENTS: dict[str, AgentProfile] = {
+    p.name: p
+    for p in (
+        # Interactive Claude Code: each task has its own worktree, so "latest here" is this task's.
+        AgentProfile("claude", ("claude", "{prompt}"), ("claude", "--continue")),
+        # Print mode is where --session-id fixes the stored session's id.
+        AgentProfile(
+            "claude-headless",
+            ("claude", "-p", "--session-id", "{session_id}", "{prompt}"),
+            ("claude", "-p", "--resume", "{session_id}", "Continue the task."),
+        ),
+        AgentProfile("codex", ("codex", "{prompt}"), ("codex", "resume", "--last")),
+        AgentProfile(
+            "aider",
+            ("aider", "--message-file", "{prompt_file}"),
+            ("aider", "--message-file", "{prompt_file}", "--restore-chat-history"),
+        ),
+        AgentProfile("shell", ("sh", "-c", "{prompt}")),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything dispatch reads from outside its database, resolved once per process."""
+
+    home: Path
+    database: str
+    config_path: Path | None = None
+    worktree_root: Path = Path()
+    default_agent: str = "claude"
+    max_running: int = 0
+    max_dispatch_failures: int = 3
+    lease_seconds: float = 120.0
+    spawn_timeout: float = 10.0
+    heartbeat_interval: float = 15.0
+    stale_after: float = 600.0
+    tmux_socket: str = ""
+    tmux_session: str = "dispatch"
+    host: str = ""
+    agents: Mapping[str, AgentProfile] = field(default_factory=lambda: dict(BUILTIN_AGENTS))
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def attempts_dir(self) -> Path:
+        return self.home / "attempts"
+
+    @property
+    def locks_dir(self) -> Path:
+        return self.home / "locks"
+
+    def agent(self, name: str) -> AgentProfile:
+        try:
+            return self.agents[name]
+        except KeyError:
+            known = ", ".join(sorted(self.agents))
+            raise EnvironmentProblem(
+                f"unknown agent profile {name!r} (known: {known})",
+                hint="define it under [agents.NAME] in the config file",
+            ) from None
+
+    def with_overrides(self, **changes: Any) -> Settings:
+        return replace(self, **changes)
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str | int | float) -> float:
+    """Seconds from `90`, `30s`, `10m`, `1h30m`, `2d`; ValueError otherwise."""
+    if isinstance(text, bool):
+        raise ValueError(f"not a duration: {text!r}")
+    if isinstance(text, int | float):
+        if text < 0:
+            raise ValueError(f"negative duration: {text!r}")
+        return float(text)
+    spec = text.strip().lower()
+    if re.fullmatch(r"\d+(?:\.\d+)?", spec):
+        return float(spec)
+    parts = _DURATION.findall(spec)
+    if not spec or "".join(n + u for n, u in parts) != spec.replace(" ", ""):
+        raise ValueError(f"not a duration: {text!r} (use e.g. 90s, 10m, 1h30m)")
+    return sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
+
+
+def default_home(env: Mapping[str, str]) -> Path:
+    if env.get("DISPATCH_HOME"):
+        return Path(env["DISPATCH_HOME"]).expanduser()
+    data = env.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data).expanduser() / "dispatch"
+
+
+def default_config_path(env: Mapping[str, str]) -> Path:
+    if env.get("DISPATCH_CONFIG"):
+        return Path(env["DISPATCH_CONFIG"]).expanduser()
+    base = env.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base).expanduser() / "dispatch" / "config.toml"
+
+
+def database_url(value: str) -> str:
+    """An SQLAlchemy URL from a URL or a file path (`--db`, `DISPATCH_DB`, `database`)."""
+    if "://" in value:
+        return value
+    return f"sqlite:///{Path(value).expanduser().resolve()}"
+
+
+def load_settings(
+    *,
+    config: str | None = None,
+    db: str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Settings:
+    """Defaults < config file < environment < global options."""
+    env = os.environ if env is None else env
+    home = default_home(env)
+    path = Path(config).expanduser() if config else default_config_path(env)
+    explicit = bool(config or env.get("DISPATCH_CONFIG"))
+    raw: dict[str, Any] = {}
+    text = ""
+    if path.is_file():
+        try:
+            text = path.read_text(encoding="utf-8")
+            raw = tomllib.loads(text)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise EnvironmentProblem(f"config {path}: cannot read: {exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise EnvironmentProblem(f"config {path}: invalid TOML: {exc}") from None
+    elif explicit:
+        raise EnvironmentProblem(f"config {path}: no such file")
+    settings = _from_mapping(raw, text, path, home)
+    if not path.is_file():
+        settings = replace(settings, config_path=None)
+    database = db or env.get("DISPATCH_DB") or raw.get("database")
+    if database:
+        settings = replace(settings, database=database_url(str(database)))
+    if "DISPATCH_TMUX_SOCKET" in env:
+        settings = replace(settings, tmux_socket=env["DISPATCH_TMUX_SOCKET"])
+    host = env.get("DISPATCH_HOST") or socket.gethostname()
+    return replace(settings, host=host)
+
+
+_SCALARS: dict[str, tuple[type | tuple[type, ...], str]] = {
+    "database": (str, "a database URL or path"),
+    "worktree_root": (str, "a directory path"),
+    "default_agent": (str, "an agent profile name"),
+    "max_running": (int, "a whole number >= 0"),
+    "max_dispatch_failures": (int, "a whole number >= 0"),
+    "lease_seconds": ((int, float), "a number of seconds > 0"),
+    "spawn_timeout": ((int, float), "a number of seconds > 0"),
+    "heartbeat_interval": ((int, float), "a number of seconds > 0"),
+    "stale_after": ((str, int, float), "a duration such as 10m"),
+}
+
+
+def _from_mapping(raw: Mapping[str, Any], text: str, path: Path, home: Path) -> Settings:
+    def fail(table: str | None, key: str, why: str) -> EnvironmentProblem:
+        line = _line_of(text, table, key)
+        where = f"{path}" + (f":{line}" if line else "")
+        name = f"{table}.{key}" if table else key
+        return EnvironmentProblem(f"config {where}: {name}: {why}")
+
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in ("tmux", "agents"):
+            continue
+        if key not in _SCALARS:
+            raise fail(None, key, "unknown key")
+        kinds, expected = _SCALARS[key]
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            raise fail(None, key, f"expected {expected}, got {value!r}")
+        if isinstance(value, int | float) and value < 0:
+            raise fail(None, key, f"expected {expected}, got {value!r}")
+        if key in ("lease_seconds", "spawn_timeout", "heartbeat_interval") and value <= 0:
+            raise fail(None, key, f"expected {expected}, got {value!r}")
+        if key == "stale_after":
+            try:
+                value = parse_duration(value)
+            except ValueError as exc:
+                raise fail(None, key, str(exc)) from None
+        values[key] = value
+
+    tmux = raw.get("tmux", {})
+    if not isinstance(tmux, dict):
+        raise fail(None, "tmux", "expected a table")
+    for key, value in tmux.items():
+        if key not in ("socket", "session"):
+            raise fail("tmux", key, "unknown key")
+        if not isinstance(value, str) or (key == "session" and not _SESSION.fullmatch(value)):
+            raise fail("tmux", key, f"expected a name, got {value!r}")
+
+    agents = dict(BUILTIN_AGENTS)
+    table = raw.get("agents", {})
+    if not isinstance(table, dict):
+        raise fail(None, "agents", "expected a table of [agents.NAME] tables")
+    for name, spec in table.items():
+        agents[name] = _profile(name, spec, lambda k, why, n=name: fail(f"agents.{n}", k, why))
+
+    default_agent = values.get("default_agent", "claude")
+    if default_agent not in agents:
+        raise fail(None, "default_agent", f"no agent profile named {default_agent!r}")
+    root = values.get("worktree_root")
+    return Settings(
+        home=home,
+        database=f"sqlite:///{home / 'dispatch.db'}",
+        config_path=path,
+        worktree_root=Path(root).expanduser() if root else home / "worktrees",
+        default_agent=default_agent,
+        max_running=values.get("max_running", 0),
+        max_dispatch_failures=values.get("max_dispatch_failures", 3),
+        lease_seconds=float(values.get("lease_seconds", 120)),
+        spawn_timeout=float(values.get("spawn_timeout", 10)),
+        heartbeat_interval=float(values.get("heartbeat_interval", 15)),
+        stale_after=float(values.get("stale_after", 600)),
+        tmux_socket=tmux.get("socket", ""),
+        tmux_session=tmux.get("session", "dispatch"),
+        agents=agents,
+    )
+
+
+# tmux treats `:` and `.` in a target as separators, so a session name cannot hold them.
+_SESSION = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _profile(name: str, spec: Any, fail: Any) -> AgentProfile:
+    if not isinstance(spec, dict):
+        raise fail("command", "expected an [agents.NAME] table")
+    base = BUILTIN_AGENTS.get(name)
+    for key in spec:
+        if key not in ("command", "resume", "completion"):
+            raise fail(key, "unknown key")
+    command = spec.get("command", list(base.command) if base else None)
+    if command is None:
+        raise fail("command", "missing; expected a list of strings")
+    resume = spec.get("resume", list(base.resume) if base and base.resume else None)
+    for key, argv in (("command", command), ("resume", resume)):
+        if argv is None:
+            continue
+        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+            raise fail(key, "expected a non-empty list of strings")
+        unknown = {m for a in argv for m in _PLACEHOLDER.findall(a)} - PLACEHOLDERS
+        if unknown:
+            raise fail(key, f"unknown placeholder {{{sorted(unknown)[0]}}}")
+    completion = spec.get("completion", base.completion.value if base else "exit")
+    try:
+        mode = Completion(completion)
+    except ValueError:
+        raise fail("completion", f"expected exit, signal or commits, got {completion!r}") from None
+    return AgentProfile(name, tuple(command), tuple(resume) if resume else None, mode)
+
+
+def _line_of(text: str, table: str | None, key: str) -> int | None:
+    """The line a key is set on, for error messages (tomllib reports none for valid TOML)."""
+    current: str | None = None
+    for number, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        header = re.fullmatch(r"\[\s*([^\]]+?)\s*\]", stripped)
+        if header:
+            current = header[1].replace('"', "")
+            if table is None and current == key:
+                return number
+            continue
+        if current == table and re.match(rf'"?{re.escape(key)}"?\s*=', stripped):
+            return number
+    return None

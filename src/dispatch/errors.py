@@ -1,0 +1,68 @@
+"""One exception hierarchy; each class carries the exit code the CLI funnel uses (SPEC §5)."""
+
+from __future__ import annotations
+
+
+class DispatchError(Exception):
+    """Base of every error dispatch reports to a user."""
+
+    exit_code = 1
+    kind = "internal"
+    default_message = "unexpected internal error"
+
+    def __init__(self, message: str | None = None, *, hint: str | None = None) -> None:
+        self.message = message or self.default_message
+        self.hint = hint
+        super().__init__(self.message)
+
+
+class UsageError(DispatchError):
+    exit_code = 2
+    kind = "usage"
+    default_message = "invalid usage"
+
+
+class Conflict(DispatchError):
+    exit_code = 3
+    kind = "conflict"
+    default_message = "the task is not in a state that allows this"
+
+
+class NotFound(DispatchError):
+    exit_code = 4
+    kind = "not-found"
+    default_message = "no such task or attempt"
+
+
+class Gone(DispatchError):
+    exit_code = 5
+    kind = "gone"
+    default_message = "the task is closed"
+
+
+class DispatchFailed(DispatchError):
+    exit_code = 6
+    kind = "dispatch-failed"
+    default_message = "dispatch failed and was rolled back"
+
+
+class EnvironmentProblem(DispatchError):
+    """tmux or git missing, not a repository, database unusable, config invalid."""
+
+    exit_code = 7
+    kind = "environment"
+    default_message = "the environment is not usable"
+
+
+class ToolFailed(DispatchError):
+    """An external program (git, tmux) exited non-zero; adapters raise it, services decide."""
+
+    exit_code = 1
+    kind = "internal"
+
+    def __init__(self, argv: list[str], returncode: int, stderr: str) -> None:
+        self.argv = argv
+        self.returncode = returncode
+        self.stderr = stderr.strip()
+        detail = self.stderr.splitlines()[-1] if self.stderr else f"exit status {returncode}"
+        super().__init__(f"{argv[0]} {argv[1] if len(argv) > 1 else ''}".strip() + f": {detail}")

@@ -1,0 +1,251 @@
+"""Acting on a task that runs: cancel, close (with cascade), done, logs, attach."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy.orm import Session
+
+from dispatch.app import App
+from dispatch.errors import Conflict, NotFound, UsageError
+from dispatch.lifecycle import Action, AttemptState, Outcome, Status, next_status
+from dispatch.services.tasks import TaskView
+from dispatch.store import queries as q
+from dispatch.store.models import Attempt, Task, utcnow
+
+# How long an agent gets to stop after C-c, and then after its window is killed.
+CANCEL_GRACE_SECONDS = 5.0
+KILL_GRACE_SECONDS = 3.0
+
+
+def _current_attempt(s: Session, task: Task) -> Attempt | None:
+    if task.current_attempt_id is None:
+        return None
+    return q.get_attempt(s, task.current_attempt_id)
+
+
+@dataclass
+class _Plan:
+    task: Task
+    attempt: Attempt | None
+    notices: list[str]
+
+
+def cancel_task(app: App, task_id: int, *, reason: str | None = None) -> TaskView:
+    """Stop the agent (C-c, grace, kill), attempt and task `cancelled`; idempotent."""
+
+    def request(s: Session) -> _Plan:
+        task = q.get_task(s, task_id)
+        status = Status(task.status)
+        if status is Status.CANCELLED:
+            return _Plan(task, None, [f"task {task_id} is already cancelled"])
+        if status is Status.READY:
+            target = next_status(status, Action.CANCEL, task_id=task_id)
+            q.move_task(s, task_id, expected=status, target=target)
+            q.record_event(
+                s, "cancelled", task_id=task_id, from_status=status, to_status=target, reason=reason
+            )
+            return _Plan(q.get_task(s, task_id), None, [])
+        next_status(status, Action.CANCEL, task_id=task_id)  # refuses done, failed, ...
+        attempt = _current_attempt(s, task)
+        if attempt is None or attempt.state == AttemptState.STARTING.value:
+            raise Conflict(
+                f"task {task_id} is being dispatched right now", hint="try again in a moment"
+            )
+        if attempt.cancel_requested_at is None:
+            q.update_attempt(s, attempt.id, cancel_requested_at=utcnow())
+        return _Plan(task, attempt, [])
+
+    plan = app.db.write(request)
+    if plan.attempt is None:
+        return TaskView(plan.task, notices=plan.notices)
+    attempt = plan.attempt
+    if attempt.host == app.settings.host and attempt.tmux_target:
+        window = attempt.tmux_target.rsplit(":", 1)[-1]
+        terminal = app.terminal
+        if terminal.window_exists(window):
+            terminal.send_interrupt(window)
+            if not _wait_ended(app, attempt.id, CANCEL_GRACE_SECONDS):
+                terminal.kill_window(window)  # SIGHUP: the wrapper records `cancelled`
+                _wait_ended(app, attempt.id, KILL_GRACE_SECONDS)
+        return TaskView(_force_cancel(app, attempt.id, reason))
+    # Another host's agent: its wrapper sees the request at its next heartbeat.
+    task = app.db.read(lambda s: q.get_task(s, task_id))
+    return TaskView(
+        task,
+        notices=[
+            f"cancel requested; attempt {attempt.id} on {attempt.host} stops at its next heartbeat"
+        ],
+    )
+
+
+def _wait_ended(app: App, attempt_id: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        state = app.db.read(lambda s: q.get_attempt(s, attempt_id).state)
+        if state == AttemptState.ENDED.value:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _force_cancel(app: App, attempt_id: int, reason: str | None) -> Task:
+    """If the wrapper did not record the cancel itself (it died), record it here."""
+
+    def work(s: Session) -> Task:
+        attempt = q.get_attempt(s, attempt_id)
+        q.move_attempt(
+            s,
+            attempt_id,
+            expected=[AttemptState.RUNNING],
+            target=AttemptState.ENDED,
+            outcome=Outcome.CANCELLED.value,
+            ended_at=utcnow(),
+        )
+        task = q.get_task(s, attempt.task_id)
+        if task.status == Status.IN_PROGRESS.value and task.current_attempt_id == attempt_id:
+            q.move_task(
+                s,
+                task.id,
+                expected=Status.IN_PROGRESS,
+                target=Status.CANCELLED,
+                attempt_id=attempt_id,
+                fence_attempt=True,
+                current_attempt_id=None,
+            )
+            q.record_event(
+                s,
+                "cancelled",
+                task_id=task.id,
+                attempt_id=attempt_id,
+                from_status=Status.IN_PROGRESS,
+                to_status=Status.CANCELLED,
+                reason=reason,
+            )
+        return q.get_task(s, task.id)
+
+    return app.db.write(work)
+
+
+def close_task(app: App, task_id: int) -> TaskView:
+    """Archive a task; a running attempt is cancelled with detail `closed with task`."""
+    task = app.db.read(lambda s: q.get_task(s, task_id))
+    if task.closed_at is not None:
+        return TaskView(task, notices=[f"task {task_id} is already closed"])
+    if task.status == Status.IN_PROGRESS.value:
+        cancel_task(app, task_id, reason="closed with task")
+
+    def work(s: Session) -> TaskView:
+        current = q.get_task(s, task_id)
+        if current.closed_at is not None:
+            return TaskView(current, notices=[f"task {task_id} is already closed"])
+        if current.status == Status.IN_PROGRESS.value:
+            raise Conflict(f"task {task_id} is still in-progress; its agent did not stop")
+        q.update_task(s, task_id, closed_at=utcnow())
+        q.record_event(
+            s, "closed", task_id=task_id, from_status=current.status, to_status=current.status
+        )
+        return TaskView(q.get_task(s, task_id))
+
+    return app.db.write(work)
+
+
+def signal_done(app: App, task_id: int | None, cwd: Path | None = None) -> Attempt:
+    """Record completion evidence; resolves TASK, then DISPATCH_ATTEMPT_ID, then the cwd."""
+    env_attempt = os.environ.get("DISPATCH_ATTEMPT_ID")
+    here = (cwd or Path.cwd()).resolve()
+
+    def work(s: Session) -> Attempt:
+        if task_id is not None:
+            task = q.get_task(s, task_id)
+            attempt = _current_attempt(s, task)
+        elif env_attempt:
+            if not env_attempt.isdigit():
+                raise UsageError(f"DISPATCH_ATTEMPT_ID is not an attempt id: {env_attempt!r}")
+            attempt = q.get_attempt(s, int(env_attempt))
+        else:
+            attempt = _attempt_for_directory(s, here)
+        if attempt is None or attempt.state != AttemptState.RUNNING.value:
+            name = f"task {task_id}" if task_id is not None else "this attempt"
+            raise Conflict(f"{name} has no running attempt to mark done")
+        q.update_attempt(s, attempt.id, done_signalled_at=utcnow())
+        q.record_event(s, "done-signalled", task_id=attempt.task_id, attempt_id=attempt.id)
+        return q.get_attempt(s, attempt.id)
+
+    return app.db.write(work)
+
+
+def _attempt_for_directory(s: Session, here: Path) -> Attempt:
+    running = [
+        a
+        for a in q.live_attempts(s)
+        if a.worktree and (here == Path(a.worktree) or Path(a.worktree) in here.parents)
+    ]
+    tasks = {a.task_id for a in running}
+    if not tasks:
+        raise NotFound(f"no running attempt has its worktree at {here}", hint="give TASK")
+    if len(tasks) > 1:
+        raise UsageError(
+            f"{here} belongs to several running tasks ({', '.join(map(str, sorted(tasks)))})",
+            hint="give TASK",
+        )
+    return running[-1]
+
+
+def log_path(app: App, task_id: int, number: int | None) -> tuple[Attempt, Path]:
+    """The attempt's pane log: the newest attempt, or attempt number N of the task."""
+
+    def work(s: Session) -> Attempt:
+        q.get_task(s, task_id)
+        attempts = q.attempts_of(s, [task_id])[task_id]
+        if number is not None:
+            attempts = [a for a in attempts if a.number == number]
+            if not attempts:
+                raise NotFound(f"task {task_id} has no attempt number {number}")
+        if not attempts:
+            raise NotFound(f"task {task_id} has not been dispatched yet")
+        return attempts[-1]
+
+    attempt = app.db.read(work)
+    return attempt, app.settings.logs_dir / f"attempt-{attempt.id}.log"
+
+
+def follow_log(app: App, attempt: Attempt, path: Path) -> Iterator[bytes]:
+    """Chunks of the log as they are written, until the attempt has ended."""
+    position = 0
+    while True:
+        ended = app.db.read(lambda s: q.get_attempt(s, attempt.id).state) == AttemptState.ENDED
+        if path.exists():
+            with path.open("rb") as handle:
+                handle.seek(position)
+                chunk = handle.read()
+            if chunk:
+                position += len(chunk)
+                yield chunk
+                continue
+        if ended:
+            return
+        time.sleep(0.2)
+
+
+def attach_argv(app: App, task_id: int) -> list[str]:
+    """The tmux command that shows the task's window."""
+
+    def work(s: Session) -> Attempt:
+        task = q.get_task(s, task_id)
+        attempt = _current_attempt(s, task)
+        if attempt is None or attempt.state == AttemptState.ENDED.value or not attempt.tmux_target:
+            raise Conflict(f"task {task_id} is {task.status}; it has no window to attach to")
+        return attempt
+
+    attempt = app.db.read(work)
+    if attempt.host != app.settings.host:
+        raise Conflict(f"task {task_id} runs on {attempt.host}, not here")
+    window = attempt.tmux_target.rsplit(":", 1)[-1]  # type: ignore[union-attr]
+    if not app.terminal.window_exists(window):
+        raise Conflict(f"the window of task {task_id} is gone", hint="run `dispatch sweep`")
+    return app.terminal.attach_argv(window, inside_tmux=bool(os.environ.get("TMUX")))

@@ -1,0 +1,160 @@
+"""The compensating transaction: steps run in order; on any failure the undos run in reverse.
+
+A step fails by raising, by a non-zero exit (adapters raise ToolFailed), or by
+reporting success without doing its work (a falsy return). Each step's undo is
+registered *before* its action runs, so a step that fails half way is undone too:
+undos must therefore be safe when their action did nothing.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Generic, TypeVar
+
+C = TypeVar("C")
+
+
+@dataclass(frozen=True)
+class Step(Generic[C]):
+    """One step: `action` returns something truthy when it did its work."""
+
+    name: str
+    action: Callable[[C], object]
+    undo: Callable[[C], None] | None = None
+    # A step whose action is atomic (a database transaction) registers its undo only
+    # once it has succeeded: a failed atomic action left nothing to undo.
+    atomic: bool = False
+
+
+class StepFailed(Exception):
+    """A saga step failed and the undos ran; carries what failed and what the undos hit."""
+
+    def __init__(self, step: str, cause: BaseException | str, undo_errors: list[str]) -> None:
+        self.step = step
+        self.cause = cause
+        self.undo_errors = undo_errors
+        reason = cause if isinstance(cause, str) else _describe(cause)
+        super().__init__(f"{step}: {reason}")
+
+    @property
+    def reason(self) -> str:
+        return self.cause if isinstance(self.cause, str) else _describe(self.cause)
+
+
+class Interrupted(BaseException):
+    """SIGTERM (or SIGHUP) arrived during a saga; raised so the undos run."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted by SIGINT"
+    text = str(exc) or type(exc).__name__
+    return text.splitlines()[0] if text.strip() else type(exc).__name__
+
+
+@dataclass
+class Saga(Generic[C]):
+    """Runs a list of steps against a context object."""
+
+    steps: Sequence[Step[C]]
+    # Called with (step name, undo error) when an undo fails; the original error still wins.
+    on_undo_error: Callable[[str, BaseException], None] | None = None
+    completed: list[str] = field(default_factory=list)
+
+    def run(
+        self,
+        ctx: C,
+        *,
+        fence: Callable[[C], None] | None = None,
+        on_failure: Callable[[StepFailed], None] | None = None,
+    ) -> None:
+        """Run every step; on failure fence, undo, record (`on_failure`), raise StepFailed.
+
+        `fence` runs first so that nothing the steps started (an agent wrapper) can act on
+        the outcome while the undos run; `on_failure` runs last, knowing what the undos hit.
+        """
+        undos: list[tuple[str, Callable[[C], None]]] = []
+        for step in self.steps:
+            if step.undo is not None and not step.atomic:
+                undos.append((step.name, step.undo))
+            try:
+                result = step.action(ctx)
+            except BaseException as exc:  # Ctrl-C and SIGTERM must be compensated too
+                raise self._fail(ctx, step.name, exc, undos, fence, on_failure) from exc
+            if not result:
+                reason = "reported success but did not do its work"
+                raise self._fail(ctx, step.name, reason, undos, fence, on_failure)
+            if step.undo is not None and step.atomic:
+                undos.append((step.name, step.undo))
+            self.completed.append(step.name)
+
+    def _fail(
+        self,
+        ctx: C,
+        step: str,
+        cause: BaseException | str,
+        undos: list[tuple[str, Callable[[C], None]]],
+        fence: Callable[[C], None] | None,
+        on_failure: Callable[[StepFailed], None] | None,
+    ) -> StepFailed:
+        # A second Ctrl-C or a SIGTERM must not leave a half-undone, unrecorded dispatch.
+        with ignored_signals():
+            errors: list[str] = []
+            if fence is not None:
+                try:
+                    fence(ctx)
+                except Exception as exc:
+                    errors.append(f"fence: {_describe(exc)}")
+            for name, undo in reversed(undos):
+                try:
+                    undo(ctx)
+                except Exception as exc:
+                    errors.append(f"undo {name}: {_describe(exc)}")
+                    if self.on_undo_error is not None:
+                        self.on_undo_error(name, exc)
+            failure = StepFailed(step, cause, errors)
+            if on_failure is not None:
+                on_failure(failure)
+        return failure
+
+
+_TERMINATING = (signal.SIGTERM, signal.SIGHUP)
+
+
+@contextmanager
+def signals_interrupt() -> Iterator[None]:
+    """Turn SIGTERM and SIGHUP into `Interrupted` (SIGINT is KeyboardInterrupt already)."""
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, handler) for s in _TERMINATING}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+@contextmanager
+def ignored_signals() -> Iterator[None]:
+    """Ignore SIGINT, SIGTERM and SIGHUP for the block: the process is already unwinding."""
+    watched = (signal.SIGINT, *_TERMINATING)
+    try:
+        previous = {s: signal.signal(s, signal.SIG_IGN) for s in watched}
+    except ValueError:  # not the main thread, where signals cannot be handled anyway
+        yield
+        return
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)

@@ -1,0 +1,262 @@
+"""`dispatch agent-exec ATTEMPT`: the wrapper inside the task's tmux window (SPEC §3 step 4-5).
+
+It acknowledges the spawn, runs the agent's argv (never a shell string), heartbeats,
+forwards signals, and records the exit and outcome. Its writes to the task are
+fenced: they apply only while its attempt is current and `running`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import TypeVar
+
+from sqlalchemy.orm import Session
+
+from dispatch.app import App
+from dispatch.errors import DispatchError
+from dispatch.lifecycle import Action, AttemptState, Completion, Outcome, Status, derive_outcome
+from dispatch.lifecycle import next_status as lifecycle_next
+from dispatch.services.dispatching import prompt_path
+from dispatch.store import queries as q
+from dispatch.store.models import Attempt, Task, utcnow
+
+T = TypeVar("T")
+# How long the wrapper keeps trying to record an exit when the database is busy.
+RECORD_PATIENCE_SECONDS = 120.0
+
+
+def _say(text: str) -> None:
+    """Print in the pane; after a hangup the terminal is gone, which must not stop us."""
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.write(f"[dispatch] {text}\n")
+        sys.stderr.flush()
+
+
+def _patiently(work: Callable[[], T]) -> T:
+    """Retry a database write until it lands: an unrecorded exit would leave a lie behind."""
+    deadline = time.monotonic() + RECORD_PATIENCE_SECONDS
+    while True:
+        try:
+            return work()
+        except DispatchError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def agent_exec(app: App, attempt_id: int) -> int:
+    """Run the agent of one attempt; the return value is the wrapper's exit status."""
+    db, settings = app.db, app.settings
+    attempt, task = db.read(lambda s: _load(s, attempt_id))
+    if attempt.state != AttemptState.STARTING.value:
+        _say(f"attempt {attempt_id} is {attempt.state}; the agent is not started")
+        return 0
+    profile = settings.agent(task.agent)
+    worktree = Path(attempt.worktree or task.worktree or ".")
+    values = {
+        "prompt": task.prompt,
+        "prompt_file": str(prompt_path(app, attempt_id)),
+        "task_id": str(task.id),
+        "attempt_id": str(attempt_id),
+        "worktree": str(worktree),
+        "branch": attempt.branch or "",
+        "session_id": attempt.session_id or "",
+    }
+    argv = profile.argv(values, resume=attempt.resume)
+    if shutil.which(argv[0]) is None:
+        message = f"agent command {argv[0]!r} not found on PATH"
+        _give_up(app, attempt_id, message)
+        _say(message)
+        return 127
+    pane = os.environ.get("TMUX_PANE")
+    if pane:
+        settings.logs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        app.terminal.pipe_pane(pane, settings.logs_dir / f"attempt-{attempt_id}.log")
+    acknowledged = db.write(
+        lambda s: q.move_attempt(
+            s,
+            attempt_id,
+            expected=[AttemptState.STARTING],
+            target=AttemptState.RUNNING,
+            wrapper_pid=os.getpid(),
+            heartbeat_at=utcnow(),
+        )
+    )
+    if not acknowledged:  # the dispatcher gave up first: it decides, we leave quietly
+        _say(f"attempt {attempt_id} was abandoned by its dispatcher; the agent is not started")
+        return 0
+
+    received: list[int] = []
+    child: list[subprocess.Popen[bytes]] = []
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        received.append(signum)
+        for proc in child:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, forward)
+
+    env = dict(os.environ)
+    env.update(
+        DISPATCH_TASK_ID=str(task.id),
+        DISPATCH_ATTEMPT_ID=str(attempt_id),
+        DISPATCH_DB=settings.database,
+        DISPATCH_WORKTREE=str(worktree),
+        DISPATCH_BRANCH=attempt.branch or "",
+    )
+    try:
+        proc = subprocess.Popen(argv, cwd=worktree, env=env)
+    except OSError as exc:
+        code = 127 if isinstance(exc, FileNotFoundError) else 126
+        _say(f"cannot start {argv[0]!r}: {exc}")
+        _finish(app, attempt_id, code, interrupted=False)
+        return code
+    child.append(proc)
+    # Ctrl-C in the pane reaches the agent directly (same foreground process group); the
+    # wrapper stays to record the exit. Ignored only now, so the agent keeps the default.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    db.write(lambda s: q.update_attempt(s, attempt_id, agent_pid=proc.pid))
+    stop = threading.Event()
+    beat = threading.Thread(
+        target=_heartbeat, args=(app, attempt_id, proc, stop), name="heartbeat", daemon=True
+    )
+    beat.start()
+    code = _wait(proc)
+    stop.set()
+    beat.join(timeout=5)
+    interrupted = any(s in (signal.SIGTERM, signal.SIGHUP) for s in received)
+    status = _finish(app, attempt_id, code, interrupted=interrupted)
+    _say(f"agent exited with {code}; task {task.id} is {status or 'unchanged (superseded)'}")
+    return code
+
+
+def _wait(proc: subprocess.Popen[bytes]) -> int:
+    code = proc.wait()
+    return 128 - code if code < 0 else code  # killed by signal N: the shell's 128+N
+
+
+def _load(s: Session, attempt_id: int) -> tuple[Attempt, Task]:
+    attempt = q.get_attempt(s, attempt_id)
+    return attempt, q.get_task(s, attempt.task_id)
+
+
+def _give_up(app: App, attempt_id: int, message: str) -> None:
+    """Before acknowledging: end the attempt so the dispatcher rolls back at once."""
+    app.db.write(
+        lambda s: q.move_attempt(
+            s,
+            attempt_id,
+            expected=[AttemptState.STARTING],
+            target=AttemptState.ENDED,
+            outcome=Outcome.DISPATCH_FAILED.value,
+            ended_at=utcnow(),
+            error=message,
+        )
+    )
+
+
+def _heartbeat(
+    app: App, attempt_id: int, proc: subprocess.Popen[bytes], stop: threading.Event
+) -> None:
+    """Prove liveness to other hosts' sweeps, and honour a cancel made from another host."""
+    while not stop.wait(app.settings.heartbeat_interval):
+        try:
+            cancelled = app.db.write(lambda s: _beat(s, attempt_id))
+        except Exception:  # a missed beat is harmless; the next one retries
+            continue
+        if cancelled:
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+
+
+def _beat(s: Session, attempt_id: int) -> bool:
+    q.move_attempt(s, attempt_id, expected=[AttemptState.RUNNING], heartbeat_at=utcnow())
+    return q.get_attempt(s, attempt_id).cancel_requested_at is not None
+
+
+def _finish(app: App, attempt_id: int, code: int, *, interrupted: bool) -> Status | None:
+    """Record the exit and outcome; change the task only if this attempt still owns it."""
+    attempt, task = _patiently(lambda: app.db.read(lambda s: _load(s, attempt_id)))
+    profile = app.settings.agents.get(task.agent)
+    completion = profile.completion if profile else Completion.EXIT
+    ahead = 0
+    if completion is Completion.COMMITS and code == 0 and attempt.branch:
+        try:
+            ahead = app.worktrees.commits_ahead(Path(task.repo), task.base_ref, attempt.branch)
+        except DispatchError as exc:
+            _say(f"cannot count commits: {exc.message}")
+    outcome = derive_outcome(
+        code,
+        completion,
+        signalled=attempt.done_signalled_at is not None,
+        commits_ahead=ahead,
+        cancelled=attempt.cancel_requested_at is not None,
+        interrupted=interrupted,
+    )
+    return _patiently(lambda: app.db.write(lambda s: _record(s, attempt_id, code, outcome)))
+
+
+def _record(s: Session, attempt_id: int, code: int, outcome: Outcome) -> Status | None:
+    now = utcnow()
+    ended = q.move_attempt(
+        s,
+        attempt_id,
+        expected=[AttemptState.RUNNING],
+        target=AttemptState.ENDED,
+        outcome=outcome.value,
+        exit_code=code,
+        ended_at=now,
+    )
+    attempt = q.get_attempt(s, attempt_id)
+    task = q.get_task(s, attempt.task_id)
+    if not ended:
+        # Reaped or superseded: record our own exit, never the task's status.
+        if attempt.exit_code is None:
+            q.update_attempt(s, attempt_id, exit_code=code)
+        q.record_event(
+            s,
+            "late-exit",
+            task_id=task.id,
+            attempt_id=attempt_id,
+            exit_code=code,
+            outcome=outcome.value,
+        )
+        return None
+    if task.status != Status.IN_PROGRESS.value or task.current_attempt_id != attempt_id:
+        return None
+    target = lifecycle_next(Status.IN_PROGRESS, Action.FINISH, outcome=outcome, task_id=task.id)
+    error = None if outcome is Outcome.SUCCESS else f"agent {outcome.value} (exit {code})"
+    if not q.move_task(
+        s,
+        task.id,
+        expected=Status.IN_PROGRESS,
+        target=target,
+        attempt_id=attempt_id,
+        fence_attempt=True,
+        current_attempt_id=None,
+        last_error=error,
+    ):
+        return None
+    q.record_event(
+        s,
+        "finished",
+        task_id=task.id,
+        attempt_id=attempt_id,
+        from_status=Status.IN_PROGRESS,
+        to_status=target,
+        exit_code=code,
+        outcome=outcome.value,
+    )
+    return target

@@ -1,0 +1,3 @@
+"""Storage: SQLAlchemy models, the engine, migrations and the queries services compose."""
+
+from __future__ import annotations

@@ -1,0 +1,234 @@
+"""The engine, transactions with bounded retry, and the schema check on first use (SPEC §7).
+
+SQLite specifics (pragmas, BEGIN IMMEDIATE, the migration file lock) stay inside
+this module; everything above it speaks plain SQLAlchemy and runs on PostgreSQL too.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy import create_engine, event, inspect, text
+from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
+
+from dispatch.errors import EnvironmentProblem
+
+T = TypeVar("T")
+
+# The newest revision this code knows, kept equal to Alembic's head by a test, so the
+# common case (schema current) never pays Alembic's import.
+KNOWN_REVISIONS = ("0001",)
+HEAD_REVISION = KNOWN_REVISIONS[-1]
+
+BUSY_TIMEOUT_MS = 5000
+# busy_timeout alone still lets long contended runs fail with "database is locked".
+WRITE_ATTEMPTS = 8
+
+
+def migrations_dir() -> Path:
+    """Where the Alembic scripts are: inside the installed package, else the source tree."""
+    packaged = resources.files("dispatch") / "migrations"
+    if packaged.is_dir():
+        return Path(str(packaged))
+    source = Path(__file__).resolve().parents[3] / "migrations"
+    if source.is_dir():
+        return source
+    raise EnvironmentProblem("the migration scripts are missing from this installation")
+
+
+def _is_locked(exc: BaseException) -> bool:
+    message = str(getattr(exc, "orig", exc)).lower()
+    return "database is locked" in message or "database is busy" in message
+
+
+class Database:
+    """One database: sessions for reads and writes, and the schema check."""
+
+    def __init__(self, url: str) -> None:
+        self.url: URL = make_url(url)
+        self.is_sqlite = self.url.get_backend_name() == "sqlite"
+        if self.is_sqlite:
+            self.path = self._prepare_sqlite_file()
+            # NullPool: a CLI process opens one connection or two; pooling only holds locks.
+            self.engine: Engine = create_engine(self.url, poolclass=NullPool)
+            _install_sqlite_listeners(self.engine)
+        else:
+            self.path = None
+            self.engine = create_engine(self.url, pool_pre_ping=True)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._reader = sessionmaker(
+            self.engine.execution_options(dispatch_read=True), expire_on_commit=False
+        )
+        self._checked = False
+
+    def _prepare_sqlite_file(self) -> Path | None:
+        database = self.url.database
+        if not database or database == ":memory:":
+            return None
+        path = Path(database)
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            try:
+                # The database holds prompts: readable by its owner only (SPEC §7).
+                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise EnvironmentProblem(f"database {path}: cannot create: {exc}") from None
+        elif path.is_dir():
+            raise EnvironmentProblem(f"database {path}: is a directory")
+        return path
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    # -- transactions ------------------------------------------------------------------
+
+    def write(self, work: Callable[[Session], T]) -> T:
+        """Run `work` in one write transaction (BEGIN IMMEDIATE on SQLite), retried when locked."""
+        self.ensure_schema()
+        for attempt in range(WRITE_ATTEMPTS):
+            try:
+                with self._sessions() as session, session.begin():
+                    return work(session)
+            except OperationalError as exc:
+                if not _is_locked(exc) or attempt == WRITE_ATTEMPTS - 1:
+                    raise self._unusable(exc) from exc
+                time.sleep(random.uniform(0.01, 0.05) * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    def read(self, work: Callable[[Session], T]) -> T:
+        """Run `work` in a read transaction (deferred: it takes no write lock)."""
+        self.ensure_schema()
+        try:
+            with self._reader() as session, session.begin():
+                return work(session)
+        except OperationalError as exc:
+            raise self._unusable(exc) from exc
+
+    def _unusable(self, exc: SQLAlchemyError) -> EnvironmentProblem:
+        where = self.path or self.url.render_as_string(hide_password=True)
+        reason = str(getattr(exc, "orig", exc)).splitlines()[0]
+        return EnvironmentProblem(f"database {where}: {reason}")
+
+    # -- schema ------------------------------------------------------------------------
+
+    def current_revision(self) -> str | None:
+        """The database's Alembic revision; None for an empty database."""
+        try:
+            with self.engine.execution_options(dispatch_read=True).connect() as conn:
+                return _revision(conn)
+        except DBAPIError as exc:
+            raise self._corrupt(exc) from exc
+
+    def ensure_schema(self) -> None:
+        """Refuse an unusable or newer database; migrate an older or empty one."""
+        if self._checked:
+            return
+        revision = self.current_revision()
+        if revision != HEAD_REVISION:
+            self._check_known(revision)
+            self.upgrade()
+        self._checked = True
+
+    def _check_known(self, revision: str | None) -> None:
+        if revision is not None and revision not in KNOWN_REVISIONS:
+            where = self.path or self.url.render_as_string(hide_password=True)
+            raise EnvironmentProblem(
+                f"database {where} has schema revision {revision}, newer than this "
+                f"dispatch knows ({HEAD_REVISION}); it was left untouched",
+                hint="upgrade dispatch",
+            )
+
+    def upgrade(self) -> str:
+        """Apply pending migrations once, even when several processes start together."""
+        with self._migration_lock() as conn:
+            revision = _revision(conn)  # re-check: another process may have migrated
+            self._check_known(revision)
+            if revision != HEAD_REVISION:
+                if self.is_sqlite:
+                    # Persistent in the file; set here, under the lock, never on a refused
+                    # file, and outside a transaction, where SQLite refuses it.
+                    conn.connection.driver_connection.execute("PRAGMA journal_mode=WAL")
+                # Alembic only when an upgrade is due: its import costs a third of a second.
+                from alembic import command
+                from alembic.config import Config
+
+                config = Config()
+                config.set_main_option("script_location", str(migrations_dir()))
+                config.attributes["connection"] = conn
+                command.upgrade(config, "head")
+                if conn.in_transaction():
+                    conn.commit()
+        self._checked = True
+        return HEAD_REVISION
+
+    @contextmanager
+    def _migration_lock(self) -> Iterator[Connection]:
+        try:
+            if self.is_sqlite:
+                from filelock import FileLock
+
+                target = self.path or Path.cwd() / "dispatch-memory.db"
+                with FileLock(str(target) + ".migrate.lock"), self.engine.connect() as conn:
+                    yield conn
+            else:
+                with self.engine.connect() as conn:
+                    conn.execute(text("SELECT pg_advisory_lock(7307013)"))
+                    conn.commit()
+                    try:
+                        yield conn
+                    finally:
+                        conn.execute(text("SELECT pg_advisory_unlock(7307013)"))
+                        conn.commit()
+        except DBAPIError as exc:
+            raise self._corrupt(exc) from exc
+
+    def _corrupt(self, exc: DBAPIError) -> EnvironmentProblem:
+        where = self.path or self.url.render_as_string(hide_password=True)
+        reason = str(exc.orig).splitlines()[0] if exc.orig else str(exc)
+        return EnvironmentProblem(f"database {where} is unusable: {reason}; it was left untouched")
+
+
+def _revision(conn: Connection) -> str | None:
+    tables = set(inspect(conn).get_table_names())
+    if "alembic_version" not in tables:
+        if tables:
+            raise EnvironmentProblem(
+                f"not a dispatch database (it has tables {', '.join(sorted(tables)[:3])}…); "
+                "it was left untouched"
+            )
+        return None
+    row = conn.execute(text("SELECT version_num FROM alembic_version")).first()
+    if conn.in_transaction():
+        conn.rollback()
+    return None if row is None else str(row[0])
+
+
+def _install_sqlite_listeners(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Take over transaction control from pysqlite, whose deferred BEGIN makes a
+        # read-then-write transaction fail at once with SQLITE_BUSY under contention.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        # None of these write to the file: a refused database stays byte-for-byte intact.
+        cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        read_only = conn.get_execution_options().get("dispatch_read", False)
+        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")

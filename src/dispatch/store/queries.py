@@ -1,0 +1,200 @@
+"""Queries services compose inside their own transactions; nothing here commits."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from dispatch.errors import NotFound
+from dispatch.lifecycle import AttemptState, Status
+from dispatch.store.models import AgentSession, Attempt, Event, Task, utcnow
+
+_NO_SYNC = {"synchronize_session": False}
+
+
+def get_task(session: Session, task_id: int) -> Task:
+    task = session.get(Task, task_id, populate_existing=True)
+    if task is None:
+        raise NotFound(f"no task {task_id}", hint="`dispatch list --all` shows every task")
+    return task
+
+
+def get_attempt(session: Session, attempt_id: int) -> Attempt:
+    attempt = session.get(Attempt, attempt_id, populate_existing=True)
+    if attempt is None:
+        raise NotFound(f"no attempt {attempt_id}")
+    return attempt
+
+
+def list_tasks(
+    session: Session, statuses: Iterable[str] = (), include_closed: bool = False
+) -> Sequence[Task]:
+    query = select(Task).order_by(Task.id)
+    wanted = list(statuses)
+    if wanted:
+        query = query.where(Task.status.in_(wanted))
+    if not include_closed:
+        query = query.where(Task.closed_at.is_(None))
+    return session.scalars(query).all()
+
+
+def attempts_of(session: Session, task_ids: Sequence[int]) -> dict[int, list[Attempt]]:
+    """Attempts of many tasks in one statement, oldest first."""
+    found: dict[int, list[Attempt]] = {t: [] for t in task_ids}
+    if not task_ids:
+        return found
+    query = select(Attempt).where(Attempt.task_id.in_(task_ids)).order_by(Attempt.id)
+    for attempt in session.scalars(query):
+        found[attempt.task_id].append(attempt)
+    return found
+
+
+def latest_attempts(session: Session, task_ids: Sequence[int] | None = None) -> dict[int, Attempt]:
+    """Each task's newest attempt, in one statement."""
+    newest = select(func.max(Attempt.id)).group_by(Attempt.task_id)
+    if task_ids is not None:
+        newest = newest.where(Attempt.task_id.in_(task_ids))
+    query = select(Attempt).where(Attempt.id.in_(newest.scalar_subquery()))
+    return {a.task_id: a for a in session.scalars(query)}
+
+
+def events(session: Session, task_id: int | None = None, limit: int | None = None) -> list[Event]:
+    query = select(Event).order_by(Event.id)
+    if task_id is not None:
+        query = query.where(Event.task_id == task_id)
+    if limit is not None:
+        query = query.order_by(None).order_by(Event.id.desc()).limit(limit)
+        return list(reversed(session.scalars(query).all()))
+    return list(session.scalars(query))
+
+
+def record_event(
+    session: Session,
+    kind: str,
+    *,
+    task_id: int | None,
+    attempt_id: int | None = None,
+    from_status: str | None = None,
+    to_status: str | None = None,
+    **detail: Any,
+) -> Event:
+    event = Event(
+        task_id=task_id,
+        attempt_id=attempt_id,
+        kind=kind,
+        from_status=from_status,
+        to_status=to_status,
+        at=utcnow(),
+        detail={k: v for k, v in detail.items() if v is not None},
+    )
+    session.add(event)
+    return event
+
+
+def move_task(
+    session: Session,
+    task_id: int,
+    *,
+    expected: Status,
+    target: Status,
+    attempt_id: int | None = None,
+    fence_attempt: bool = False,
+    **values: Any,
+) -> bool:
+    """Conditional status change; False when another writer got there first (nothing changed).
+
+    With `fence_attempt`, the task must still belong to `attempt_id`: a stale writer
+    whose attempt was reaped or superseded changes nothing.
+    """
+    query = update(Task).where(Task.id == task_id, Task.status == expected.value)
+    if fence_attempt:
+        query = query.where(Task.current_attempt_id == attempt_id)
+    query = query.values(status=target.value, updated_at=utcnow(), **values)
+    return session.execute(query.returning(Task.id), execution_options=_NO_SYNC).first() is not None
+
+
+def update_task(session: Session, task_id: int, **values: Any) -> bool:
+    query = update(Task).where(Task.id == task_id).values(updated_at=utcnow(), **values)
+    return session.execute(query.returning(Task.id), execution_options=_NO_SYNC).first() is not None
+
+
+def move_attempt(
+    session: Session,
+    attempt_id: int,
+    *,
+    expected: Iterable[AttemptState],
+    target: AttemptState | None = None,
+    **values: Any,
+) -> bool:
+    """Conditional attempt update: only from one of the `expected` states."""
+    states = [s.value for s in expected]
+    query = update(Attempt).where(Attempt.id == attempt_id, Attempt.state.in_(states))
+    if target is not None:
+        values["state"] = target.value
+    query = query.values(**values)
+    return (
+        session.execute(query.returning(Attempt.id), execution_options=_NO_SYNC).first() is not None
+    )
+
+
+def update_attempt(session: Session, attempt_id: int, **values: Any) -> None:
+    session.execute(
+        update(Attempt).where(Attempt.id == attempt_id).values(**values), execution_options=_NO_SYNC
+    )
+
+
+def next_attempt_number(session: Session, task_id: int) -> int:
+    query = select(func.coalesce(func.max(Attempt.number), 0)).where(Attempt.task_id == task_id)
+    return int(session.scalar(query) or 0) + 1
+
+
+def count_in_progress(session: Session) -> int:
+    query = select(func.count()).select_from(Task).where(Task.status == Status.IN_PROGRESS.value)
+    return int(session.scalar(query) or 0)
+
+
+def ready_task_ids(session: Session, limit: int) -> list[int]:
+    """Highest priority first; on PostgreSQL rows other claimers hold are skipped."""
+    query = (
+        select(Task.id)
+        .where(Task.status == Status.READY.value, Task.closed_at.is_(None))
+        .order_by(Task.priority.desc(), Task.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    return list(session.scalars(query))
+
+
+def live_attempts(session: Session) -> Sequence[Attempt]:
+    """Attempts not yet ended, with nothing else loaded: the sweep's one query."""
+    query = select(Attempt).where(Attempt.state != AttemptState.ENDED.value).order_by(Attempt.id)
+    return session.scalars(query).all()
+
+
+def tasks_by_id(session: Session, task_ids: Iterable[int]) -> dict[int, Task]:
+    ids = list(set(task_ids))
+    if not ids:
+        return {}
+    return {t.id: t for t in session.scalars(select(Task).where(Task.id.in_(ids)))}
+
+
+def agent_session(session: Session, key: str) -> AgentSession | None:
+    return session.get(AgentSession, key)
+
+
+def attempts_at_worktree(session: Session, worktree: str) -> Sequence[Attempt]:
+    query = select(Attempt).where(Attempt.worktree == worktree).order_by(Attempt.id.desc())
+    return session.scalars(query).all()
+
+
+def known_worktrees(session: Session) -> set[str]:
+    query = select(Task.worktree).where(Task.worktree.is_not(None))
+    return {w for w in session.scalars(query) if w}
+
+
+def now() -> datetime:
+    return utcnow()

@@ -1,0 +1,409 @@
+"""GitWorktrees against the real git: worktrees, branches, failures half way, locks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from dispatch.adapters.git import GitWorktrees
+from dispatch.errors import EnvironmentProblem, ToolFailed
+
+GitRunner = Callable[..., str]
+
+
+@pytest.fixture
+def worktrees(tmp_path: Path) -> GitWorktrees:
+    return GitWorktrees(tmp_path / "locks")
+
+
+def _registered(run_git: GitRunner, repo: Path) -> list[str]:
+    """Worktree paths as git itself lists them."""
+    out = run_git(repo, "worktree", "list", "--porcelain", "-z")
+    return [field[len("worktree ") :] for field in out.split("\0") if field.startswith("worktree ")]
+
+
+def _branches(run_git: GitRunner, repo: Path) -> list[str]:
+    return run_git(repo, "branch", "--format=%(refname:short)").split()
+
+
+def _write_hook(repo: Path, name: str, body: str) -> None:
+    hook = repo / ".git" / "hooks" / name
+    hook.write_text("#!/bin/sh\n" + textwrap.dedent(body))
+    hook.chmod(0o755)
+
+
+def test_add_new_branch_creates_worktree_from_base(
+    worktrees: GitWorktrees, git_repo: Path, tmp_path: Path, run_git: GitRunner
+) -> None:
+    path = tmp_path / "trees" / "repo" / "task-1"
+
+    assert worktrees.add(git_repo, path, "dispatch/1-fix", "main", new_branch=True) is True
+
+    assert (path / "README.md").read_text() == "hello\n"
+    assert str(path) in _registered(run_git, git_repo)
+    assert "dispatch/1-fix" in _branches(run_git, git_repo)
+    assert worktrees.head_ref(path) == "dispatch/1-fix"
+    assert worktrees.is_worktree(git_repo, path)
+    assert worktrees.branch_exists(git_repo, "dispatch/1-fix")
+    # --no-track: no upstream configured for the new branch.
+    assert "branch.dispatch/1-fix" not in run_git(git_repo, "config", "--list")
+    assert list((tmp_path / "locks").glob("git-worktree-*.lock"))
+
+
+def test_add_checks_out_an_existing_branch(
+    worktrees: GitWorktrees, git_repo: Path, tmp_path: Path, run_git: GitRunner
+) -> None:
+    run_git(git_repo, "checkout", "-q", "-b", "feature")
+    (git_repo / "feature.txt").write_text("feature work\n")
+    run_git(git_repo, "add", "feature.txt")
+    run_git(git_repo, "commit", "-q", "-m", "feature")
+    run_git(git_repo, "checkout", "-q", "main")
+    path = tmp_path / "trees" / "feature"
+
+    assert worktrees.add(git_repo, path, "feature", "main", new_branch=False) is True
+
+    assert worktrees.head_ref(path) == "feature"
+    assert (path / "feature.txt").read_text() == "feature work\n"
+    assert _branches(run_git, git_repo) == ["feature", "main"]
+
+
+def test_add_relative_path_is_relative_to_the_callers_cwd(
+    worktrees: GitWorktrees,
+    git_repo: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+
+    assert worktrees.add(git_repo, Path("rel/task-2"), "b2", "main", new_branch=True)
+
+    assert (elsewhere / "rel" / "task-2" / "README.md").exists()
+    assert not (git_repo / "rel").exists()
+
+
+def test_add_of_an_existing_branch_as_new_fails_and_creates_nothing(
+    worktrees: GitWorktrees, git_repo: Path, tmp_path: Path, run_git: GitRunner
+) -> None:
+    path = tmp_path / "trees" / "dup"
+
+    with pytest.raises(ToolFailed) as failure:
+        worktrees.add(git_repo, path, "main", "main", new_branch=True)
+
+    assert failure.value.returncode != 0
+    assert failure.value.argv[0].endswith("git")
+    assert "already exists" in failure.value.stderr
+    assert not path.exists()
+    assert _registered(run_git, git_repo) == [str(git_repo)]
+
+
+def test_failing_post_checkout_hook_raises_after_creating_both_and_undo_cleans_up(
+    worktrees: GitWorktrees, git_repo: Path, tmp_path: Path, run_git: GitRunner
+) -> None:
+    _write_hook(git_repo, "post-checkout", "echo hook refuses >&2\nexit 1\n")
+    path = tmp_path / "trees" / "task-3"
+
+    with pytest.raises(ToolFailed) as failure:
+        worktrees.add(git_repo, path, "dispatch/3-hook", "main", new_branch=True)
+
+    assert failure.value.returncode == 1
+    # git exited non-zero after doing the work: both exist, which the undo must handle.
+    assert worktrees.branch_exists(git_repo, "dispatch/3-hook")
+    assert worktrees.is_worktree(git_repo, path)
+
+    worktrees.remove(git_repo, path)
+    worktrees.delete_branch(git_repo, "dispatch/3-hook")
+
+    assert not path.exists()
+    assert _registered(run_git, git_repo) == [str(git_repo)]
+    assert _branches(run_git, git_repo) == ["main"]
+
+
+def test_add_reports_false_when_git_succeeds_without_checking_out_the_branch(
+    worktrees: GitWorktrees, git_repo: Path, tmp_path: Path
+) -> None:
+    # A hook that detaches HEAD and exits 0: git reports success, the work is not done.
+    _write_hook(
+        git_repo, "post-checkout", "git -c core.hooksPath=/dev/null checkout -q --detach\n"
+    )
+    path = tmp_path / "trees" / "task-4"
+
+    assert worktrees.add(git_repo, path, "dispatch/4-fake", "main", new_branch=True) is False
+    assert worktrees.is_worktree(git_repo, path)
+
+
+def test_remove_locked_worktree_with_changes(
+    worktrees: GitWorktrees, git_repo: Path, tmp_path: Path, run_git: GitRunner
+) -> None:
+    path = tmp_path / "trees" / "locked"
+    assert worktrees.add(git_repo, path, "locked-branch", "main", new_branch=True)
+    (path / "scratch.txt").write_text("uncommitted\n")
+    run_git(git_repo, "worktree", "lock", "--reason", "busy", str(path))
+
+    worktrees.remove(git_repo, path)
+
+    assert not path.exists()
+    assert _registered(run_git, git_repo) == [str(git_repo)]
+    assert not (git_repo / ".git" / "worktrees" / "locked").exists()
+    # The branch is separate from the worktree and survives its removal.
+    assert "locked-branch" in _branches(run_git, git_repo)
+
+
+def test_remove_half_made_worktree_falls_back_to_deleting_it(
+    worktrees: GitWorktrees, git_repo: Path, tmp_path: Path, run_git: GitRunner
+) -> None:
+    path = tmp_path / "trees" / "half"
+    assert worktrees.add(git_repo, path, "half-branch", "main", new_branch=True)
+    # What a `git worktree add` killed while initialising leaves: locked, no usable .git file.
+    (git_repo / ".git" / "worktrees" / "half" / "locked").write_text("initializing")
+    (path / ".git").unlink()
+
+    worktrees.remove(git_repo, path)
+
+    assert not path.exists()
+    assert _registered(run_git, git_repo) == [str(git_repo)]
+
+
+def test_remove_when_directory_already_deleted(
+    worktrees: GitWorktrees, git_repo: Path, tmp_path: Path, run_git: GitRunner
+) -> None:
+    path = tmp_path / "trees" / "vanished"
+    assert worktrees.add(git_repo, path, "vanished-branch", "main", new_branch=True)
+    subprocess.run(["rm", "-rf", str(path)], check=True)
+
+    worktrees.remove(git_repo, path)
+
+    assert _registered(run_git, git_repo) == [str(git_repo)]
+
+
+def test_remove_is_idempotent_and_leaves_unregistered_directories_alone(
+    worktrees: GitWorktrees, git_repo: Path, tmp_path: Path, run_git: GitRunner
+) -> None:
+    path = tmp_path / "trees" / "twice"
+    assert worktrees.add(git_repo, path, "twice-branch", "main", new_branch=True)
+    stranger = tmp_path / "trees" / "not-a-worktree"
+    stranger.mkdir()
+    (stranger / "keep.txt").write_text("user data\n")
+
+    worktrees.remove(git_repo, path)
+    worktrees.remove(git_repo, path)
+    worktrees.remove(git_repo, tmp_path / "never-existed")
+    worktrees.remove(git_repo, stranger)
+
+    assert not path.exists()
+    assert (stranger / "keep.txt").read_text() == "user data\n"
+    assert _registered(run_git, git_repo) == [str(git_repo)]
+
+
+def test_remove_refuses_the_main_worktree(worktrees: GitWorktrees, git_repo: Path) -> None:
+    with pytest.raises(ValueError, match="main worktree"):
+        worktrees.remove(git_repo, git_repo)
+
+    assert (git_repo / "README.md").exists()
+
+
+def test_delete_branch_is_idempotent_and_refuses_a_checked_out_branch(
+    worktrees: GitWorktrees, git_repo: Path, tmp_path: Path, run_git: GitRunner
+) -> None:
+    path = tmp_path / "trees" / "busy"
+    assert worktrees.add(git_repo, path, "busy", "main", new_branch=True)
+    run_git(git_repo, "branch", "spare")
+
+    worktrees.delete_branch(git_repo, "spare")
+    worktrees.delete_branch(git_repo, "spare")
+    with pytest.raises(ToolFailed):
+        worktrees.delete_branch(git_repo, "busy")
+
+    assert _branches(run_git, git_repo) == ["busy", "main"]
+
+
+def test_parallel_adds_from_separate_processes_all_succeed(
+    git_repo: Path, tmp_path: Path, run_git: GitRunner
+) -> None:
+    script = textwrap.dedent(
+        """
+        import sys
+        from pathlib import Path
+        from dispatch.adapters.git import GitWorktrees
+        repo, lock_dir, path, branch = sys.argv[1:]
+        ok = GitWorktrees(Path(lock_dir)).add(
+            Path(repo), Path(path), branch, "main", new_branch=True
+        )
+        sys.exit(0 if ok else 3)
+        """
+    )
+    count = 8
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                script,
+                str(git_repo),
+                str(tmp_path / "locks"),
+                str(tmp_path / "trees" / f"p{i}"),
+                f"parallel-{i}",
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(count)
+    ]
+    results = [(proc.wait(timeout=120), proc.communicate()[1]) for proc in procs]
+
+    assert results == [(0, "")] * count
+    registered = _registered(run_git, git_repo)
+    assert sorted(registered[1:]) == sorted(str(tmp_path / "trees" / f"p{i}") for i in range(count))
+    assert len(_branches(run_git, git_repo)) == count + 1
+
+
+def test_parallel_adds_from_threads_all_succeed(
+    worktrees: GitWorktrees, git_repo: Path, tmp_path: Path, run_git: GitRunner
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def add(i: int) -> bool:
+        return worktrees.add(git_repo, tmp_path / "t" / f"w{i}", f"thr-{i}", "main", new_branch=True)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        outcomes = list(pool.map(add, range(8)))
+
+    assert outcomes == [True] * 8
+    assert len(_registered(run_git, git_repo)) == 9
+
+
+def test_not_a_repository_is_an_environment_problem(
+    worktrees: GitWorktrees, git_repo: Path, tmp_path: Path
+) -> None:
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    missing = tmp_path / "missing"
+
+    with pytest.raises(EnvironmentProblem, match="is not a git repository") as problem:
+        worktrees.toplevel(plain)
+    assert str(plain) in problem.value.message
+    assert problem.value.exit_code == 7
+    assert "\n" not in problem.value.message
+    with pytest.raises(EnvironmentProblem, match=str(missing)):
+        worktrees.toplevel(missing)
+    with pytest.raises(EnvironmentProblem, match=str(plain)):
+        worktrees.add(plain, tmp_path / "trees" / "x", "x", "main", new_branch=True)
+    with pytest.raises(EnvironmentProblem, match=str(plain)):
+        worktrees.branch_exists(plain, "main")
+    with pytest.raises(EnvironmentProblem, match=str(plain)):
+        worktrees.has_changes(plain)
+    assert not (tmp_path / "trees").exists()
+
+
+def test_toplevel_from_a_subdirectory(worktrees: GitWorktrees, git_repo: Path) -> None:
+    sub = git_repo / "a" / "b"
+    sub.mkdir(parents=True)
+
+    assert worktrees.toplevel(sub) == git_repo
+
+
+def test_missing_git_binary_is_an_environment_problem(
+    worktrees: GitWorktrees, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    empty = tmp_path / "empty-bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+
+    with pytest.raises(EnvironmentProblem, match="git"):
+        worktrees.version()
+
+
+def test_version(worktrees: GitWorktrees) -> None:
+    version = worktrees.version()
+
+    assert version.split(".")[0].isdigit()
+    assert version.count(".") >= 1
+
+
+def test_has_changes_and_commits_ahead(
+    worktrees: GitWorktrees, git_repo: Path, tmp_path: Path, run_git: GitRunner
+) -> None:
+    path = tmp_path / "trees" / "work"
+    assert worktrees.add(git_repo, path, "work", "main", new_branch=True)
+    assert worktrees.has_changes(path) is False
+    assert worktrees.commits_ahead(git_repo, "main", "work") == 0
+
+    (path / "new.txt").write_text("untracked\n")
+    assert worktrees.has_changes(path) is True
+    run_git(path, "add", "new.txt")
+    run_git(path, "commit", "-q", "-m", "one")
+    assert worktrees.has_changes(path) is False
+    (path / "README.md").write_text("changed\n")
+    assert worktrees.has_changes(path) is True
+    run_git(path, "commit", "-q", "-am", "two")
+
+    assert worktrees.commits_ahead(git_repo, "main", "work") == 2
+    assert worktrees.commits_ahead(git_repo, "work", "main") == 0
+    with pytest.raises(ToolFailed):
+        worktrees.commits_ahead(git_repo, "main", "no-such-branch")
+
+
+def test_head_ref_refs_and_branches(
+    worktrees: GitWorktrees, git_repo: Path, run_git: GitRunner
+) -> None:
+    assert worktrees.head_ref(git_repo) == "main"
+    sha = run_git(git_repo, "rev-parse", "HEAD").strip()
+    assert worktrees.ref_exists(git_repo, "main")
+    assert worktrees.ref_exists(git_repo, sha)
+    assert worktrees.ref_exists(git_repo, "HEAD~0")
+    assert not worktrees.ref_exists(git_repo, "no-such-ref")
+    assert not worktrees.ref_exists(git_repo, "--all")
+    assert worktrees.branch_exists(git_repo, "main")
+    assert not worktrees.branch_exists(git_repo, sha)
+
+    run_git(git_repo, "checkout", "-q", "--detach")
+    assert worktrees.head_ref(git_repo) == sha
+
+
+def test_list_worktrees_main_first(
+    worktrees: GitWorktrees, git_repo: Path, tmp_path: Path
+) -> None:
+    path = tmp_path / "trees" / "listed"
+    assert worktrees.add(git_repo, path, "listed", "main", new_branch=True)
+
+    assert worktrees.list_worktrees(git_repo) == [git_repo, path]
+    assert worktrees.list_worktrees(path) == [git_repo, path]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "with space",
+        "quote's \"double\"",
+        "$(touch pwned)",
+        "`touch pwned`; touch pwned",
+        "-leading-dash",
+        "new\nline",
+        "#{hash}*?[x]",
+    ],
+)
+def test_hostile_worktree_paths_are_plain_data(
+    worktrees: GitWorktrees, git_repo: Path, tmp_path: Path, run_git: GitRunner, name: str
+) -> None:
+    path = tmp_path / "trees" / name / "task"
+
+    assert worktrees.add(git_repo, path, "hostile", "main", new_branch=True)
+    assert (path / "README.md").exists()
+    assert worktrees.list_worktrees(git_repo) == [git_repo, path]
+    assert worktrees.has_changes(path) is False
+
+    worktrees.remove(git_repo, path)
+    worktrees.delete_branch(git_repo, "hostile")
+
+    assert not path.exists()
+    assert _registered(run_git, git_repo) == [str(git_repo)]
+    for where in (tmp_path, git_repo, Path.cwd()):
+        assert not (where / "pwned").exists()
+    assert not any(os.path.basename(p) == "pwned" for p in os.listdir(tmp_path / "trees"))

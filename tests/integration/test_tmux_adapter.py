@@ -1,0 +1,336 @@
+"""TmuxTerminal against a real tmux server on a private socket."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from dispatch.adapters.protocols import Pane
+from dispatch.adapters.tmux import TmuxTerminal
+from dispatch.errors import EnvironmentProblem
+
+# Writes its arguments (after the output path) as JSON, atomically, then waits to be killed.
+ECHO_ARGS = (
+    "import json, os, sys, time\n"
+    "out = sys.argv[1]\n"
+    "with open(out + '.tmp', 'w') as f: json.dump(sys.argv[2:], f)\n"
+    "os.rename(out + '.tmp', out)\n"
+    "time.sleep(60)\n"
+)
+REPORT_ENV = (
+    "import json, os, sys, time\n"
+    "out = sys.argv[1]\n"
+    "data = {'cwd': os.getcwd(), 'task': os.environ.get('DISPATCH_TASK_ID'),\n"
+    "        'weird': os.environ.get('WEIRD')}\n"
+    "with open(out + '.tmp', 'w') as f: json.dump(data, f)\n"
+    "os.rename(out + '.tmp', out)\n"
+    "time.sleep(60)\n"
+)
+SLEEP = ["sleep", "60"]
+
+
+@pytest.fixture
+def tmux(tmux_socket: str) -> TmuxTerminal:
+    return TmuxTerminal(tmux_socket)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Poll until condition holds; whether it did within timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+def raw_tmux(socket: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["tmux", "-L", socket, *args], capture_output=True, text=True)
+
+
+def panes_by_window(tmux: TmuxTerminal) -> dict[str, Pane]:
+    return {pane.window_id: pane for pane in tmux.list_panes()}
+
+
+def test_spawn_passes_argv_verbatim_without_a_shell(tmux: TmuxTerminal, tmp_path: Path) -> None:
+    out = tmp_path / "argv.json"
+    work = tmp_path / "work"
+    work.mkdir()
+    hostile = [
+        "$(touch pwned)",
+        "`touch pwned2`; touch pwned3",
+        "it's \"quoted\"",
+        "two  words ",
+        "line1\nline2\ttab",
+        "#{session_name} #S",
+        "*",
+        "",
+        "-x",
+    ]
+
+    window = tmux.spawn("dispatch", "t1", [sys.executable, "-c", ECHO_ARGS, str(out), *hostile],
+                        work, {})
+
+    assert re.fullmatch(r"@\d+", window)
+    assert wait_for(out.exists)
+    assert json.loads(out.read_text()) == hostile
+    leftovers = {p.name for p in work.iterdir()} | {p.name for p in tmp_path.iterdir()}
+    assert not leftovers & {"pwned", "pwned2", "pwned3"}
+
+
+def test_spawn_runs_a_single_argument_without_a_shell(tmux: TmuxTerminal, tmp_path: Path) -> None:
+    # One argument is where tmux itself would use `sh -c`; this name would then misfire.
+    program = tmp_path / "my prog $(touch pwned);x"
+    marker = tmp_path / "ran"
+    program.write_text(f"#!/bin/sh\ntouch '{marker}'\nexec sleep 60\n")
+    program.chmod(0o755)
+
+    tmux.spawn("dispatch", "single", [str(program)], tmp_path, {})
+
+    assert wait_for(marker.exists)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_spawn_sets_cwd_and_environment(tmux: TmuxTerminal, tmp_path: Path) -> None:
+    out = tmp_path / "env.json"
+    work = tmp_path / "odd #{session_name} dir's"
+    work.mkdir()
+    weird = "a b $HOME `x` #{pane_id} 'q' \"d\""
+
+    tmux.spawn(
+        "dispatch",
+        "t2",
+        [sys.executable, "-c", REPORT_ENV, str(out)],
+        work,
+        {"DISPATCH_TASK_ID": "2", "WEIRD": weird},
+    )
+
+    assert wait_for(out.exists)
+    report = json.loads(out.read_text())
+    assert os.path.realpath(report["cwd"]) == os.path.realpath(work)
+    assert report["task"] == "2"
+    assert report["weird"] == weird
+
+
+def test_spawn_rejects_a_missing_cwd_instead_of_starting_elsewhere(
+    tmux: TmuxTerminal, tmp_path: Path
+) -> None:
+    with pytest.raises(EnvironmentProblem, match="not a directory"):
+        tmux.spawn("dispatch", "t3", SLEEP, tmp_path / "gone", {})
+
+    assert tmux.list_panes() == []
+
+
+def test_spawn_rejects_session_names_tmux_would_rewrite(
+    tmux: TmuxTerminal, tmp_path: Path
+) -> None:
+    with pytest.raises(EnvironmentProblem, match="session name"):
+        tmux.spawn("my.session", "t4", SLEEP, tmp_path, {})
+
+    assert tmux.list_panes() == []
+
+
+def test_spawn_creates_the_session_once_without_placeholder_windows(
+    tmux: TmuxTerminal, tmp_path: Path
+) -> None:
+    first = tmux.spawn("dispatch", "t1", SLEEP, tmp_path, {})
+    calls_for_first = len(tmux.calls)
+    second = tmux.spawn("dispatch", "t2", SLEEP, tmp_path, {})
+
+    panes = tmux.list_panes()
+    assert first != second
+    assert sorted((p.session, p.window_id, p.window_name) for p in panes) == sorted(
+        [("dispatch", first, "t1"), ("dispatch", second, "t2")]
+    )
+    # No server yet: a failed new-window, then new-session; afterwards one call per spawn.
+    assert calls_for_first == 2
+    assert len(tmux.calls) == calls_for_first + 2  # second spawn + the listing
+
+
+def test_spawn_matches_the_session_name_exactly(
+    tmux: TmuxTerminal, tmux_socket: str, tmp_path: Path
+) -> None:
+    other = tmux.spawn("dispatch-old", "old", SLEEP, tmp_path, {})
+
+    mine = tmux.spawn("dispatch", "new", SLEEP, tmp_path, {})
+
+    sessions = {p.window_id: p.session for p in tmux.list_panes()}
+    assert sessions == {other: "dispatch-old", mine: "dispatch"}
+
+
+def test_window_names_are_literal(tmux: TmuxTerminal, tmp_path: Path) -> None:
+    window = tmux.spawn("dispatch", "t#{session_name}", SLEEP, tmp_path, {})
+
+    assert panes_by_window(tmux)[window].window_name == "t#{session_name}"
+
+
+def test_concurrent_spawns_into_a_new_session_all_succeed(
+    tmux_socket: str, tmp_path: Path
+) -> None:
+    def spawn(i: int) -> str:
+        # Separate adapters, as separate dispatcher processes would have.
+        return TmuxTerminal(tmux_socket).spawn("dispatch", f"t{i}", SLEEP, tmp_path, {})
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        windows = list(pool.map(spawn, range(6)))
+
+    panes = TmuxTerminal(tmux_socket).list_panes()
+    assert len(set(windows)) == 6
+    assert sorted(p.window_id for p in panes) == sorted(windows)
+    assert {p.session for p in panes} == {"dispatch"}
+
+
+def test_window_exists_and_kill_window(tmux: TmuxTerminal, tmp_path: Path) -> None:
+    keep = tmux.spawn("dispatch", "keep", SLEEP, tmp_path, {})
+    doomed = tmux.spawn("dispatch", "doomed", SLEEP, tmp_path, {})
+    assert tmux.window_exists(doomed)
+
+    tmux.kill_window(doomed)
+    tmux.kill_window(doomed)
+
+    assert not tmux.window_exists(doomed)
+    assert not tmux.window_exists("@999")
+    assert tmux.window_exists(keep)
+
+
+def test_without_a_server_listing_is_empty_and_kill_is_a_no_op(tmux: TmuxTerminal) -> None:
+    assert tmux.list_panes() == []
+    assert tmux.window_exists("@0") is False
+    tmux.kill_window("@0")
+    tmux.send_interrupt("@0")
+    assert tmux.kill_windows_running("dispatch", "anything") == []
+    assert tmux.list_panes() == []
+
+
+def test_kill_windows_running_kills_only_matching_windows_of_the_session(
+    tmux: TmuxTerminal, tmp_path: Path
+) -> None:
+    def run(marker: str) -> list[str]:
+        return ["sh", "-c", "sleep 60", marker]
+
+    hit1 = tmux.spawn("dispatch", "a", run("attempt-7"), tmp_path, {})
+    hit2 = tmux.spawn("dispatch", "b", run("attempt-7"), tmp_path, {})
+    other_marker = tmux.spawn("dispatch", "c", run("attempt-8"), tmp_path, {})
+    other_session = tmux.spawn("elsewhere", "d", run("attempt-7"), tmp_path, {})
+    tmux.calls.clear()
+
+    killed = tmux.kill_windows_running("dispatch", "attempt-7")
+
+    assert sorted(killed) == sorted([hit1, hit2])
+    assert sorted(panes_by_window(tmux)) == sorted([other_marker, other_session])
+    # One listing, then one kill per matching window.
+    assert [call[3] for call in tmux.calls[:3]] == ["list-panes", "kill-window", "kill-window"]
+
+
+def test_list_panes_reports_live_and_dead_panes(
+    tmux: TmuxTerminal, tmux_socket: str, tmp_path: Path
+) -> None:
+    live = tmux.spawn("dispatch", "live", SLEEP, tmp_path, {})
+    assert raw_tmux(tmux_socket, "set-option", "-gw", "remain-on-exit", "on").returncode == 0
+    dead = tmux.spawn("dispatch", "dead", ["sh", "-c", "exit 3"], tmp_path, {})
+
+    assert wait_for(lambda: panes_by_window(tmux)[dead].dead)
+    tmux.calls.clear()
+    panes = panes_by_window(tmux)
+
+    assert len(tmux.calls) == 1
+    assert panes[dead].dead is True
+    assert panes[dead].dead_status == 3
+    assert panes[dead].window_name == "dead"
+    assert "exit 3" in panes[dead].start_command
+    assert panes[live].dead is False
+    assert panes[live].dead_status is None
+    assert panes[live].session == "dispatch"
+    assert panes[live].pane_id.startswith("%")
+    assert panes[live].start_command == "sleep 60"
+    os.kill(panes[live].pane_pid, 0)  # a live process: raises if the pid were wrong
+
+
+def test_calls_record_each_argv_on_the_pinned_socket(
+    tmux: TmuxTerminal, tmux_socket: str, tmp_path: Path
+) -> None:
+    window = tmux.spawn("dispatch", "t1", SLEEP, tmp_path, {})
+    tmux.calls.clear()
+
+    tmux.window_exists(window)
+    tmux.list_panes()
+
+    assert len(tmux.calls) == 2
+    assert all(call[1:3] == ["-L", tmux_socket] for call in tmux.calls)
+    assert os.path.basename(tmux.calls[0][0]) == "tmux"
+
+
+def test_pipe_pane_appends_output_to_a_log(tmux: TmuxTerminal, tmp_path: Path) -> None:
+    log = tmp_path / "logs #{x} it's" / "attempt 1.log"
+    go = tmp_path / "go"
+    # Prints only once the pipe is in place, so the test does not race the first lines.
+    script = f"while [ ! -e '{go}' ]; do sleep 0.05; done; echo hello-from-pane; sleep 60"
+    window = tmux.spawn("dispatch", "t1", ["sh", "-c", script], tmp_path, {})
+    pane = panes_by_window(tmux)[window].pane_id
+
+    tmux.pipe_pane(pane, log)
+    tmux.pipe_pane(pane, log)  # a second call must not switch logging off
+    go.touch()
+
+    assert wait_for(lambda: log.exists() and "hello-from-pane" in log.read_text())
+    assert log.read_text().count("hello-from-pane") == 1
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("logs")] == [log.parent.name]
+
+
+def test_send_interrupt_stops_a_sleep(tmux: TmuxTerminal, tmp_path: Path) -> None:
+    window = tmux.spawn("dispatch", "t1", ["sleep", "600"], tmp_path, {})
+    assert tmux.window_exists(window)
+
+    tmux.send_interrupt(window)
+
+    assert wait_for(lambda: not tmux.window_exists(window), timeout=5)
+    tmux.send_interrupt(window)  # gone: not an error
+
+
+def test_attach_argv(tmux_socket: str) -> None:
+    tmux_path = shutil.which("tmux")
+
+    assert TmuxTerminal(tmux_socket).attach_argv("@3", inside_tmux=False) == [
+        tmux_path, "-L", tmux_socket, "attach-session", "-t", "@3",
+    ]
+    assert TmuxTerminal(tmux_socket).attach_argv("@3", inside_tmux=True) == [
+        tmux_path, "-L", tmux_socket, "switch-client", "-t", "@3",
+    ]
+    # No socket: the user's default server, so no -L.
+    assert TmuxTerminal("").attach_argv("@3", inside_tmux=False) == [
+        tmux_path, "attach-session", "-t", "@3",
+    ]
+    assert TmuxTerminal(None).attach_argv("@3", inside_tmux=True)[1] == "switch-client"
+
+
+def test_version(tmux: TmuxTerminal) -> None:
+    assert re.fullmatch(r"\d+\.\d+[a-z]?", tmux.version())
+    assert len(tmux.calls) == 1
+
+
+def test_missing_tmux_is_an_environment_problem(
+    tmux_socket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    empty = tmp_path / "empty-bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    tmux = TmuxTerminal(tmux_socket)
+
+    with pytest.raises(EnvironmentProblem, match="tmux") as problem:
+        tmux.version()
+    assert problem.value.exit_code == 7
+    with pytest.raises(EnvironmentProblem):
+        tmux.list_panes()
+    with pytest.raises(EnvironmentProblem):
+        tmux.spawn("dispatch", "t1", SLEEP, tmp_path, {})
+    assert tmux.calls == []

@@ -9,7 +9,6 @@ from uuid import uuid4
 
 import pytest
 
-
 GitRunner = Callable[..., str]
 
 

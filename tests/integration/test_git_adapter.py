@@ -130,9 +130,7 @@ def test_add_reports_false_when_git_succeeds_without_checking_out_the_branch(
     worktrees: GitWorktrees, git_repo: Path, tmp_path: Path
 ) -> None:
     # A hook that detaches HEAD and exits 0: git reports success, the work is not done.
-    _write_hook(
-        git_repo, "post-checkout", "git -c core.hooksPath=/dev/null checkout -q --detach\n"
-    )
+    _write_hook(git_repo, "post-checkout", "git -c core.hooksPath=/dev/null checkout -q --detach\n")
     path = tmp_path / "trees" / "task-4"
 
     assert worktrees.add(git_repo, path, "dispatch/4-fake", "main", new_branch=True) is False
@@ -270,7 +268,9 @@ def test_parallel_adds_from_threads_all_succeed(
     from concurrent.futures import ThreadPoolExecutor
 
     def add(i: int) -> bool:
-        return worktrees.add(git_repo, tmp_path / "t" / f"w{i}", f"thr-{i}", "main", new_branch=True)
+        return worktrees.add(
+            git_repo, tmp_path / "t" / f"w{i}", f"thr-{i}", "main", new_branch=True
+        )
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         outcomes = list(pool.map(add, range(8)))
@@ -367,9 +367,7 @@ def test_head_ref_refs_and_branches(
     assert worktrees.head_ref(git_repo) == sha
 
 
-def test_list_worktrees_main_first(
-    worktrees: GitWorktrees, git_repo: Path, tmp_path: Path
-) -> None:
+def test_list_worktrees_main_first(worktrees: GitWorktrees, git_repo: Path, tmp_path: Path) -> None:
     path = tmp_path / "trees" / "listed"
     assert worktrees.add(git_repo, path, "listed", "main", new_branch=True)
 
@@ -381,7 +379,7 @@ def test_list_worktrees_main_first(
     "name",
     [
         "with space",
-        "quote's \"double\"",
+        'quote\'s "double"',
         "$(touch pwned)",
         "`touch pwned`; touch pwned",
         "-leading-dash",
@@ -407,3 +405,36 @@ def test_hostile_worktree_paths_are_plain_data(
     for where in (tmp_path, git_repo, Path.cwd()):
         assert not (where / "pwned").exists()
     assert not any(os.path.basename(p) == "pwned" for p in os.listdir(tmp_path / "trees"))
+
+
+def test_importing_the_adapters_loads_neither_gitpython_nor_libtmux() -> None:
+    code = (
+        "import sys, dispatch.adapters.git, dispatch.adapters.tmux\n"
+        "print(sorted(m for m in ('git', 'libtmux', 'filelock') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+
+    assert out.stdout.strip() == "[]"
+
+
+def test_gitpython_is_loaded_quietly_and_the_environment_restored(tmp_path: Path) -> None:
+    code = (
+        "import os, sys\nfrom pathlib import Path\n"
+        "from dispatch.adapters.git import GitWorktrees\n"
+        "from dispatch.errors import EnvironmentProblem\n"
+        "try:\n    GitWorktrees(Path(sys.argv[1])).version()\n"
+        "except EnvironmentProblem as exc:\n    print('problem:', exc.message)\n"
+        "print('refresh:', os.environ.get('GIT_PYTHON_REFRESH'))"
+    )
+    env = {**os.environ, "PATH": str(tmp_path)}
+    env.pop("GIT_PYTHON_REFRESH", None)
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env
+    )
+
+    # git is missing from PATH even at import time: our error, not GitPython's ImportError.
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        "problem: git cannot be run: git was not found",
+        "refresh: None",
+    ]

@@ -69,7 +69,7 @@ def test_spawn_passes_argv_verbatim_without_a_shell(tmux: TmuxTerminal, tmp_path
     hostile = [
         "$(touch pwned)",
         "`touch pwned2`; touch pwned3",
-        "it's \"quoted\"",
+        'it\'s "quoted"',
         "two  words ",
         "line1\nline2\ttab",
         "#{session_name} #S",
@@ -78,8 +78,9 @@ def test_spawn_passes_argv_verbatim_without_a_shell(tmux: TmuxTerminal, tmp_path
         "-x",
     ]
 
-    window = tmux.spawn("dispatch", "t1", [sys.executable, "-c", ECHO_ARGS, str(out), *hostile],
-                        work, {})
+    window = tmux.spawn(
+        "dispatch", "t1", [sys.executable, "-c", ECHO_ARGS, str(out), *hostile], work, {}
+    )
 
     assert re.fullmatch(r"@\d+", window)
     assert wait_for(out.exists)
@@ -131,9 +132,7 @@ def test_spawn_rejects_a_missing_cwd_instead_of_starting_elsewhere(
     assert tmux.list_panes() == []
 
 
-def test_spawn_rejects_session_names_tmux_would_rewrite(
-    tmux: TmuxTerminal, tmp_path: Path
-) -> None:
+def test_spawn_rejects_session_names_tmux_would_rewrite(tmux: TmuxTerminal, tmp_path: Path) -> None:
     with pytest.raises(EnvironmentProblem, match="session name"):
         tmux.spawn("my.session", "t4", SLEEP, tmp_path, {})
 
@@ -174,9 +173,7 @@ def test_window_names_are_literal(tmux: TmuxTerminal, tmp_path: Path) -> None:
     assert panes_by_window(tmux)[window].window_name == "t#{session_name}"
 
 
-def test_concurrent_spawns_into_a_new_session_all_succeed(
-    tmux_socket: str, tmp_path: Path
-) -> None:
+def test_concurrent_spawns_into_a_new_session_all_succeed(tmux_socket: str, tmp_path: Path) -> None:
     def spawn(i: int) -> str:
         # Separate adapters, as separate dispatcher processes would have.
         return TmuxTerminal(tmux_socket).spawn("dispatch", f"t{i}", SLEEP, tmp_path, {})
@@ -239,7 +236,8 @@ def test_list_panes_reports_live_and_dead_panes(
     assert raw_tmux(tmux_socket, "set-option", "-gw", "remain-on-exit", "on").returncode == 0
     dead = tmux.spawn("dispatch", "dead", ["sh", "-c", "exit 3"], tmp_path, {})
 
-    assert wait_for(lambda: panes_by_window(tmux)[dead].dead)
+    # tmux marks the pane dead when its pty closes and learns the status a moment later.
+    assert wait_for(lambda: panes_by_window(tmux)[dead].dead_status is not None)
     tmux.calls.clear()
     panes = panes_by_window(tmux)
 
@@ -301,14 +299,27 @@ def test_attach_argv(tmux_socket: str) -> None:
     tmux_path = shutil.which("tmux")
 
     assert TmuxTerminal(tmux_socket).attach_argv("@3", inside_tmux=False) == [
-        tmux_path, "-L", tmux_socket, "attach-session", "-t", "@3",
+        tmux_path,
+        "-L",
+        tmux_socket,
+        "attach-session",
+        "-t",
+        "@3",
     ]
     assert TmuxTerminal(tmux_socket).attach_argv("@3", inside_tmux=True) == [
-        tmux_path, "-L", tmux_socket, "switch-client", "-t", "@3",
+        tmux_path,
+        "-L",
+        tmux_socket,
+        "switch-client",
+        "-t",
+        "@3",
     ]
     # No socket: the user's default server, so no -L.
     assert TmuxTerminal("").attach_argv("@3", inside_tmux=False) == [
-        tmux_path, "attach-session", "-t", "@3",
+        tmux_path,
+        "attach-session",
+        "-t",
+        "@3",
     ]
     assert TmuxTerminal(None).attach_argv("@3", inside_tmux=True)[1] == "switch-client"
 

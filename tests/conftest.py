@@ -1,0 +1,155 @@
+"""Every test runs isolated: its own DISPATCH_HOME, config, tmux server and git identity."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from uuid import uuid4
+
+import pytest
+
+from dispatch.app import App
+from dispatch.config import load_settings
+
+
+@dataclass
+class Env:
+    """Where this test's dispatch lives."""
+
+    home: Path
+    config: Path
+    socket: str
+    root: Path
+
+    def write_config(self, text: str) -> None:
+        self.config.write_text(text, encoding="utf-8")
+
+    @property
+    def db_path(self) -> Path:
+        return self.home / "dispatch.db"
+
+
+# Fast enough for tests, still the real mechanisms: a real wrapper must acknowledge.
+BASE_CONFIG = """\
+spawn_timeout = 10
+heartbeat_interval = 1
+lease_seconds = 30
+"""
+
+
+@pytest.fixture(autouse=True)
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
+    home = tmp_path / "dispatch-home"
+    fake_home = tmp_path / "user-home"
+    fake_home.mkdir()
+    config = tmp_path / "config.toml"
+    config.write_text(BASE_CONFIG, encoding="utf-8")
+    socket = f"dispatch-test-{uuid4().hex[:10]}"
+    for name in list(os.environ):
+        if name.startswith("DISPATCH_") or name == "TMUX":
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("DISPATCH_HOME", str(home))
+    monkeypatch.setenv("DISPATCH_CONFIG", str(config))
+    monkeypatch.setenv("DISPATCH_TMUX_SOCKET", socket)
+    monkeypatch.setenv("HOME", str(fake_home))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(fake_home / ".config"))
+    monkeypatch.setenv("XDG_DATA_HOME", str(fake_home / ".local" / "share"))
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(fake_home / ".gitconfig"))
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
+    for key, value in {
+        "GIT_AUTHOR_NAME": "Dispatch Test",
+        "GIT_AUTHOR_EMAIL": "test@dispatch.invalid",
+        "GIT_COMMITTER_NAME": "Dispatch Test",
+        "GIT_COMMITTER_EMAIL": "test@dispatch.invalid",
+    }.items():
+        monkeypatch.setenv(key, value)
+    yield Env(home=home, config=config, socket=socket, root=tmp_path)
+    subprocess.run(["tmux", "-L", socket, "kill-server"], capture_output=True, check=False)
+
+
+def _git(repo: Path, *args: str) -> str:
+    done = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+@pytest.fixture
+def git() -> Callable[..., str]:
+    """git as an independent witness: `git(repo, "branch", "--list")`."""
+    return _git
+
+
+@pytest.fixture
+def repo(env: Env) -> Path:
+    """A real repository on branch main with one commit."""
+    path = env.root / "repo"
+    subprocess.run(["git", "init", "-q", "-b", "main", str(path)], check=True)
+    _git(path, "config", "commit.gpgsign", "false")
+    (path / "README.md").write_text("hello\n")
+    _git(path, "add", "README.md")
+    _git(path, "commit", "-q", "-m", "initial")
+    return path
+
+
+@dataclass
+class Result:
+    code: int
+    stdout: str
+    stderr: str
+
+    def json(self) -> Any:
+        return json.loads(self.stdout)
+
+
+@pytest.fixture
+def cli(env: Env) -> Callable[..., Result]:
+    """The real `dispatch` program in a subprocess: `cli("add", "x", cwd=repo)`."""
+
+    def run(*args: str, cwd: Path | None = None, input: str | None = None,
+            timeout: float = 60, extra_env: dict[str, str] | None = None) -> Result:
+        environ = dict(os.environ)
+        environ.update(extra_env or {})
+        done = subprocess.run(
+            [sys.executable, "-m", "dispatch", *args],
+            cwd=cwd or env.root,
+            capture_output=True,
+            text=True,
+            input=input,
+            timeout=timeout,
+            env=environ,
+        )
+        return Result(done.returncode, done.stdout, done.stderr)
+
+    return run
+
+
+@pytest.fixture
+def make_app(env: Env) -> Iterator[Callable[..., App]]:
+    """An App built from this test's settings; keyword arguments inject adapters."""
+    built: list[App] = []
+
+    def build(**adapters: Any) -> App:
+        app = App(load_settings(), **{f"{k}_": v for k, v in adapters.items()})
+        built.append(app)
+        return app
+
+    yield build
+    for app in built:
+        app.close()
+
+
+def tmux(env: Env, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["tmux", "-L", env.socket, *args], capture_output=True, text=True)
+
+
+def windows(env: Env) -> list[str]:
+    """Window names on the test's tmux server ([] when no server runs)."""
+    done = tmux(env, "list-windows", "-a", "-F", "#{window_name}")
+    return done.stdout.split() if done.returncode == 0 else []

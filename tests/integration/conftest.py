@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -48,5 +49,7 @@ def git_repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def tmux_socket() -> Iterator[str]:
     """A socket name no one else uses; its server (if any was started) is killed afterwards."""
     name = f"dispatch-test-{uuid4().hex[:8]}"
+    # Found now: a test may take tmux off PATH before this teardown runs.
+    tmux = shutil.which("tmux") or "tmux"
     yield name
-    subprocess.run(["tmux", "-L", name, "kill-server"], capture_output=True, check=False)
+    subprocess.run([tmux, "-L", name, "kill-server"], capture_output=True, check=False)

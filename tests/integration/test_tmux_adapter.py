@@ -76,6 +76,14 @@ def test_spawn_passes_argv_verbatim_without_a_shell(tmux: TmuxTerminal, tmp_path
         "*",
         "",
         "-x",
+        # tmux reads a trailing ';' as a command separator: none may become a tmux command.
+        "end;",
+        "run-shell",
+        f"touch {tmp_path / 'pwned4'};",
+        ";",
+        "kill-server",
+        "x\\;",
+        "y\\\\;",
     ]
 
     window = tmux.spawn(
@@ -86,7 +94,8 @@ def test_spawn_passes_argv_verbatim_without_a_shell(tmux: TmuxTerminal, tmp_path
     assert wait_for(out.exists)
     assert json.loads(out.read_text()) == hostile
     leftovers = {p.name for p in work.iterdir()} | {p.name for p in tmp_path.iterdir()}
-    assert not leftovers & {"pwned", "pwned2", "pwned3"}
+    assert not leftovers & {"pwned", "pwned2", "pwned3", "pwned4"}
+    assert tmux.window_exists(window)
 
 
 def test_spawn_runs_a_single_argument_without_a_shell(tmux: TmuxTerminal, tmp_path: Path) -> None:
@@ -121,6 +130,22 @@ def test_spawn_sets_cwd_and_environment(tmux: TmuxTerminal, tmp_path: Path) -> N
     assert os.path.realpath(report["cwd"]) == os.path.realpath(work)
     assert report["task"] == "2"
     assert report["weird"] == weird
+
+
+def test_spawn_environment_stays_with_its_window(
+    tmux: TmuxTerminal, tmux_socket: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "env.json"
+    tmux.spawn("dispatch", "t1", SLEEP, tmp_path, {"DISPATCH_TASK_ID": "1", "WEIRD": "w;"})
+
+    tmux.spawn("dispatch", "t2", [sys.executable, "-c", REPORT_ENV, str(out)], tmp_path, {})
+
+    # The session was created with t1's variables; neither the session nor t2 keeps them.
+    assert wait_for(out.exists)
+    assert json.loads(out.read_text())["task"] is None
+    session_env = raw_tmux(tmux_socket, "show-environment", "-t", "=dispatch").stdout
+    assert "DISPATCH_TASK_ID" not in session_env
+    assert "WEIRD" not in session_env
 
 
 def test_spawn_rejects_a_missing_cwd_instead_of_starting_elsewhere(

@@ -8,11 +8,12 @@ call. Talking to the binary directly keeps both costs at a few milliseconds.
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import shutil
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from dispatch.adapters.protocols import Pane
@@ -59,6 +60,14 @@ def _literal(text: str) -> str:
     return text.replace("#", "##")
 
 
+def _unseparated(arg: str) -> str:
+    """Keep an argument ending in ';' whole: tmux would read that ';' as "next command"."""
+    # tmux strips a trailing ';' and starts a new command, unless it is preceded by a
+    # backslash, which it then drops; without this, "x;" followed by "run-shell" in an
+    # agent's argv would run a tmux command of the agent's argv's choosing.
+    return arg[:-1] + "\\;" if arg.endswith(";") else arg
+
+
 class TmuxTerminal:
     """The `Terminal` adapter: one tmux server, chosen by socket name (`tmux -L`)."""
 
@@ -78,9 +87,17 @@ class TmuxTerminal:
             self._binary = found
         return [self._binary, "-L", self.socket] if self.socket else [self._binary]
 
-    def _run(self, args: list[str], *, check: bool = True) -> subprocess.CompletedProcess[str]:
-        """Run tmux on our server; the one place that maps failures to domain errors."""
-        argv = [*self._prefix(), *args]
+    def _run(
+        self, args: list[str], *, then: Sequence[list[str]] = (), check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a tmux command (and the `then` ones, if it succeeds) on our server.
+
+        The one place that finds tmux, pins the socket, records the argv and maps
+        failures to domain errors.
+        """
+        argv = [*self._prefix(), *map(_unseparated, args)]
+        for command in then:
+            argv += [";", *map(_unseparated, command)]
         self.calls.append(argv)
         try:
             result = subprocess.run(
@@ -112,6 +129,7 @@ class TmuxTerminal:
 
         The session is created on demand with this window as its first one, so it
         holds no idle placeholder window: it lives exactly as long as it has work.
+        env is set for this window only.
         """
         if not argv:
             raise ValueError("spawn needs a command")
@@ -123,7 +141,8 @@ class TmuxTerminal:
             raise EnvironmentProblem(f"cannot start window {name}: {cwd} is not a directory")
         # tmux runs a single argument through `sh -c`; a fixed trampoline keeps it verbatim.
         command = argv if len(argv) > 1 else ["sh", "-c", 'exec "$@"', "sh", argv[0]]
-        options = ["-n", _literal(name), "-c", _literal(str(cwd)), "-P", "-F", "#{window_id}"]
+        directory = _literal(os.path.abspath(cwd))
+        options = ["-n", _literal(name), "-c", directory, "-P", "-F", "#{window_id}"]
         for key, value in env.items():
             if not _ENV_NAME.fullmatch(key):
                 raise ValueError(f"invalid environment variable name {key!r}")
@@ -136,7 +155,10 @@ class TmuxTerminal:
         if not (_no_server(result.stderr) or result.stderr.startswith("can't find session")):
             raise ToolFailed(result.args, result.returncode, result.stderr)
         new_session = ["new-session", "-d", "-s", _literal(session), *options, "--", *command]
-        created = self._run(new_session, check=False)
+        # new-session's -e also sets the *session* environment, which every later
+        # window (a user's own included) would inherit: unset it in the same call.
+        cleanup = [["set-environment", "-t", f"={session}", "-u", key] for key in env]
+        created = self._run(new_session, then=cleanup, check=False)
         if created.returncode == 0:
             return created.stdout.strip()
         if not created.stderr.startswith("duplicate session"):

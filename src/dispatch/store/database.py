@@ -117,9 +117,12 @@ class Database:
             raise self._unusable(exc) from exc
 
     def _unusable(self, exc: SQLAlchemyError) -> EnvironmentProblem:
-        where = self.path or self.url.render_as_string(hide_password=True)
         reason = str(getattr(exc, "orig", exc)).splitlines()[0]
-        return EnvironmentProblem(f"database {where}: {reason}")
+        return EnvironmentProblem(f"database {self._where()}: {reason}")
+
+    def _where(self) -> str:
+        """The database as messages name it: its path, or its URL without the password."""
+        return str(self.path or self.url.render_as_string(hide_password=True))
 
     # -- schema ------------------------------------------------------------------------
 
@@ -127,7 +130,7 @@ class Database:
         """The database's Alembic revision; None for an empty database."""
         try:
             with self.engine.execution_options(dispatch_read=True).connect() as conn:
-                return _revision(conn)
+                return _revision(conn, self._where())
         except DBAPIError as exc:
             raise self._corrupt(exc) from exc
 
@@ -143,9 +146,8 @@ class Database:
 
     def _check_known(self, revision: str | None) -> None:
         if revision is not None and revision not in KNOWN_REVISIONS:
-            where = self.path or self.url.render_as_string(hide_password=True)
             raise EnvironmentProblem(
-                f"database {where} has schema revision {revision}, newer than this "
+                f"database {self._where()} has schema revision {revision}, newer than this "
                 f"dispatch knows ({HEAD_REVISION}); it was left untouched",
                 hint="upgrade dispatch",
             )
@@ -153,7 +155,8 @@ class Database:
     def upgrade(self) -> str:
         """Apply pending migrations once, even when several processes start together."""
         with self._migration_lock() as conn:
-            revision = _revision(conn)  # re-check: another process may have migrated
+            # Re-check under the lock: another process may have migrated meanwhile.
+            revision = _revision(conn, self._where())
             self._check_known(revision)
             if revision != HEAD_REVISION:
                 if self.is_sqlite:
@@ -195,24 +198,34 @@ class Database:
             raise self._corrupt(exc) from exc
 
     def _corrupt(self, exc: DBAPIError) -> EnvironmentProblem:
-        where = self.path or self.url.render_as_string(hide_password=True)
         reason = str(exc.orig).splitlines()[0] if exc.orig else str(exc)
-        return EnvironmentProblem(f"database {where} is unusable: {reason}; it was left untouched")
+        return EnvironmentProblem(
+            f"database {self._where()} is unusable: {reason}; it was left untouched"
+        )
 
 
-def _revision(conn: Connection) -> str | None:
-    tables = set(inspect(conn).get_table_names())
-    if "alembic_version" not in tables:
-        if tables:
-            raise EnvironmentProblem(
-                f"not a dispatch database (it has tables {', '.join(sorted(tables)[:3])}…); "
-                "it was left untouched"
-            )
-        return None
-    row = conn.execute(text("SELECT version_num FROM alembic_version")).first()
-    if conn.in_transaction():
-        conn.rollback()
-    return None if row is None else str(row[0])
+def _revision(conn: Connection, where: object) -> str | None:
+    """The Alembic revision, ending the read transaction whatever happens.
+
+    Ending it matters: `PRAGMA journal_mode=WAL` is silently ignored inside a transaction.
+    """
+    try:
+        tables = set(inspect(conn).get_table_names())
+        if "alembic_version" not in tables:
+            if tables:
+                names = sorted(tables)
+                listed = ", ".join(names[:3]) + (", …" if len(names) > 3 else "")
+                raise EnvironmentProblem(
+                    f"database {where} is not a dispatch database (it has tables {listed}); "
+                    "it was left untouched",
+                    hint="give another path with --db or DISPATCH_DB",
+                )
+            return None
+        row = conn.execute(text("SELECT version_num FROM alembic_version")).first()
+        return None if row is None else str(row[0])
+    finally:
+        if conn.in_transaction():
+            conn.rollback()
 
 
 def _install_sqlite_listeners(engine: Engine) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -16,6 +17,17 @@ import pytest
 
 from dispatch.app import App
 from dispatch.config import load_settings
+
+
+# Resolved once: a test may put a failing `tmux` shim first on PATH, teardown must not use it.
+TMUX = shutil.which("tmux") or "tmux"
+
+
+def _kill_server(socket: str) -> None:
+    subprocess.run([TMUX, "-L", socket, "kill-server"], capture_output=True, check=False)
+    # tmux leaves its socket file behind after kill-server.
+    tmpdir = Path(os.environ.get("TMUX_TMPDIR") or "/tmp") / f"tmux-{os.getuid()}"
+    (tmpdir / socket).unlink(missing_ok=True)
 
 
 @dataclass
@@ -71,7 +83,7 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
     }.items():
         monkeypatch.setenv(key, value)
     yield Env(home=home, config=config, socket=socket, root=tmp_path)
-    subprocess.run(["tmux", "-L", socket, "kill-server"], capture_output=True, check=False)
+    _kill_server(socket)
 
 
 def _git(repo: Path, *args: str) -> str:
@@ -146,7 +158,7 @@ def make_app(env: Env) -> Iterator[Callable[..., App]]:
 
 
 def tmux(env: Env, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["tmux", "-L", env.socket, *args], capture_output=True, text=True)
+    return subprocess.run([TMUX, "-L", env.socket, *args], capture_output=True, text=True)
 
 
 def windows(env: Env) -> list[str]:

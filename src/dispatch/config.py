@@ -6,7 +6,7 @@ import os
 import re
 import socket
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -124,18 +124,23 @@ def parse_duration(text: str | int | float) -> float:
     return sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
 
 
+def _absolute(path: str | Path) -> Path:
+    # Absolute: the wrapper gets these paths in its environment and runs in another cwd.
+    return Path(os.path.abspath(Path(path).expanduser()))
+
+
 def default_home(env: Mapping[str, str]) -> Path:
     if env.get("DISPATCH_HOME"):
-        return Path(env["DISPATCH_HOME"]).expanduser()
+        return _absolute(env["DISPATCH_HOME"])
     data = env.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(data).expanduser() / "dispatch"
+    return _absolute(data) / "dispatch"
 
 
 def default_config_path(env: Mapping[str, str]) -> Path:
     if env.get("DISPATCH_CONFIG"):
-        return Path(env["DISPATCH_CONFIG"]).expanduser()
+        return _absolute(env["DISPATCH_CONFIG"])
     base = env.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(base).expanduser() / "dispatch" / "config.toml"
+    return _absolute(base) / "dispatch" / "config.toml"
 
 
 def database_url(value: str) -> str:
@@ -154,22 +159,21 @@ def load_settings(
     """Defaults < config file < environment < global options."""
     env = os.environ if env is None else env
     home = default_home(env)
-    path = Path(config).expanduser() if config else default_config_path(env)
+    path = _absolute(config) if config else default_config_path(env)
     explicit = bool(config or env.get("DISPATCH_CONFIG"))
+    found = path.exists()
     raw: dict[str, Any] = {}
     text = ""
-    if path.is_file():
+    if found:
+        text = _read_config(path)
         try:
-            text = path.read_text(encoding="utf-8")
             raw = tomllib.loads(text)
-        except (OSError, UnicodeDecodeError) as exc:
-            raise EnvironmentProblem(f"config {path}: cannot read: {exc}") from None
         except tomllib.TOMLDecodeError as exc:
-            raise EnvironmentProblem(f"config {path}: invalid TOML: {exc}") from None
+            raise EnvironmentProblem(_toml_error(path, text, exc)) from None
     elif explicit:
         raise EnvironmentProblem(f"config {path}: no such file")
     settings = _from_mapping(raw, text, path, home)
-    if not path.is_file():
+    if not found:
         settings = replace(settings, config_path=None)
     database = db or env.get("DISPATCH_DB") or raw.get("database")
     if database:
@@ -178,6 +182,35 @@ def load_settings(
         settings = replace(settings, tmux_socket=env["DISPATCH_TMUX_SOCKET"])
     host = env.get("DISPATCH_HOST") or socket.gethostname()
     return replace(settings, host=host)
+
+
+def _read_config(path: Path) -> str:
+    try:
+        data = path.read_bytes()
+    except IsADirectoryError:
+        raise EnvironmentProblem(f"config {path}: is a directory, not a file") from None
+    except OSError as exc:
+        raise EnvironmentProblem(f"config {path}: cannot read: {exc.strerror}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise EnvironmentProblem(
+            f"config {path}:{line}: invalid TOML: not UTF-8 (byte {data[exc.start]:#04x})"
+        ) from None
+
+
+_TOML_POSITION = re.compile(r"\s*\(at (?:line (\d+), column \d+|end of document)\)$")
+
+
+def _toml_error(path: Path, text: str, exc: tomllib.TOMLDecodeError) -> str:
+    """`config FILE:LINE: invalid TOML: why`; tomllib only says where inside its message."""
+    message = str(exc)
+    found = _TOML_POSITION.search(message)
+    if found is None:
+        return f"config {path}: invalid TOML: {message}"
+    line = int(found[1]) if found[1] else max(1, len(text.splitlines()))
+    return f"config {path}:{line}: invalid TOML: {message[: found.start()]}"
 
 
 _SCALARS: dict[str, tuple[type | tuple[type, ...], str]] = {
@@ -193,58 +226,48 @@ _SCALARS: dict[str, tuple[type | tuple[type, ...], str]] = {
 }
 
 
+Fail = Callable[[tuple[str, ...], str], EnvironmentProblem]
+
+
 def _from_mapping(raw: Mapping[str, Any], text: str, path: Path, home: Path) -> Settings:
-    def fail(table: str | None, key: str, why: str) -> EnvironmentProblem:
-        line = _line_of(text, table, key)
+    def fail(key: tuple[str, ...], why: str) -> EnvironmentProblem:
+        line = _line_of(text, key)
         where = f"{path}" + (f":{line}" if line else "")
-        name = f"{table}.{key}" if table else key
-        return EnvironmentProblem(f"config {where}: {name}: {why}")
+        return EnvironmentProblem(f"config {where}: {'.'.join(key)}: {why}")
 
     values: dict[str, Any] = {}
     for key, value in raw.items():
         if key in ("tmux", "agents"):
             continue
         if key not in _SCALARS:
-            raise fail(None, key, "unknown key")
-        kinds, expected = _SCALARS[key]
-        if isinstance(value, bool) or not isinstance(value, kinds):
-            raise fail(None, key, f"expected {expected}, got {value!r}")
-        if isinstance(value, int | float) and value < 0:
-            raise fail(None, key, f"expected {expected}, got {value!r}")
-        if key in ("lease_seconds", "spawn_timeout", "heartbeat_interval") and value <= 0:
-            raise fail(None, key, f"expected {expected}, got {value!r}")
-        if key == "stale_after":
-            try:
-                value = parse_duration(value)
-            except ValueError as exc:
-                raise fail(None, key, str(exc)) from None
-        values[key] = value
+            raise fail((key,), "unknown key")
+        values[key] = _scalar(key, value, fail)
 
     tmux = raw.get("tmux", {})
     if not isinstance(tmux, dict):
-        raise fail(None, "tmux", "expected a table")
+        raise fail(("tmux",), "expected a [tmux] table")
     for key, value in tmux.items():
         if key not in ("socket", "session"):
-            raise fail("tmux", key, "unknown key")
+            raise fail(("tmux", key), "unknown key")
         if not isinstance(value, str) or (key == "session" and not _SESSION.fullmatch(value)):
-            raise fail("tmux", key, f"expected a name, got {value!r}")
+            raise fail(("tmux", key), f"expected a name, got {value!r}")
 
     agents = dict(BUILTIN_AGENTS)
     table = raw.get("agents", {})
     if not isinstance(table, dict):
-        raise fail(None, "agents", "expected a table of [agents.NAME] tables")
+        raise fail(("agents",), "expected [agents.NAME] tables")
     for name, spec in table.items():
-        agents[name] = _profile(name, spec, lambda k, why, n=name: fail(f"agents.{n}", k, why))
+        agents[name] = _profile(name, spec, fail)
 
     default_agent = values.get("default_agent", "claude")
     if default_agent not in agents:
-        raise fail(None, "default_agent", f"no agent profile named {default_agent!r}")
+        raise fail(("default_agent",), f"no agent profile named {default_agent!r}")
     root = values.get("worktree_root")
     return Settings(
         home=home,
         database=f"sqlite:///{home / 'dispatch.db'}",
         config_path=path,
-        worktree_root=Path(root).expanduser() if root else home / "worktrees",
+        worktree_root=_absolute(root) if root else home / "worktrees",
         default_agent=default_agent,
         max_running=values.get("max_running", 0),
         max_dispatch_failures=values.get("max_dispatch_failures", 3),
@@ -258,48 +281,84 @@ def _from_mapping(raw: Mapping[str, Any], text: str, path: Path, home: Path) -> 
     )
 
 
+def _scalar(key: str, value: Any, fail: Fail) -> Any:
+    kinds, expected = _SCALARS[key]
+    number: Any = value
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, kinds)
+        or (isinstance(number, int | float) and number < 0)
+        or (key in ("lease_seconds", "spawn_timeout", "heartbeat_interval") and number <= 0)
+    ):
+        raise fail((key,), f"expected {expected}, got {value!r}")
+    if key == "stale_after":
+        try:
+            return parse_duration(number)
+        except ValueError as exc:
+            raise fail((key,), str(exc)) from None
+    return value
+
+
 # tmux treats `:` and `.` in a target as separators, so a session name cannot hold them.
 _SESSION = re.compile(r"[A-Za-z0-9_-]+")
 
 
-def _profile(name: str, spec: Any, fail: Any) -> AgentProfile:
+def _profile(name: str, spec: Any, fail: Fail) -> AgentProfile:
+    here = ("agents", name)
     if not isinstance(spec, dict):
-        raise fail("command", "expected an [agents.NAME] table")
+        raise fail(here, "expected a table with command = [...]")
     base = BUILTIN_AGENTS.get(name)
     for key in spec:
         if key not in ("command", "resume", "completion"):
-            raise fail(key, "unknown key")
+            raise fail((*here, key), "unknown key")
     command = spec.get("command", list(base.command) if base else None)
     if command is None:
-        raise fail("command", "missing; expected a list of strings")
+        raise fail((*here, "command"), "missing; expected a list of strings")
     resume = spec.get("resume", list(base.resume) if base and base.resume else None)
     for key, argv in (("command", command), ("resume", resume)):
         if argv is None:
             continue
         if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
-            raise fail(key, "expected a non-empty list of strings")
+            raise fail((*here, key), "expected a non-empty list of strings")
         unknown = {m for a in argv for m in _PLACEHOLDER.findall(a)} - PLACEHOLDERS
         if unknown:
-            raise fail(key, f"unknown placeholder {{{sorted(unknown)[0]}}}")
+            raise fail((*here, key), f"unknown placeholder {{{sorted(unknown)[0]}}}")
     completion = spec.get("completion", base.completion.value if base else "exit")
     try:
         mode = Completion(completion)
-    except ValueError:
-        raise fail("completion", f"expected exit, signal or commits, got {completion!r}") from None
+    except (ValueError, TypeError):
+        why = f"expected exit, signal or commits, got {completion!r}"
+        raise fail((*here, "completion"), why) from None
     return AgentProfile(name, tuple(command), tuple(resume) if resume else None, mode)
 
 
-def _line_of(text: str, table: str | None, key: str) -> int | None:
-    """The line a key is set on, for error messages (tomllib reports none for valid TOML)."""
-    current: str | None = None
+_KEY_PART = r"""(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')"""
+_DOTTED = rf"{_KEY_PART}(?:\s*\.\s*{_KEY_PART})*"
+_HEADER = re.compile(rf"\[\[?\s*({_DOTTED})\s*\]\]?\s*(?:#.*)?")
+_ASSIGN = re.compile(rf"({_DOTTED})\s*=")
+
+
+def _key_path(dotted: str) -> tuple[str, ...]:
+    return tuple(part.strip("\"'") for part in re.findall(_KEY_PART, dotted))
+
+
+def _line_of(text: str, key: tuple[str, ...]) -> int | None:
+    """The line that sets `key`, else the nearest enclosing table's (tomllib reports neither)."""
+    table: tuple[str, ...] = ()
+    best: tuple[int, int] | None = None  # (matched depth, line)
     for number, line in enumerate(text.splitlines(), start=1):
         stripped = line.strip()
-        header = re.fullmatch(r"\[\s*([^\]]+?)\s*\]", stripped)
+        header = _HEADER.fullmatch(stripped)
         if header:
-            current = header[1].replace('"', "")
-            if table is None and current == key:
-                return number
-            continue
-        if current == table and re.match(rf'"?{re.escape(key)}"?\s*=', stripped):
+            table = _key_path(header[1])
+            full = table
+        else:
+            assign = _ASSIGN.match(stripped)
+            if not assign:
+                continue
+            full = table + _key_path(assign[1])
+        if full == key:
             return number
-    return None
+        if full == key[: len(full)] and (best is None or len(full) > best[0]):
+            best = (len(full), number)
+    return best[1] if best else None

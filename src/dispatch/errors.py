@@ -65,4 +65,13 @@ class ToolFailed(DispatchError):
         self.returncode = returncode
         self.stderr = stderr.strip()
         detail = self.stderr.splitlines()[-1] if self.stderr else f"exit status {returncode}"
-        super().__init__(f"{argv[0]} {argv[1] if len(argv) > 1 else ''}".strip() + f": {detail}")
+        super().__init__(f"{_command_name(argv)}: {detail}")
+
+
+def _command_name(argv: list[str]) -> str:
+    """`git worktree`, `tmux new-window`: the program and its subcommand, without -C/-L X."""
+    program = argv[0].rsplit("/", 1)[-1] if argv else "command"
+    rest = list(argv[1:])
+    while len(rest) >= 2 and rest[0] in ("-C", "-L", "-S", "-c"):
+        rest = rest[2:]
+    return f"{program} {rest[0]}" if rest else program

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
@@ -53,3 +54,6 @@ def tmux_socket() -> Iterator[str]:
     tmux = shutil.which("tmux") or "tmux"
     yield name
     subprocess.run([tmux, "-L", name, "kill-server"], capture_output=True, check=False)
+    # tmux leaves its socket file behind; without this, every run adds a few dozen.
+    socket_dir = Path(os.environ.get("TMUX_TMPDIR") or "/tmp") / f"tmux-{os.getuid()}"
+    (socket_dir / name).unlink(missing_ok=True)

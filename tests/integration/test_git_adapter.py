@@ -314,9 +314,10 @@ def test_missing_git_binary_is_an_environment_problem(
 ) -> None:
     empty = tmp_path / "empty-bin"
     empty.mkdir()
-    monkeypatch.setenv("PATH", str(empty))
 
-    with pytest.raises(EnvironmentProblem, match="git"):
+    # A context, so that PATH is back before any fixture's teardown needs a program.
+    with monkeypatch.context() as patch, pytest.raises(EnvironmentProblem, match="git"):
+        patch.setenv("PATH", str(empty))
         worktrees.version()
 
 

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -261,8 +262,18 @@ def test_list_panes_reports_live_and_dead_panes(
     assert raw_tmux(tmux_socket, "set-option", "-gw", "remain-on-exit", "on").returncode == 0
     dead = tmux.spawn("dispatch", "dead", ["sh", "-c", "exit 3"], tmp_path, {})
 
-    # tmux marks the pane dead when its pty closes and learns the status a moment later.
-    assert wait_for(lambda: panes_by_window(tmux)[dead].dead_status is not None)
+    server_pid = int(raw_tmux(tmux_socket, "display-message", "-p", "#{pid}").stdout)
+
+    def status_known() -> bool:
+        pane = panes_by_window(tmux)[dead]
+        if pane.dead and pane.dead_status is None:
+            # tmux marks a pane dead when its pty closes and learns the exit status only
+            # on SIGCHLD, which tmux built with libutempter can miss (tmux/tmux#311):
+            # the child stays a zombie until the next SIGCHLD. Send that one.
+            os.kill(server_pid, signal.SIGCHLD)
+        return pane.dead_status is not None
+
+    assert wait_for(status_known)
     tmux.calls.clear()
     panes = panes_by_window(tmux)
 
@@ -312,7 +323,10 @@ def test_pipe_pane_appends_output_to_a_log(tmux: TmuxTerminal, tmp_path: Path) -
 
 def test_send_interrupt_stops_a_sleep(tmux: TmuxTerminal, tmp_path: Path) -> None:
     window = tmux.spawn("dispatch", "t1", ["sleep", "600"], tmp_path, {})
-    assert tmux.window_exists(window)
+    pid = panes_by_window(tmux)[window].pane_pid
+    # A C-c that reaches the pty before the child has taken it as its controlling
+    # terminal signals no one; once `sleep` runs, the terminal is set up.
+    assert wait_for(lambda: Path(f"/proc/{pid}/comm").read_text().strip() == "sleep")
 
     tmux.send_interrupt(window)
 
@@ -359,14 +373,17 @@ def test_missing_tmux_is_an_environment_problem(
 ) -> None:
     empty = tmp_path / "empty-bin"
     empty.mkdir()
-    monkeypatch.setenv("PATH", str(empty))
     tmux = TmuxTerminal(tmux_socket)
 
-    with pytest.raises(EnvironmentProblem, match="tmux") as problem:
-        tmux.version()
+    # A context, so that PATH is back before any fixture's teardown needs a program.
+    with monkeypatch.context() as patch:
+        patch.setenv("PATH", str(empty))
+        with pytest.raises(EnvironmentProblem, match="tmux") as problem:
+            tmux.version()
+        with pytest.raises(EnvironmentProblem):
+            tmux.list_panes()
+        with pytest.raises(EnvironmentProblem):
+            tmux.spawn("dispatch", "t1", SLEEP, tmp_path, {})
+
     assert problem.value.exit_code == 7
-    with pytest.raises(EnvironmentProblem):
-        tmux.list_panes()
-    with pytest.raises(EnvironmentProblem):
-        tmux.spawn("dispatch", "t1", SLEEP, tmp_path, {})
     assert tmux.calls == []

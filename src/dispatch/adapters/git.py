@@ -109,7 +109,8 @@ class GitWorktrees:
                 f"git cannot be run: {argv[0]} was not found",
                 hint="install git or put it on PATH",
             ) from exc
-        if status != 0 and repo is not None:
+        # 128 is git's own "fatal"; a failing hook exits with its status, whatever it printed.
+        if status == 128 and repo is not None:
             for line in stderr.splitlines():
                 for prefix, problem in _UNUSABLE_REPO.items():
                     if line.startswith(prefix):

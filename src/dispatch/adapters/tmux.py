@@ -39,19 +39,24 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def _no_server(stderr: str) -> bool:
-    """Whether tmux failed only because no server listens on the socket."""
-    # "server exited unexpectedly": we connected while the server was shutting down
-    # (its last session just ended); either way none of its panes is left.
+    """Whether tmux failed because no server with a session answers on the socket."""
+    # Besides the plain "no server": "server exited unexpectedly" when we connected as
+    # the server was shutting down, and "no current target" when it is up without any
+    # session (starting, or its last session just ended). Either way it has no pane.
     return stderr.startswith(
-        ("no server running", "error connecting to", "server exited unexpectedly")
+        (
+            "no server running",
+            "error connecting to",
+            "server exited unexpectedly",
+            "no current target",
+        )
     )
 
 
 def _gone(stderr: str) -> bool:
     """Whether tmux failed because the target (or the whole server) no longer exists."""
-    # "no current target": the server is up but its last session just ended.
     return _no_server(stderr) or stderr.startswith(
-        ("can't find window", "can't find pane", "can't find session", "no current target")
+        ("can't find window", "can't find pane", "can't find session")
     )
 
 

@@ -29,10 +29,15 @@ def upgrade(ctx: typer.Context) -> None:
 def current(ctx: typer.Context) -> None:
     """Print the database's schema revision."""
     from dispatch.cli.main import state
-    from dispatch.store.database import HEAD_REVISION
+    from dispatch.store.database import HEAD_REVISION, KNOWN_REVISIONS
 
     revision = state(ctx).get_app().db.current_revision()
-    suffix = " (head)" if revision == HEAD_REVISION else f" (head is {HEAD_REVISION})"
+    if revision == HEAD_REVISION:
+        suffix = " (head)"
+    elif revision is None or revision in KNOWN_REVISIONS:
+        suffix = f" (head is {HEAD_REVISION}; `dispatch db upgrade` applies the rest)"
+    else:
+        suffix = f" (newer than this dispatch, whose head is {HEAD_REVISION})"
     out.line((revision or "empty") + suffix)
 
 

@@ -54,31 +54,37 @@ def run(
 
     if (task is None) == (not next_):
         raise UsageError("give a TASK id or --next, not both" if next_ else "give a TASK or --next")
+    if task is not None and max_ != 1:
+        raise UsageError("--max goes with --next")
     app = _app(ctx)
     if task is not None:
         result = dispatch_task(app, task)
         assert result is not None
         _print_result(result, json)
         return
-    results = run_next(app, max_)
-    failures = [r for r in results if isinstance(r, Exception)]
-    started = [r for r in results if not isinstance(r, Exception)]
+    run_ = run_next(app, max_)
+    if run_.failures and not run_.started:
+        for failure in run_.failures[1:]:
+            out.notice(f"dispatch: error: {failure.message}")
+        raise run_.failures[0]  # the funnel reports it (as JSON with --json)
     if json:
         out.emit_json(
             [
                 {"task": out.task_json(r.task), "attempt": out.attempt_json(r.attempt)}
-                for r in started
+                for r in run_.started
             ]
         )
     else:
-        for r in started:
+        for r in run_.started:
             _print_result(r, False)
-        if not results:
-            out.notice("nothing to dispatch")
-    for failure in failures:
+    if not run_.results:
+        out.notice(f"nothing to dispatch: {run_.stopped}" if run_.stopped else "nothing ready")
+    elif run_.stopped:
+        out.notice(f"stopped: {run_.stopped}")
+    for failure in run_.failures:
         out.notice(f"dispatch: error: {failure.message}")
-    if failures:
-        raise typer.Exit(failures[0].exit_code)
+    if run_.failures:
+        raise typer.Exit(run_.failures[0].exit_code)
 
 
 def redispatch(

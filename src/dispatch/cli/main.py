@@ -111,7 +111,9 @@ def run(args: list[str]) -> int:
         _report(UsageError("aborted"))
         code = 130
     except typer.TyperException as exc:  # bad usage: unknown option, malformed id, ...
-        _report(UsageError(exc.format_message()))
+        message = exc.format_message()
+        if message:  # empty when the usage was just shown in full (no command given)
+            _report(UsageError(message, hint=_help_hint(exc)))
         code = 2
     except DispatchError as exc:
         _report(exc)
@@ -128,6 +130,11 @@ def run(args: list[str]) -> int:
         if _current is not None and _current.app is not None:
             _current.app.close()
     return code
+
+
+def _help_hint(exc: Exception) -> str | None:
+    ctx = getattr(exc, "ctx", None)
+    return f"see `{ctx.command_path} --help`" if ctx is not None else None
 
 
 def _report(exc: DispatchError) -> None:

@@ -111,8 +111,15 @@ def error(exc: DispatchError) -> None:
 def _console() -> Console:
     from rich.console import Console
 
-    # rich honours NO_COLOR and drops styling when stdout is not a terminal.
-    return Console(highlight=False, no_color="NO_COLOR" in os.environ)
+    # rich honours NO_COLOR and drops styling when stdout is not a terminal. A pipe gets
+    # whole lines rather than rich's 80 columns, so `dispatch list | grep` sees each row.
+    wide = not sys.stdout.isatty() and "COLUMNS" not in os.environ
+    return Console(
+        highlight=False,
+        emoji=False,  # a title such as ":rocket:" is shown as typed
+        no_color="NO_COLOR" in os.environ,
+        width=4096 if wide else None,
+    )
 
 
 def _safe(text: str | None) -> str:
@@ -120,6 +127,23 @@ def _safe(text: str | None) -> str:
     from rich.markup import escape
 
     return escape((text or "").replace("\n", " ").replace("\r", " "))
+
+
+# Colour only where it carries meaning; rich drops it for pipes, dumb terminals and NO_COLOR.
+STATUS_STYLE = {
+    "ready": "cyan",
+    "in-progress": "yellow",
+    "done": "green",
+    "failed": "red",
+    "incomplete": "magenta",
+    "interrupted": "red",
+    "cancelled": "dim",
+}
+
+
+def _status(status: str, closed: bool = False) -> str:
+    text = f"[{STATUS_STYLE[status]}]{status}[/]" if status in STATUS_STYLE else _safe(status)
+    return text + (" (closed)" if closed else "")
 
 
 def task_table(tasks: Iterable[Task]) -> None:
@@ -130,9 +154,13 @@ def task_table(tasks: Iterable[Task]) -> None:
         table.add_column(name, overflow="fold")
     rows = 0
     for t in tasks:
-        status = t.status + (" (closed)" if t.closed_at else "")
         table.add_row(
-            str(t.id), status, str(t.priority), _safe(t.agent), _safe(t.title), _safe(t.last_error)
+            str(t.id),
+            _status(t.status, t.closed_at is not None),
+            str(t.priority),
+            _safe(t.agent),
+            _safe(t.title),
+            _safe(t.last_error),
         )
         rows += 1
     if rows:
@@ -147,8 +175,8 @@ def task_detail(t: Task, attempts: Sequence[Attempt], events: Sequence[Event]) -
     console = _console()
     closed = f" (closed {_iso(t.closed_at)})" if t.closed_at else ""
     console.print(f"task {t.id}: {_safe(t.title)}")
+    console.print(f"  {'status':<11}{_status(t.status)}{_safe(closed)}")
     for label, value in (
-        ("status", t.status + closed),
         ("repo", t.repo),
         ("agent", t.agent),
         ("base", t.base_ref),
@@ -207,4 +235,4 @@ def key_values(title: str, rows: Sequence[tuple[str, str, bool]]) -> None:
     console.print(title)
     for name, detail, ok in rows:
         mark = "ok  " if ok else "FAIL"
-        console.print(f"  {mark} {name:<12} {_safe(detail)}")
+        console.print(f"  {mark} {_safe(name):<12} {_safe(detail)}")

@@ -35,6 +35,9 @@ def sweep(
     except ValueError as exc:
         raise UsageError(f"--stale-after: {exc}") from None
     report = sweep_service(app, dry_run=dry_run, requeue=requeue, stale_after=stale)
+    # Undo problems go to stderr whatever the options: they need a person's attention.
+    for problem in report.problems:
+        out.notice(f"dispatch: warning: {problem}")
     if quiet and not report.reaped:
         return
     if json:

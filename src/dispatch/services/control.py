@@ -20,6 +20,8 @@ from dispatch.store.models import Attempt, Task, utcnow
 # How long an agent gets to stop after C-c, and then after its window is killed.
 CANCEL_GRACE_SECONDS = 5.0
 KILL_GRACE_SECONDS = 3.0
+# How long `logs --follow` keeps reading after the attempt ended, for the last lines.
+FOLLOW_DRAIN_SECONDS = 2.0
 
 
 def _current_attempt(s: Session, task: Task) -> Attempt | None:
@@ -45,7 +47,8 @@ def cancel_task(app: App, task_id: int, *, reason: str | None = None) -> TaskVie
             return _Plan(task, None, [f"task {task_id} is already cancelled"])
         if status is Status.READY:
             target = next_status(status, Action.CANCEL, task_id=task_id)
-            q.move_task(s, task_id, expected=status, target=target)
+            if not q.move_task(s, task_id, expected=status, target=target):
+                raise Conflict(f"task {task_id} changed while cancelling it; try again")
             q.record_event(
                 s, "cancelled", task_id=task_id, from_status=status, to_status=target, reason=reason
             )
@@ -58,16 +61,20 @@ def cancel_task(app: App, task_id: int, *, reason: str | None = None) -> TaskVie
             )
         if attempt.cancel_requested_at is None:
             q.update_attempt(s, attempt.id, cancel_requested_at=utcnow())
+            # The wrapper records the cancellation itself; this keeps why it was asked for.
+            q.record_event(
+                s, "cancel-requested", task_id=task_id, attempt_id=attempt.id, reason=reason
+            )
         return _Plan(task, attempt, [])
 
     plan = app.db.write(request)
     if plan.attempt is None:
         return TaskView(plan.task, notices=plan.notices)
     attempt = plan.attempt
-    if attempt.host == app.settings.host and attempt.tmux_target:
-        window = attempt.tmux_target.rsplit(":", 1)[-1]
+    if attempt.host == app.settings.host:
+        window = attempt.tmux_target.rsplit(":", 1)[-1] if attempt.tmux_target else None
         terminal = app.terminal
-        if terminal.window_exists(window):
+        if window and terminal.window_exists(window):
             terminal.send_interrupt(window)
             if not _wait_ended(app, attempt.id, CANCEL_GRACE_SECONDS):
                 terminal.kill_window(window)  # SIGHUP: the wrapper records `cancelled`
@@ -136,7 +143,9 @@ def close_task(app: App, task_id: int) -> TaskView:
     task = app.db.read(lambda s: q.get_task(s, task_id))
     if task.closed_at is not None:
         return TaskView(task, notices=[f"task {task_id} is already closed"])
+    cancelled: int | None = None
     if task.status == Status.IN_PROGRESS.value:
+        cancelled = task.current_attempt_id
         cancel_task(app, task_id, reason="closed with task")
 
     def work(s: Session) -> TaskView:
@@ -144,10 +153,18 @@ def close_task(app: App, task_id: int) -> TaskView:
         if current.closed_at is not None:
             return TaskView(current, notices=[f"task {task_id} is already closed"])
         if current.status == Status.IN_PROGRESS.value:
-            raise Conflict(f"task {task_id} is still in-progress; its agent did not stop")
+            raise Conflict(
+                f"task {task_id} is still in-progress; its agent did not stop",
+                hint=f"`dispatch cancel {task_id}`, then close it",
+            )
         q.update_task(s, task_id, closed_at=utcnow())
         q.record_event(
-            s, "closed", task_id=task_id, from_status=current.status, to_status=current.status
+            s,
+            "closed",
+            task_id=task_id,
+            from_status=current.status,
+            to_status=current.status,
+            cancelled_attempt=cancelled,
         )
         return TaskView(q.get_task(s, task_id))
 
@@ -160,18 +177,25 @@ def signal_done(app: App, task_id: int | None, cwd: Path | None = None) -> Attem
     here = (cwd or Path.cwd()).resolve()
 
     def work(s: Session) -> Attempt:
+        attempt: Attempt | None
         if task_id is not None:
             task = q.get_task(s, task_id)
             attempt = _current_attempt(s, task)
+            if attempt is None:
+                raise Conflict(
+                    f"task {task_id} is {task.status}; it has no running attempt to mark done"
+                )
         elif env_attempt:
             if not env_attempt.isdigit():
                 raise UsageError(f"DISPATCH_ATTEMPT_ID is not an attempt id: {env_attempt!r}")
             attempt = q.get_attempt(s, int(env_attempt))
         else:
             attempt = _attempt_for_directory(s, here)
-        if attempt is None or attempt.state != AttemptState.RUNNING.value:
-            name = f"task {task_id}" if task_id is not None else "this attempt"
-            raise Conflict(f"{name} has no running attempt to mark done")
+        if attempt.state != AttemptState.RUNNING.value:
+            raise Conflict(
+                f"attempt {attempt.id} of task {attempt.task_id} is {attempt.state}, "
+                "not running; there is nothing to mark done"
+            )
         q.update_attempt(s, attempt.id, done_signalled_at=utcnow())
         q.record_event(s, "done-signalled", task_id=attempt.task_id, attempt_id=attempt.id)
         return q.get_attempt(s, attempt.id)
@@ -217,8 +241,17 @@ def log_path(app: App, task_id: int, number: int | None) -> tuple[Attempt, Path]
 def follow_log(app: App, attempt: Attempt, path: Path) -> Iterator[bytes]:
     """Chunks of the log as they are written, until the attempt has ended."""
     position = 0
+    drain_until: float | None = None
     while True:
-        ended = app.db.read(lambda s: q.get_attempt(s, attempt.id).state) == AttemptState.ENDED
+        if drain_until is None:
+            state = app.db.read(lambda s: q.get_attempt(s, attempt.id).state)
+            if state == AttemptState.ENDED.value:
+                # The wrapper still prints its last line after recording the end, and
+                # tmux's pipe delivers it a moment later: read on until its window is gone.
+                drain_until = time.monotonic() + FOLLOW_DRAIN_SECONDS
+        ended = drain_until is not None and (
+            time.monotonic() >= drain_until or not _window_open(app, attempt)
+        )
         if path.exists():
             with path.open("rb") as handle:
                 handle.seek(position)
@@ -230,6 +263,12 @@ def follow_log(app: App, attempt: Attempt, path: Path) -> Iterator[bytes]:
         if ended:
             return
         time.sleep(0.2)
+
+
+def _window_open(app: App, attempt: Attempt) -> bool:
+    if attempt.host != app.settings.host or not attempt.tmux_target:
+        return False
+    return app.terminal.window_exists(attempt.tmux_target.rsplit(":", 1)[-1])
 
 
 def attach_argv(app: App, task_id: int) -> list[str]:

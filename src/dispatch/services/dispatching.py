@@ -20,15 +20,31 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from dispatch.adapters.protocols import Terminal
 from dispatch.app import App
 from dispatch.errors import Conflict, DispatchError, DispatchFailed, NotFound
 from dispatch.lifecycle import RETRYABLE, Action, AttemptState, Outcome, Status, next_status
-from dispatch.services.saga import Saga, Step, StepFailed, signals_interrupt
+from dispatch.services.saga import NO_WORK, Saga, Step, StepFailed, describe, signals_interrupt
 from dispatch.store import queries as q
 from dispatch.store.models import AgentSession, Attempt, Task, utcnow
 
 WRAPPER_MARKER = "agent-exec"
 POLL_SECONDS = 0.05
+# How often confirm asks tmux whether the window is still there.
+WINDOW_CHECK_SECONDS = 0.25
+
+
+class DispatchRolledBack(DispatchFailed):
+    """A dispatch failed at some step and was rolled back."""
+
+    def __init__(self, message: str, *, task_id: int | None, step: str) -> None:
+        super().__init__(message)
+        self.task_id = task_id
+        self.step = step
+
+
+class DispatchInterrupted(DispatchRolledBack):
+    """Ctrl-C or SIGTERM stopped a dispatch; it was rolled back, and nothing more is started."""
 
 
 def slugify(title: str, limit: int = 40) -> str:
@@ -71,6 +87,10 @@ class Dispatch:
     window_id: str | None = None
     intent: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    # `run --next`: tasks this run already tried, so one broken task is not retried at once.
+    exclude: frozenset[int] = frozenset()
+    # What an undo deliberately left in place (work the agent already made).
+    kept: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -83,24 +103,39 @@ class DispatchResult:
 # -- steps --------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Claimed:
+    attempt_id: int
+    prior: Status
+    task: Task
+    worktree: Path
+    branch: str
+
+
 def claim(d: Dispatch) -> bool:
-    """Task -> in-progress and a `starting` attempt, in one write transaction."""
+    """Task -> in-progress and a `starting` attempt, in one write transaction.
+
+    The task moves by one conditional UPDATE; the context learns the attempt only once
+    the transaction has committed, so a failed claim can never fence or roll back a row
+    it did not make (SQLite may hand the same id to the next writer).
+    """
     settings = d.app.settings
 
-    def work(s: Session) -> bool:
-        if d.task_id is None:
+    def work(s: Session) -> _Claimed | None:
+        task_id = d.task_id
+        if task_id is None:
             if settings.max_running and q.count_in_progress(s) >= settings.max_running:
                 raise Conflict(f"{settings.max_running} tasks already running (max_running)")
-            ids = q.ready_task_ids(s, 1)
+            ids = [i for i in q.ready_task_ids(s, len(d.exclude) + 1) if i not in d.exclude]
             if not ids:
-                return False
-            d.task_id = ids[0]
-        task = q.get_task(s, d.task_id)
+                return None  # nothing ready: a falsy claim, which `run --next` expects
+            task_id = ids[0]
+        task = q.get_task(s, task_id)
         current = Status(task.status)
         if current is Status.IN_PROGRESS:
             raise _running_conflict(s, task)
         target = next_status(current, d.action, closed=task.closed_at is not None, task_id=task.id)
-        settings.agent(task.agent)  # an unknown profile refuses before anything is made
+        profile = settings.agent(task.agent)  # an unknown profile refuses before anything is made
         now = utcnow()
         key = f"{task.agent}:{task.repo}:{task.id}"
         agent_session = q.agent_session(s, key)
@@ -112,9 +147,8 @@ def claim(d: Dispatch) -> bool:
         agent_session.last_used_at = now
         previous = q.latest_attempts(s, [task.id]).get(task.id)
         redispatch_of = d.redispatch_of or (previous.id if previous else None)
-        d.worktree = worktree_path(settings.worktree_root, task.repo, task.id)
-        d.branch = task.branch or branch_name(task.id, task.title)
-        resume = d.action is Action.REDISPATCH and settings.agent(task.agent).resume is not None
+        worktree = worktree_path(settings.worktree_root, task.repo, task.id)
+        branch = task.branch or branch_name(task.id, task.title)
         attempt = Attempt(
             task_id=task.id,
             number=q.next_attempt_number(s, task.id),
@@ -124,10 +158,10 @@ def claim(d: Dispatch) -> bool:
             dispatcher_pid=os.getpid(),
             tmux_session=settings.tmux_session,
             tmux_socket=settings.tmux_socket,
-            worktree=str(d.worktree),
-            branch=d.branch,
+            worktree=str(worktree),
+            branch=branch,
             session_id=agent_session.session_id,
-            resume=resume,
+            resume=d.action is Action.REDISPATCH and profile.resume is not None,
             intent={},
             lease_expires_at=now + timedelta(seconds=settings.lease_seconds),
             started_at=now,
@@ -143,10 +177,14 @@ def claim(d: Dispatch) -> bool:
         q.record_event(
             s, kind, task_id=task.id, attempt_id=attempt.id, from_status=current, to_status=target
         )
-        d.attempt_id, d.prior, d.task = attempt.id, current, task
-        return True
+        return _Claimed(attempt.id, current, task, worktree, branch)
 
-    return d.app.db.write(work)
+    claimed = d.app.db.write(work)
+    if claimed is None:
+        return False
+    d.task_id, d.attempt_id, d.prior = claimed.task.id, claimed.attempt_id, claimed.prior
+    d.task, d.worktree, d.branch = claimed.task, claimed.worktree, claimed.branch
+    return True
 
 
 def _running_conflict(s: Session, task: Task) -> Conflict:
@@ -161,15 +199,14 @@ def _running_conflict(s: Session, task: Task) -> Conflict:
     )
 
 
-def _write_intent(d: Dispatch, **intent: Any) -> None:
+def _write_intent(d: Dispatch, columns: dict[str, Any] | None = None, **intent: Any) -> None:
     """Record what the next action is about to create, renewing the lease as we go."""
     d.intent.update(intent)
     lease = utcnow() + timedelta(seconds=d.app.settings.lease_seconds)
-    snapshot = dict(d.intent)
+    values = {**(columns or {}), "intent": dict(d.intent), "lease_expires_at": lease}
     assert d.attempt_id is not None
-    d.app.db.write(
-        lambda s: q.update_attempt(s, d.attempt_id, intent=snapshot, lease_expires_at=lease)
-    )
+    attempt_id = d.attempt_id
+    d.app.db.write(lambda s: q.update_attempt(s, attempt_id, **values))
 
 
 def make_worktree(d: Dispatch) -> bool:
@@ -177,7 +214,13 @@ def make_worktree(d: Dispatch) -> bool:
     assert d.task and d.worktree and d.branch
     git, repo = d.app.worktrees, Path(d.task.repo)
     branch_existed = git.branch_exists(repo, d.branch)
-    worktree_existed = d.worktree.exists() or git.is_worktree(repo, d.worktree)
+    registered = git.is_worktree(repo, d.worktree)
+    if registered and not d.worktree.exists():
+        # Its directory was deleted by hand: a stale entry holding no work, which would
+        # make git refuse to check the branch out again.
+        git.remove(repo, d.worktree)
+        registered = False
+    worktree_existed = registered or d.worktree.exists()
     _write_intent(
         d,
         repo=str(repo),
@@ -193,7 +236,13 @@ def make_worktree(d: Dispatch) -> bool:
         if git.has_changes(d.worktree):
             d.warnings.append(f"worktree {d.worktree} has uncommitted changes; they are kept")
         return True
-    return git.add(repo, d.worktree, d.branch, d.task.base_ref, new_branch=not branch_existed)
+    if not git.add(repo, d.worktree, d.branch, d.task.base_ref, new_branch=not branch_existed):
+        return False
+    # Trust what is there, not what the adapter said: a spawn into a missing directory
+    # would otherwise fail later, or worse, start the agent somewhere else.
+    if not (d.worktree.is_dir() and git.is_worktree(repo, d.worktree)):
+        raise DispatchError(f"git reported worktree {d.worktree} made, but it is not there")
+    return True
 
 
 def undo_worktree(d: Dispatch) -> None:
@@ -201,7 +250,7 @@ def undo_worktree(d: Dispatch) -> None:
     intent = d.intent
     if not intent.get("worktree"):
         return
-    remove_created(d.app, intent, agent_started=_agent_started(d))
+    d.kept.extend(remove_created(d.app, intent, agent_started=_agent_started(d)))
 
 
 def remove_created(app: App, intent: dict[str, Any], *, agent_started: bool) -> list[str]:
@@ -223,23 +272,37 @@ def remove_created(app: App, intent: dict[str, Any], *, agent_started: bool) -> 
     return kept
 
 
+def _attempt(d: Dispatch) -> Attempt:
+    assert d.attempt_id is not None
+    attempt_id = d.attempt_id
+    return d.app.db.read(lambda s: q.get_attempt(s, attempt_id))
+
+
 def _agent_started(d: Dispatch) -> bool:
-    if d.attempt_id is None:
-        return False
-    attempt = d.app.db.read(lambda s: q.get_attempt(s, d.attempt_id))  # type: ignore[arg-type]
-    return attempt.agent_pid is not None
+    return d.attempt_id is not None and _attempt(d).agent_pid is not None
 
 
 def prompt_path(app: App, attempt_id: int) -> Path:
     return app.settings.attempts_dir / str(attempt_id) / "prompt.md"
 
 
+def _write_prompt_file(path: Path, text: str) -> None:
+    """Write the prompt, readable by its owner only: prompts can hold secrets."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(text.encode("utf-8"))
+
+
 def write_prompt(d: Dispatch) -> bool:
+    """The prompt file for `{prompt_file}` profiles, checked byte for byte once written."""
     assert d.task and d.attempt_id
     path = prompt_path(d.app, d.attempt_id)
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path.write_text(d.task.prompt, encoding="utf-8")
-    return path.read_text(encoding="utf-8") == d.task.prompt
+    _write_prompt_file(path, d.task.prompt)
+    try:
+        return path.read_bytes() == d.task.prompt.encode("utf-8")
+    except FileNotFoundError:
+        return False
 
 
 def undo_prompt(d: Dispatch) -> None:
@@ -257,14 +320,18 @@ def spawn(d: Dispatch) -> bool:
     settings = d.app.settings
     _write_intent(d, session=settings.tmux_session, window_name=window_name(d.task.id))
     env = wrapper_env(d.app)
-    d.window_id = d.app.terminal.spawn(
+    terminal = d.app.terminal
+    d.window_id = terminal.spawn(
         settings.tmux_session, window_name(d.task.id), wrapper_argv(d.attempt_id), d.worktree, env
     )
     if not d.window_id:
         return False
     target = f"{settings.tmux_session}:{d.window_id}"
-    _write_intent(d, window_id=d.window_id)
-    d.app.db.write(lambda s: q.update_attempt(s, d.attempt_id, tmux_target=target))
+    _write_intent(d, {"tmux_target": target}, window_id=d.window_id)
+    # A window id is a claim, not proof. A missing window is a false report unless the
+    # wrapper was already there and gave its verdict (then confirm reads it).
+    if not terminal.window_exists(d.window_id) and _attempt(d).state == AttemptState.STARTING:
+        raise DispatchError(f"tmux reported window {d.window_id}, but no such window exists")
     return True
 
 
@@ -290,48 +357,96 @@ def undo_spawn(d: Dispatch) -> None:
     if d.window_id:
         terminal.kill_window(d.window_id)
     # A spawn that failed after creating the window never told us its id: find it by marker.
-    terminal.kill_windows_running(d.app.settings.tmux_session, wrapper_marker(d.attempt_id))
+    kill_attempt_windows(terminal, d.app.settings.tmux_session, d.attempt_id)
 
 
 def wrapper_marker(attempt_id: int) -> str:
     return f"{WRAPPER_MARKER} {attempt_id}"
 
 
+def kill_attempt_windows(terminal: Terminal, session: str, attempt_id: int) -> list[str]:
+    """Kill the windows of `session` running this attempt's wrapper, and only those.
+
+    tmux renders the argv as one string; the wrapper's argv ends with the attempt id,
+    so an exact suffix match keeps attempt 5's undo away from attempt 50's window.
+    """
+    suffix = " " + wrapper_marker(attempt_id)
+    killed: list[str] = []
+    for pane in terminal.list_panes():
+        if pane.session != session or pane.window_id in killed:
+            continue
+        if pane.start_command.rstrip().endswith(suffix):
+            terminal.kill_window(pane.window_id)
+            killed.append(pane.window_id)
+    return killed
+
+
 def confirm(d: Dispatch) -> bool:
-    """Wait for the wrapper's acknowledgement (starting -> running, agent pid recorded)."""
+    """Wait for the wrapper's acknowledgement (starting -> running, agent pid recorded).
+
+    Exactly one side decides whether the spawn happened: the wrapper by moving the
+    attempt to `running`, or this dispatcher, past `spawn_timeout`, by ending it while
+    it is still `starting`. Whichever conditional update lands first wins.
+    """
     assert d.attempt_id and d.window_id
-    app, attempt_id = d.app, d.attempt_id
-    deadline = time.monotonic() + app.settings.spawn_timeout
+    app, attempt_id, window = d.app, d.attempt_id, d.window_id
+    timeout = app.settings.spawn_timeout
+    deadline = time.monotonic() + timeout
     next_window_check = 0.0
     while True:
-        attempt = app.db.read(lambda s: q.get_attempt(s, attempt_id))
-        if attempt.state == AttemptState.ENDED.value and attempt.agent_pid is None:
-            raise DispatchError(attempt.error or "the agent wrapper gave up before starting")
-        if attempt.agent_pid is not None:
-            return app.terminal.window_exists(d.window_id) or attempt.exit_code is not None
+        attempt = _attempt(d)
+        if _started(attempt):
+            # Gone without a recorded exit (re-read: the exit may land just before it closes).
+            if (
+                attempt.exit_code is None
+                and not app.terminal.window_exists(window)
+                and _attempt(d).exit_code is None
+            ):
+                raise DispatchError("the agent's window closed without recording its exit")
+            return True
         now = time.monotonic()
         if now >= next_window_check:
-            if not app.terminal.window_exists(d.window_id):
+            next_window_check = now + WINDOW_CHECK_SECONDS
+            if not app.terminal.window_exists(window):
+                # The wrapper may have recorded its verdict just before its window closed.
+                if _started(_attempt(d)):
+                    return True
                 raise DispatchError("the tmux window closed before the agent wrapper started")
-            next_window_check = now + 0.25
         if now >= deadline:
-            # Exactly one side decides: if this update wins, a late wrapper will not start.
-            gave_up = app.db.write(
-                lambda s: q.move_attempt(
-                    s,
-                    attempt_id,
-                    expected=[AttemptState.STARTING],
-                    target=AttemptState.ENDED,
-                    outcome=Outcome.DISPATCH_FAILED.value,
-                    ended_at=utcnow(),
-                )
-            )
-            if gave_up:
+            if attempt.state == AttemptState.RUNNING:
+                # Acknowledged: the wrapper decided the spawn happened and is starting the
+                # agent; give it one more timeout to record the agent's pid.
+                if now >= deadline + timeout:
+                    raise DispatchError(
+                        f"the agent wrapper acknowledged but did not start the agent within "
+                        f"{2 * timeout:g}s"
+                    )
+            elif app.db.write(lambda s: _give_up(s, attempt_id)):
                 raise DispatchError(
-                    f"no acknowledgement from the agent wrapper within "
-                    f"{app.settings.spawn_timeout:g}s"
+                    f"no acknowledgement from the agent wrapper within {timeout:g}s"
                 )
         time.sleep(POLL_SECONDS)
+
+
+def _started(attempt: Attempt) -> bool:
+    """Whether the wrapper started the agent; raises if it gave up instead."""
+    if attempt.agent_pid is not None:
+        return True  # a quick agent may already have exited: it still started
+    if attempt.state == AttemptState.ENDED:
+        raise DispatchError(attempt.error or "the agent wrapper gave up before starting the agent")
+    return False
+
+
+def _give_up(s: Session, attempt_id: int) -> bool:
+    """End a still-`starting` attempt; a late wrapper then finds it ended and leaves."""
+    return q.move_attempt(
+        s,
+        attempt_id,
+        expected=[AttemptState.STARTING],
+        target=AttemptState.ENDED,
+        outcome=Outcome.DISPATCH_FAILED.value,
+        ended_at=utcnow(),
+    )
 
 
 def record(d: Dispatch) -> bool:
@@ -380,11 +495,12 @@ def fence(d: Dispatch) -> None:
     """End the attempt first, so a wrapper that is still starting can no longer touch the task."""
     if d.attempt_id is None:
         return
+    attempt_id = d.attempt_id
     d.app.db.write(
         lambda s: q.move_attempt(
             s,
-            d.attempt_id,
-            expected=[AttemptState.STARTING, AttemptState.RUNNING],  # type: ignore[arg-type]
+            attempt_id,
+            expected=[AttemptState.STARTING, AttemptState.RUNNING],
             target=AttemptState.ENDED,
             outcome=Outcome.DISPATCH_FAILED.value,
             ended_at=utcnow(),
@@ -454,7 +570,9 @@ def _on_failure(d: Dispatch, failure: StepFailed) -> None:
     error = f"{failure.step}: {failure.reason}"
     detail: dict[str, Any] = {"step": failure.step}
     if failure.undo_errors:
-        detail["undo_errors"] = failure.undo_errors
+        detail["undo_errors"] = list(failure.undo_errors)
+    if d.kept:
+        detail["kept"] = list(d.kept)
     d.prior = roll_back(d.app, d.attempt_id, error, detail) or d.prior
 
 
@@ -467,22 +585,22 @@ def dispatch_task(
     *,
     action: Action = Action.CLAIM,
     redispatch_of: int | None = None,
+    exclude: frozenset[int] = frozenset(),
 ) -> DispatchResult | None:
-    """Run the saga for one task (`task_id` None: the highest-priority ready task)."""
-    d = Dispatch(app, task_id, action=action, redispatch_of=redispatch_of)
+    """Run the saga for one task (`task_id` None: the highest-priority ready task).
+
+    None only when `task_id` is None and no task is ready (outside `exclude`).
+    """
+    d = Dispatch(app, task_id, action=action, redispatch_of=redispatch_of, exclude=exclude)
     saga: Saga[Dispatch] = Saga(STEPS)
     try:
         with signals_interrupt():
             saga.run(d, fence=fence, on_failure=lambda f: _on_failure(d, f))
     except StepFailed as failure:
+        if failure.step == "claim" and failure.cause == NO_WORK and d.attempt_id is None:
+            return None  # --next: nothing ready
         if failure.step == "claim" and isinstance(failure.cause, DispatchError):
             raise failure.cause from None  # a refusal (conflict, closed, unknown): nothing made
-        if (
-            failure.step == "claim"
-            and d.attempt_id is None
-            and failure.cause == "reported success but did not do its work"
-        ):
-            return None  # --next found nothing ready
         raise _failed(app, d, failure) from None
     assert d.attempt_id is not None
     attempt_id = d.attempt_id
@@ -494,36 +612,74 @@ def dispatch_task(
     return app.db.read(load)
 
 
-def _failed(app: App, d: Dispatch, failure: StepFailed) -> DispatchFailed:
+def _failed(app: App, d: Dispatch, failure: StepFailed) -> DispatchRolledBack:
+    """The one-line report: which step, why, and what the task is now."""
     status = "unknown"
     if d.task_id is not None:
+        task_id = d.task_id
         try:
-            status = app.db.read(lambda s: q.get_task(s, d.task_id).status)  # type: ignore[arg-type]
-        except DispatchError:
-            pass
-    undo = f"; undo problems: {'; '.join(failure.undo_errors)}" if failure.undo_errors else ""
+            status = app.db.read(lambda s: q.get_task(s, task_id).status)
+        except DispatchError as exc:
+            status = f"unknown ({describe(exc)})"
+    notes = ""
+    if d.kept:
+        notes += f"; {'; '.join(d.kept)}"
+    if failure.undo_errors:
+        notes += f"; undo problems: {'; '.join(failure.undo_errors)}"
     name = f"task {d.task_id}" if d.task_id is not None else "the next task"
-    return DispatchFailed(
+    kind = DispatchInterrupted if failure.interrupted else DispatchRolledBack
+    return kind(
         f"dispatch of {name} failed at {failure.step}: {failure.reason}; "
-        f"rolled back, task is {status}{undo}"
+        f"rolled back, task is {status}{notes}",
+        task_id=d.task_id,
+        step=failure.step,
     )
 
 
-def run_next(app: App, limit: int) -> list[DispatchResult | DispatchFailed]:
-    """Dispatch up to `limit` of the highest-priority ready tasks, within max_running."""
-    results: list[DispatchResult | DispatchFailed] = []
-    for _ in range(limit):
+@dataclass
+class RunNext:
+    """What `run --next` did: dispatches and failures in order, and why it stopped early."""
+
+    results: list[DispatchResult | DispatchFailed] = field(default_factory=list)
+    stopped: str | None = None
+
+    @property
+    def failures(self) -> list[DispatchFailed]:
+        return [r for r in self.results if isinstance(r, DispatchFailed)]
+
+    @property
+    def started(self) -> list[DispatchResult]:
+        return [r for r in self.results if isinstance(r, DispatchResult)]
+
+
+def run_next(app: App, limit: int) -> RunNext:
+    """Dispatch up to `limit` of the highest-priority ready tasks, within max_running.
+
+    A task whose dispatch fails is not tried again in the same run: a broken task must
+    not use up its whole failure allowance at once, nor block the tasks behind it.
+    """
+    run = RunNext()
+    tried: set[int] = set()
+    while len(run.results) < limit:
         try:
-            result = dispatch_task(app, None)
-        except DispatchFailed as exc:
-            results.append(exc)
+            result = dispatch_task(app, None, exclude=frozenset(tried))
+        except DispatchInterrupted as exc:
+            run.results.append(exc)
+            run.stopped = "interrupted"
+            break
+        except DispatchRolledBack as exc:
+            run.results.append(exc)
+            if exc.task_id is not None:
+                tried.add(exc.task_id)
             continue
-        except Conflict:
-            break  # max_running reached
+        except Conflict as exc:
+            run.stopped = exc.message  # max_running reached
+            break
         if result is None:
             break
-        results.append(result)
-    return results
+        tried.add(result.task.id)
+        run.results.append(result)
+    return run
 
 
 def redispatch(
@@ -541,4 +697,14 @@ def redispatch(
     return result
 
 
-__all__ = ["RETRYABLE", "DispatchResult", "dispatch_task", "redispatch", "run_next", "slugify"]
+__all__ = [
+    "RETRYABLE",
+    "DispatchInterrupted",
+    "DispatchResult",
+    "DispatchRolledBack",
+    "RunNext",
+    "dispatch_task",
+    "redispatch",
+    "run_next",
+    "slugify",
+]

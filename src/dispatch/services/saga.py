@@ -17,6 +17,8 @@ from typing import Generic, TypeVar
 
 C = TypeVar("C")
 
+NO_WORK = "reported success but did not do its work"
+
 
 @dataclass(frozen=True)
 class Step(Generic[C]):
@@ -37,12 +39,16 @@ class StepFailed(Exception):
         self.step = step
         self.cause = cause
         self.undo_errors = undo_errors
-        reason = cause if isinstance(cause, str) else _describe(cause)
-        super().__init__(f"{step}: {reason}")
+        super().__init__(f"{step}: {self.reason}")
 
     @property
     def reason(self) -> str:
-        return self.cause if isinstance(self.cause, str) else _describe(self.cause)
+        return self.cause if isinstance(self.cause, str) else describe(self.cause)
+
+    @property
+    def interrupted(self) -> bool:
+        """Whether a signal (Ctrl-C, SIGTERM, SIGHUP) rather than a fault stopped the saga."""
+        return isinstance(self.cause, KeyboardInterrupt | Interrupted)
 
 
 class Interrupted(BaseException):
@@ -53,11 +59,16 @@ class Interrupted(BaseException):
         super().__init__(f"interrupted by {signal.Signals(signum).name}")
 
 
-def _describe(exc: BaseException) -> str:
+class _NoWork(Exception):
+    """A step returned something falsy."""
+
+
+def describe(exc: BaseException) -> str:
+    """One line saying what went wrong."""
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted by SIGINT"
-    text = str(exc) or type(exc).__name__
-    return text.splitlines()[0] if text.strip() else type(exc).__name__
+    text = str(exc)
+    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
 
 
 @dataclass
@@ -82,19 +93,22 @@ class Saga(Generic[C]):
         the outcome while the undos run; `on_failure` runs last, knowing what the undos hit.
         """
         undos: list[tuple[str, Callable[[C], None]]] = []
-        for step in self.steps:
-            if step.undo is not None and not step.atomic:
-                undos.append((step.name, step.undo))
-            try:
-                result = step.action(ctx)
-            except BaseException as exc:  # Ctrl-C and SIGTERM must be compensated too
-                raise self._fail(ctx, step.name, exc, undos, fence, on_failure) from exc
-            if not result:
-                reason = "reported success but did not do its work"
-                raise self._fail(ctx, step.name, reason, undos, fence, on_failure)
-            if step.undo is not None and step.atomic:
-                undos.append((step.name, step.undo))
-            self.completed.append(step.name)
+        current = self.steps[0].name if self.steps else ""
+        # One handler around the whole loop: a Ctrl-C between two steps is compensated too.
+        try:
+            for step in self.steps:
+                current = step.name
+                if step.undo is not None and not step.atomic:
+                    undos.append((step.name, step.undo))
+                if not step.action(ctx):
+                    raise _NoWork()
+                if step.undo is not None and step.atomic:
+                    undos.append((step.name, step.undo))
+                self.completed.append(step.name)
+        except _NoWork:
+            raise self._fail(ctx, current, NO_WORK, undos, fence, on_failure) from None
+        except BaseException as exc:  # Ctrl-C and SIGTERM must be compensated too
+            raise self._fail(ctx, current, exc, undos, fence, on_failure) from exc
 
     def _fail(
         self,
@@ -112,17 +126,21 @@ class Saga(Generic[C]):
                 try:
                     fence(ctx)
                 except Exception as exc:
-                    errors.append(f"fence: {_describe(exc)}")
+                    errors.append(f"fence: {describe(exc)}")
             for name, undo in reversed(undos):
                 try:
                     undo(ctx)
                 except Exception as exc:
-                    errors.append(f"undo {name}: {_describe(exc)}")
+                    errors.append(f"undo {name}: {describe(exc)}")
                     if self.on_undo_error is not None:
                         self.on_undo_error(name, exc)
             failure = StepFailed(step, cause, errors)
             if on_failure is not None:
-                on_failure(failure)
+                try:
+                    on_failure(failure)
+                except Exception as exc:
+                    # Reported with the failure; the original error must stay the headline.
+                    errors.append(f"recording the failure: {describe(exc)}")
         return failure
 
 
@@ -136,7 +154,11 @@ def signals_interrupt() -> Iterator[None]:
     def handler(signum: int, _frame: FrameType | None) -> None:
         raise Interrupted(signum)
 
-    previous = {s: signal.signal(s, handler) for s in _TERMINATING}
+    try:
+        previous = {s: signal.signal(s, handler) for s in _TERMINATING}
+    except ValueError:  # not the main thread, where signals cannot be handled anyway
+        yield
+        return
     try:
         yield
     finally:

@@ -9,7 +9,7 @@ from pathlib import Path
 from sqlalchemy.orm import Session
 
 from dispatch.app import App
-from dispatch.errors import Conflict, UsageError
+from dispatch.errors import Conflict, EnvironmentProblem, UsageError
 from dispatch.lifecycle import Action, Status, next_status
 from dispatch.store import queries as q
 from dispatch.store.models import Attempt, Event, Task, utcnow
@@ -47,6 +47,12 @@ def add_task(
     top = app.worktrees.toplevel((repo or Path.cwd()).expanduser().resolve())
     if base is None:
         base = app.worktrees.head_ref(top)
+        # A repository without commits names a branch that does not exist yet.
+        if not app.worktrees.ref_exists(top, base):
+            raise EnvironmentProblem(
+                f"{top} has no commits yet, so a task has nothing to start from",
+                hint="commit something first",
+            )
     elif not app.worktrees.ref_exists(top, base):
         raise UsageError(f"base ref {base!r} does not exist in {top}")
 

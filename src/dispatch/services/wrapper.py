@@ -61,27 +61,30 @@ def agent_exec(app: App, attempt_id: int) -> int:
     if attempt.state != AttemptState.STARTING.value:
         _say(f"attempt {attempt_id} is {attempt.state}; the agent is not started")
         return 0
-    profile = settings.agent(task.agent)
-    worktree = Path(attempt.worktree or task.worktree or ".")
-    values = {
-        "prompt": task.prompt,
-        "prompt_file": str(prompt_path(app, attempt_id)),
-        "task_id": str(task.id),
-        "attempt_id": str(attempt_id),
-        "worktree": str(worktree),
-        "branch": attempt.branch or "",
-        "session_id": attempt.session_id or "",
-    }
-    argv = profile.argv(values, resume=attempt.resume)
-    if shutil.which(argv[0]) is None:
-        message = f"agent command {argv[0]!r} not found on PATH"
-        _give_up(app, attempt_id, message)
-        _say(message)
-        return 127
-    pane = os.environ.get("TMUX_PANE")
-    if pane:
-        settings.logs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        app.terminal.pipe_pane(pane, settings.logs_dir / f"attempt-{attempt_id}.log")
+
+    received: list[int] = []
+    child: list[subprocess.Popen[bytes]] = []
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        received.append(signum)
+        for proc in child:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signum)
+
+    # Installed before the acknowledgement: a hangup from the dispatcher's undo must not
+    # be lost between acknowledging and starting the agent.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, forward)
+
+    try:
+        argv, worktree = _prepare(app, attempt, task)
+    except DispatchError as exc:
+        _give_up(app, attempt_id, exc.message)
+        _say(exc.message)
+        return 127 if isinstance(exc, _NotFound) else 1
+    if received:
+        _give_up(app, attempt_id, f"wrapper interrupted by {_signame(received[0])} before starting")
+        return 128 + received[0]
     acknowledged = db.write(
         lambda s: q.move_attempt(
             s,
@@ -95,18 +98,11 @@ def agent_exec(app: App, attempt_id: int) -> int:
     if not acknowledged:  # the dispatcher gave up first: it decides, we leave quietly
         _say(f"attempt {attempt_id} was abandoned by its dispatcher; the agent is not started")
         return 0
-
-    received: list[int] = []
-    child: list[subprocess.Popen[bytes]] = []
-
-    def forward(signum: int, _frame: FrameType | None) -> None:
-        received.append(signum)
-        for proc in child:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signum)
-
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, forward)
+    if received:
+        # The dispatcher is undoing (or someone closed the window): do not start now.
+        code = 128 + received[0]
+        _finish(app, attempt_id, code, interrupted=True)
+        return code
 
     env = dict(os.environ)
     env.update(
@@ -119,15 +115,26 @@ def agent_exec(app: App, attempt_id: int) -> int:
     try:
         proc = subprocess.Popen(argv, cwd=worktree, env=env)
     except OSError as exc:
-        code = 127 if isinstance(exc, FileNotFoundError) else 126
-        _say(f"cannot start {argv[0]!r}: {exc}")
-        _finish(app, attempt_id, code, interrupted=False)
-        return code
+        # The agent never ran: that is a failed dispatch, which the dispatcher rolls back.
+        message = f"cannot start agent command {argv[0]!r}: {exc.strerror or exc}"
+        _say(message)
+        _give_up(app, attempt_id, message, acknowledged=True)
+        return 127 if isinstance(exc, FileNotFoundError) else 126
     child.append(proc)
+    if received:  # arrived while the agent was being started
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(received[-1])
     # Ctrl-C in the pane reaches the agent directly (same foreground process group); the
     # wrapper stays to record the exit. Ignored only now, so the agent keeps the default.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    db.write(lambda s: q.update_attempt(s, attempt_id, agent_pid=proc.pid))
+    recorded = db.write(
+        lambda s: q.move_attempt(s, attempt_id, expected=[AttemptState.RUNNING], agent_pid=proc.pid)
+    )
+    if not recorded:
+        # Fenced while starting: the dispatcher rolled this attempt back; the agent goes.
+        _say(f"attempt {attempt_id} was rolled back by its dispatcher; stopping the agent")
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
     stop = threading.Event()
     beat = threading.Thread(
         target=_heartbeat, args=(app, attempt_id, proc, stop), name="heartbeat", daemon=True
@@ -142,6 +149,46 @@ def agent_exec(app: App, attempt_id: int) -> int:
     return code
 
 
+class _NotFound(DispatchError):
+    """The agent's command is not on PATH."""
+
+
+def _signame(signum: int) -> str:
+    return signal.Signals(signum).name
+
+
+def _prepare(app: App, attempt: Attempt, task: Task) -> tuple[list[str], Path]:
+    """The agent's argv (placeholders filled inside single elements) and its directory."""
+    settings = app.settings
+    profile = settings.agent(task.agent)
+    worktree = Path(attempt.worktree or task.worktree or ".")
+    values = {
+        "prompt": task.prompt,
+        "prompt_file": str(prompt_path(app, attempt.id)),
+        "task_id": str(task.id),
+        "attempt_id": str(attempt.id),
+        "worktree": str(worktree),
+        "branch": attempt.branch or "",
+        "session_id": attempt.session_id or "",
+    }
+    argv = profile.argv(values, resume=attempt.resume)
+    # Looked up from the worktree, where a relative command ("./run-agent") is meant to be.
+    if _which(argv[0], worktree) is None:
+        raise _NotFound(f"agent command {argv[0]!r} not found on PATH")
+    pane = os.environ.get("TMUX_PANE")
+    if pane:
+        settings.logs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        app.terminal.pipe_pane(pane, settings.logs_dir / f"attempt-{attempt.id}.log")
+    return argv, worktree
+
+
+def _which(command: str, cwd: Path) -> str | None:
+    if os.sep in command:
+        path = command if os.path.isabs(command) else os.path.join(cwd, command)
+        return path if os.access(path, os.X_OK) and os.path.isfile(path) else None
+    return shutil.which(command)
+
+
 def _wait(proc: subprocess.Popen[bytes]) -> int:
     code = proc.wait()
     return 128 - code if code < 0 else code  # killed by signal N: the shell's 128+N
@@ -152,17 +199,24 @@ def _load(s: Session, attempt_id: int) -> tuple[Attempt, Task]:
     return attempt, q.get_task(s, attempt.task_id)
 
 
-def _give_up(app: App, attempt_id: int, message: str) -> None:
-    """Before acknowledging: end the attempt so the dispatcher rolls back at once."""
-    app.db.write(
-        lambda s: q.move_attempt(
-            s,
-            attempt_id,
-            expected=[AttemptState.STARTING],
-            target=AttemptState.ENDED,
-            outcome=Outcome.DISPATCH_FAILED.value,
-            ended_at=utcnow(),
-            error=message,
+def _give_up(app: App, attempt_id: int, message: str, *, acknowledged: bool = False) -> None:
+    """The agent cannot start: end the attempt so the dispatcher rolls back at once.
+
+    The task itself is left to the dispatcher (or, if it died, to the sweep): a failed
+    start is a failed dispatch, not a failed agent.
+    """
+    expected = [AttemptState.RUNNING] if acknowledged else [AttemptState.STARTING]
+    _patiently(
+        lambda: app.db.write(
+            lambda s: q.move_attempt(
+                s,
+                attempt_id,
+                expected=expected,
+                target=AttemptState.ENDED,
+                outcome=Outcome.DISPATCH_FAILED.value,
+                ended_at=utcnow(),
+                error=message,
+            )
         )
     )
 

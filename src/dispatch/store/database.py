@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import URL, Connection, Engine, make_url
-from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
@@ -55,16 +55,24 @@ class Database:
     """One database: sessions for reads and writes, and the schema check."""
 
     def __init__(self, url: str) -> None:
-        self.url: URL = make_url(url)
-        self.is_sqlite = self.url.get_backend_name() == "sqlite"
-        if self.is_sqlite:
-            self.path = self._prepare_sqlite_file()
-            # NullPool: a CLI process opens one connection or two; pooling only holds locks.
-            self.engine: Engine = create_engine(self.url, poolclass=NullPool)
-            _install_sqlite_listeners(self.engine)
-        else:
-            self.path = None
-            self.engine = create_engine(self.url, pool_pre_ping=True)
+        try:
+            self.url: URL = make_url(url)
+            self.is_sqlite = self.url.get_backend_name() == "sqlite"
+            self.path: Path | None = None
+            if self.is_sqlite:
+                self.path = self._prepare_sqlite_file()
+                # NullPool: a CLI process opens one connection or two; pooling only holds locks.
+                self.engine: Engine = create_engine(self.url, poolclass=NullPool)
+                _install_sqlite_listeners(self.engine)
+            else:
+                self.engine = create_engine(self.url, pool_pre_ping=True)
+        except (ArgumentError, ImportError) as exc:
+            # An unknown dialect or a driver that is not installed: the setting is wrong.
+            shown = url if "@" not in url else "…@" + url.rsplit("@", 1)[-1]  # no password
+            raise EnvironmentProblem(
+                f"database {shown}: cannot use this URL: {exc}",
+                hint="give a SQLite path or an SQLAlchemy URL with an installed driver",
+            ) from None
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._reader = sessionmaker(
             self.engine.execution_options(dispatch_read=True), expire_on_commit=False
@@ -77,14 +85,20 @@ class Database:
             return None
         path = Path(database)
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            except OSError as exc:
+                raise EnvironmentProblem(
+                    f"database {path}: cannot create the directory {path.parent}: {exc.strerror}"
+                ) from None
             try:
                 # The database holds prompts: readable by its owner only (SPEC §7).
                 os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
             except FileExistsError:
-                pass
+                pass  # another process created it first
             except OSError as exc:
-                raise EnvironmentProblem(f"database {path}: cannot create: {exc}") from None
+                reason = exc.strerror
+                raise EnvironmentProblem(f"database {path}: cannot create: {reason}") from None
         elif path.is_dir():
             raise EnvironmentProblem(f"database {path}: is a directory")
         return path
@@ -136,13 +150,8 @@ class Database:
 
     def ensure_schema(self) -> None:
         """Refuse an unusable or newer database; migrate an older or empty one."""
-        if self._checked:
-            return
-        revision = self.current_revision()
-        if revision != HEAD_REVISION:
-            self._check_known(revision)
+        if not self._checked:
             self.upgrade()
-        self._checked = True
 
     def _check_known(self, revision: str | None) -> None:
         if revision is not None and revision not in KNOWN_REVISIONS:
@@ -154,6 +163,12 @@ class Database:
 
     def upgrade(self) -> str:
         """Apply pending migrations once, even when several processes start together."""
+        # Checked before the lock too: a refused or current database gets no lock file.
+        revision = self.current_revision()
+        self._check_known(revision)
+        if revision == HEAD_REVISION:
+            self._checked = True
+            return HEAD_REVISION
         with self._migration_lock() as conn:
             # Re-check under the lock: another process may have migrated meanwhile.
             revision = _revision(conn, self._where())
@@ -162,7 +177,9 @@ class Database:
                 if self.is_sqlite:
                     # Persistent in the file; set here, under the lock, never on a refused
                     # file, and outside a transaction, where SQLite refuses it.
-                    conn.connection.driver_connection.execute("PRAGMA journal_mode=WAL")
+                    raw = conn.connection.driver_connection
+                    assert raw is not None
+                    raw.execute("PRAGMA journal_mode=WAL")
                 # Alembic only when an upgrade is due: its import costs a third of a second.
                 from alembic import command
                 from alembic.config import Config

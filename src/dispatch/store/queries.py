@@ -33,7 +33,8 @@ def get_attempt(session: Session, attempt_id: int) -> Attempt:
 def list_tasks(
     session: Session, statuses: Iterable[str] = (), include_closed: bool = False
 ) -> Sequence[Task]:
-    query = select(Task).order_by(Task.id)
+    # The order `run --next` takes them in: highest priority first, then oldest.
+    query = select(Task).order_by(Task.priority.desc(), Task.id)
     wanted = list(statuses)
     if wanted:
         query = query.where(Task.status.in_(wanted))

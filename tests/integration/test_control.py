@@ -324,11 +324,15 @@ def test_attach_argv_inside_and_outside_tmux(
     window = attempt["tmux_target"].split(":")[1]
 
     outside = attach_argv(app, task_id)
-    monkeypatch.setenv("TMUX", "/tmp/some-socket,1,0")
+    monkeypatch.setenv("TMUX", f"/tmp/tmux-0/{env.socket},1,0")
     inside = attach_argv(app, task_id)
+    # A client of another tmux server cannot switch-client to ours: it attaches instead.
+    monkeypatch.setenv("TMUX", "/tmp/tmux-0/default,1,0")
+    elsewhere = attach_argv(app, task_id)
 
     assert outside[1:] == ["-L", env.socket, "attach-session", "-t", window]
     assert inside[1:] == ["-L", env.socket, "switch-client", "-t", window]
+    assert elsewhere[1:] == ["-L", env.socket, "attach-session", "-t", window]
     # The target names the task's own window on the task's own server.
     shown = tmux(env, "display-message", "-p", "-t", window, "#{window_name}")
     assert shown.stdout.strip() == f"t{task_id}"

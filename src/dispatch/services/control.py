@@ -287,4 +287,13 @@ def attach_argv(app: App, task_id: int) -> list[str]:
     window = attempt.tmux_target.rsplit(":", 1)[-1]  # type: ignore[union-attr]
     if not app.terminal.window_exists(window):
         raise Conflict(f"the window of task {task_id} is gone", hint="run `dispatch sweep`")
-    return app.terminal.attach_argv(window, inside_tmux=bool(os.environ.get("TMUX")))
+    return app.terminal.attach_argv(window, inside_tmux=_inside_our_server(app))
+
+
+def _inside_our_server(app: App) -> bool:
+    """`switch-client` only works from a client of the same server; else attach."""
+    current = os.environ.get("TMUX", "")
+    if not current:
+        return False
+    socket_path = current.split(",", 1)[0]
+    return Path(socket_path).name == (app.settings.tmux_socket or "default")

@@ -18,7 +18,6 @@ import pytest
 from dispatch.app import App
 from dispatch.config import load_settings
 
-
 # Resolved once: a test may put a failing `tmux` shim first on PATH, teardown must not use it.
 TMUX = shutil.which("tmux") or "tmux"
 
@@ -124,8 +123,13 @@ class Result:
 def cli(env: Env) -> Callable[..., Result]:
     """The real `dispatch` program in a subprocess: `cli("add", "x", cwd=repo)`."""
 
-    def run(*args: str, cwd: Path | None = None, input: str | None = None,
-            timeout: float = 60, extra_env: dict[str, str] | None = None) -> Result:
+    def run(
+        *args: str,
+        cwd: Path | None = None,
+        input: str | None = None,
+        timeout: float = 60,
+        extra_env: dict[str, str] | None = None,
+    ) -> Result:
         environ = dict(os.environ)
         environ.update(extra_env or {})
         done = subprocess.run(

@@ -109,7 +109,7 @@ def tool_failed(command: str, stderr: str = "simulated failure", code: int = 1) 
 
 def agent_profile(name: str, command: list[str], completion: str = "exit") -> str:
     """An [agents.NAME] table; the argv is written as JSON, which TOML reads as well."""
-    return f"\n[agents.{name}]\ncommand = {json.dumps(command)}\ncompletion = \"{completion}\"\n"
+    return f'\n[agents.{name}]\ncommand = {json.dumps(command)}\ncompletion = "{completion}"\n'
 
 
 def sleeper_command(seconds: int = 60) -> list[str]:
@@ -195,7 +195,9 @@ def wait_attempt_ended(env: Env, task_id: int) -> dict[str, Any]:
 def branches(repo: Path) -> list[str]:
     out = subprocess.run(
         ["git", "-C", str(repo), "branch", "--list", "--format=%(refname:short)"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     return out.split()
 
@@ -204,7 +206,9 @@ def worktree_list(repo: Path) -> list[str]:
     """Registered worktrees other than the main one, as git lists them."""
     out = subprocess.run(
         ["git", "-C", str(repo), "worktree", "list", "--porcelain"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     paths = [line.split(" ", 1)[1] for line in out.splitlines() if line.startswith("worktree ")]
     return paths[1:]

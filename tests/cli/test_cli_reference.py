@@ -52,7 +52,10 @@ def _help(args: list[str]) -> str:
     environ.update(COLUMNS="100", NO_COLOR="1", TERM="dumb")
     done = subprocess.run(
         [sys.executable, "-m", "dispatch", *args, "--help"],
-        capture_output=True, text=True, env=environ, check=True,
+        capture_output=True,
+        text=True,
+        env=environ,
+        check=True,
     )
     return "\n".join(line.rstrip() for line in done.stdout.strip().splitlines())
 

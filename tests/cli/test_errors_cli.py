@@ -206,9 +206,7 @@ def _explode(*args: object, **kwargs: object) -> None:
     raise RuntimeError("boom\nsecond line")
 
 
-def test_an_unexpected_error_exits_1_in_one_line(
-    run: Cli, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_an_unexpected_error_exits_1_in_one_line(run: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("dispatch.services.tasks.list_tasks", _explode)
     done = run("list")
     assert done.code == 1

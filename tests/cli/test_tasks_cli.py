@@ -27,6 +27,7 @@ def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, env
     """In this module the many calls run in-process; the terminal test starts real ones."""
     return InProcess(capsys, monkeypatch, env)
 
+
 TASK_KEYS = {
     "id", "title", "status", "repo", "agent", "base_ref", "priority", "closed",
     "last_error", "created_at", "updated_at", "branch", "worktree",

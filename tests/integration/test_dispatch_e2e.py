@@ -100,7 +100,11 @@ def test_a_signal_during_git_worktree_add_runs_the_undos(
     add("sleeper")
     dispatcher = subprocess.Popen(
         [sys.executable, "-m", "dispatch", "run", "1"],
-        cwd=repo, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=repo,
+        env=dict(os.environ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         wait_for(started.exists, "git to run the post-checkout hook")
@@ -191,14 +195,20 @@ def test_no_acknowledgement_rolls_back_and_a_late_wrapper_starts_nothing(
 
     late = subprocess.run(
         [sys.executable, "-m", "dispatch", "agent-exec", str(attempt["id"])],
-        cwd=tmp_path, env=dict(os.environ), capture_output=True, text=True, timeout=60,
+        cwd=tmp_path,
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert late.returncode == 0, late.stderr
     assert "the agent is not started" in late.stderr
     assert not side_effect.exists()
     after = attempts(env, task_id)[-1]
     assert (after["state"], after["outcome"], after["agent_pid"]) == (
-        "ended", "dispatch-failed", None,
+        "ended",
+        "dispatch-failed",
+        None,
     )
     assert task(env, task_id)["status"] == "ready"
 
@@ -259,8 +269,12 @@ COMMIT = ["sh", "-c", "echo change > change.txt && git add change.txt && git com
     ids=["signal-done", "signal-none", "commits-one", "commits-none"],
 )
 def test_completion_modes(
-    env: Env, repo: Path, make_app: Callable[..., App],
-    completion: str, command: list[str], status: str,
+    env: Env,
+    repo: Path,
+    make_app: Callable[..., App],
+    completion: str,
+    command: list[str],
+    status: str,
 ) -> None:
     write_config(env, agent_profile("agent", command, completion))
     app = make_app()
@@ -274,7 +288,7 @@ def test_completion_modes(
 
 
 NASTY_PROMPT = (
-    "it's \"quoted\" $(touch pwned1) `touch pwned2` ; touch pwned3 && echo $HOME\n"
+    'it\'s "quoted" $(touch pwned1) `touch pwned2` ; touch pwned3 && echo $HOME\n'
     "second line\twith a tab \\ backslash %s %d {prompt} #{window_id} ${PATH}\n"
     "ünïcødé 🚀 日本語 -- --help ;"
 )
@@ -290,8 +304,9 @@ def test_the_prompt_arrives_byte_for_byte_and_nothing_is_executed(
         "out.joinpath('file').write_bytes(pathlib.Path(sys.argv[3]).read_bytes()); "
         "out.joinpath('count').write_text(str(len(sys.argv)))"
     )
-    write_config(env, agent_profile("echo", [PYTHON, "-c", script, str(out), "{prompt}",
-                                             "{prompt_file}"]))
+    write_config(
+        env, agent_profile("echo", [PYTHON, "-c", script, str(out), "{prompt}", "{prompt_file}"])
+    )
     out.mkdir()
     app = make_app()
     add_task(app, "Quote me", prompt=NASTY_PROMPT, repo=repo, agent="echo")
@@ -343,7 +358,10 @@ def test_run_next_takes_the_highest_priority_first(
     assert code == 0, err
     assert _started_ids(out) == [4, 3]
     assert [task(env, i)["status"] for i in (1, 2, 3, 4)] == [
-        "ready", "in-progress", "in-progress", "in-progress",
+        "ready",
+        "in-progress",
+        "in-progress",
+        "in-progress",
     ]
     assert sorted(windows(env)) == ["t2", "t3", "t4"]
 
@@ -396,9 +414,17 @@ def test_redispatch_after_the_worktree_directory_was_deleted_by_hand(
     env: Env, repo: Path, make_app: Callable[..., App], git: Callable[..., str]
 ) -> None:
     """A stale worktree entry must not block the redispatch; the branch's work comes back."""
-    write_config(env, agent_profile("committer", [
-        "sh", "-c", "echo $$ >> work.txt && git add work.txt && git commit -qm work && exit 1",
-    ]))
+    write_config(
+        env,
+        agent_profile(
+            "committer",
+            [
+                "sh",
+                "-c",
+                "echo $$ >> work.txt && git add work.txt && git commit -qm work && exit 1",
+            ],
+        ),
+    )
     app = make_app()
     add_task(app, "Commit then fail", prompt="p", repo=repo, agent="committer")
     first = dispatch_task(app, 1)

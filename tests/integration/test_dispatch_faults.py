@@ -67,8 +67,18 @@ def session(env: Env) -> list[str]:
     started = tmux(env, "new-session", "-d", "-s", "dispatch", "-n", "user", "sleep", "600")
     assert started.returncode == 0, started.stderr
     decoy = tmux(
-        env, "new-window", "-d", "-t", "=dispatch:", "-n", "decoy",
-        "sh", "-c", "sleep 600", "agent-exec", "12",
+        env,
+        "new-window",
+        "-d",
+        "-t",
+        "=dispatch:",
+        "-n",
+        "decoy",
+        "sh",
+        "-c",
+        "sleep 600",
+        "agent-exec",
+        "12",
     )
     assert decoy.returncode == 0, decoy.stderr
     return ["user", "decoy"]
@@ -154,48 +164,102 @@ def _record_says_no(d: dispatching.Dispatch) -> object:
 
 
 CASES = [
-    Case("worktree", "exception", _git(add=raises(RuntimeError("no space left on device"))),
-         "no space left on device"),
+    Case(
+        "worktree",
+        "exception",
+        _git(add=raises(RuntimeError("no space left on device"))),
+        "no space left on device",
+    ),
     # git exits non-zero after making both the branch and the worktree (a failing hook).
-    Case("worktree", "exit", _git(add=works_then_raises(
-        tool_failed("git worktree", "error: post-checkout hook failed"))),
-         "post-checkout hook failed", via_cli=True),
+    Case(
+        "worktree",
+        "exit",
+        _git(
+            add=works_then_raises(tool_failed("git worktree", "error: post-checkout hook failed"))
+        ),
+        "post-checkout hook failed",
+        via_cli=True,
+    ),
     Case("worktree", "false success", _git(add=returns(True)), "is not there"),
     Case("prompt file", "exception", _prompt_writer(_no_space), "No space left on device"),
-    Case("prompt file", "exit", _prompt_writer(_written_then_failed), "Input/output error",
-         via_cli=True),
+    Case(
+        "prompt file",
+        "exit",
+        _prompt_writer(_written_then_failed),
+        "Input/output error",
+        via_cli=True,
+    ),
     Case("prompt file", "false success", _prompt_writer(_not_written), "did not do its work"),
     Case("spawn", "exception", _tmux(spawn=raises(RuntimeError("tmux crashed"))), "tmux crashed"),
     # tmux made the window (running the wrapper), then exited non-zero.
-    Case("spawn", "exit", _tmux(spawn=works_then_raises(
-        tool_failed("tmux new-window", "lost server"))), "lost server", via_cli=True),
+    Case(
+        "spawn",
+        "exit",
+        _tmux(spawn=works_then_raises(tool_failed("tmux new-window", "lost server"))),
+        "lost server",
+        via_cli=True,
+    ),
     Case("spawn", "false success", _tmux(spawn=returns("@999")), "no such window"),
     Case("spawn", "false success (no id)", _tmux(spawn=returns("")), "did not do its work"),
     # tmux breaks while the dispatcher waits (spawn's own check is the first call).
-    Case("confirm", "exception", _tmux(window_exists=fails_from_call(2, RuntimeError("tmux hung"))),
-         "tmux hung"),
+    Case(
+        "confirm",
+        "exception",
+        _tmux(window_exists=fails_from_call(2, RuntimeError("tmux hung"))),
+        "tmux hung",
+    ),
     # The window's program exits non-zero without ever acknowledging.
-    Case("confirm", "exit", _tmux(spawn=spawns_instead(["sh", "-c", "sleep 1; exit 3"])),
-         "window closed before the agent wrapper started"),
+    Case(
+        "confirm",
+        "exit",
+        _tmux(spawn=spawns_instead(["sh", "-c", "sleep 1; exit 3"])),
+        "window closed before the agent wrapper started",
+    ),
     # The real wrapper gives up: the agent's command is not there.
-    Case("confirm", "exit (wrapper gives up)", lambda _mp, _env: {},
-         "agent command 'no-such-agent-xyz' not found", agent="missing", via_cli=True),
+    Case(
+        "confirm",
+        "exit (wrapper gives up)",
+        lambda _mp, _env: {},
+        "agent command 'no-such-agent-xyz' not found",
+        agent="missing",
+        via_cli=True,
+    ),
     # A window that runs, but not the wrapper: no acknowledgement ever comes.
-    Case("confirm", "false success", _tmux(spawn=spawns_instead(["sleep", "60"])),
-         "no acknowledgement from the agent wrapper within 2s"),
-    Case("record", "exception", _record(_record_raises(RuntimeError("record broke"))),
-         "record broke", agent_started=True),
-    Case("record", "exit", _record(_record_raises(
-        EnvironmentProblem("database x: database is locked"))), "database is locked",
-         agent_started=True, via_cli=True),
-    Case("record", "false success", _record(_record_says_no), "did not do its work",
-         agent_started=True),
+    Case(
+        "confirm",
+        "false success",
+        _tmux(spawn=spawns_instead(["sleep", "60"])),
+        "no acknowledgement from the agent wrapper within 2s",
+    ),
+    Case(
+        "record",
+        "exception",
+        _record(_record_raises(RuntimeError("record broke"))),
+        "record broke",
+        agent_started=True,
+    ),
+    Case(
+        "record",
+        "exit",
+        _record(_record_raises(EnvironmentProblem("database x: database is locked"))),
+        "database is locked",
+        agent_started=True,
+        via_cli=True,
+    ),
+    Case(
+        "record",
+        "false success",
+        _record(_record_says_no),
+        "did not do its work",
+        agent_started=True,
+    ),
 ]
 
 
 def _add(app: App, repo: Path, agent: str = "sleeper", title: str = TITLE) -> int:
-    return add_task(app, title, prompt="Make the parser accept empty input.", repo=repo,
-                    agent=agent).id
+    return add_task(
+        app, title, prompt="Make the parser accept empty input.", repo=repo, agent=agent
+    ).id
 
 
 def _dispatch_via_cli(
@@ -433,8 +497,20 @@ def test_failures_are_capped_and_a_success_or_reset_clears_the_count(
     assert task(env, 1)["dispatch_failures"] == 0
     subprocess.run(["tmux", "-L", env.socket, "kill-window", "-t", "=dispatch:t1"], check=True)
     assert wait_status(env, 1) == "interrupted"
-    assert subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force",
-                           str(env.home / "worktrees" / "repo" / "task-1")]).returncode == 0
+    assert (
+        subprocess.run(
+            [
+                "git",
+                "-C",
+                str(repo),
+                "worktree",
+                "remove",
+                "--force",
+                str(env.home / "worktrees" / "repo" / "task-1"),
+            ]
+        ).returncode
+        == 0
+    )
     reset_task(working, 1)
     for expected in ("ready", "ready", "failed"):
         fail_once()
@@ -485,9 +561,17 @@ def test_a_failed_redispatch_removes_a_worktree_it_made_but_keeps_the_branch(
     env: Env, repo: Path, make_app: Callable[..., App], git: Callable[..., str]
 ) -> None:
     """The user removed the worktree after a failure; the branch (with a commit) stays."""
-    write_config(env, agent_profile("committer", [
-        "sh", "-c", "echo work > work.txt && git add work.txt && git commit -qm work && exit 1",
-    ]))
+    write_config(
+        env,
+        agent_profile(
+            "committer",
+            [
+                "sh",
+                "-c",
+                "echo work > work.txt && git add work.txt && git commit -qm work && exit 1",
+            ],
+        ),
+    )
     working = make_app()
     _add(working, repo, agent="committer")
     first = dispatch_task(working, 1)
@@ -525,7 +609,10 @@ def test_a_worktree_path_taken_by_something_else_is_left_alone(
 
 
 def test_the_json_error_of_a_failed_dispatch(
-    env: Env, repo: Path, make_app: Callable[..., App], monkeypatch: pytest.MonkeyPatch,
+    env: Env,
+    repo: Path,
+    make_app: Callable[..., App],
+    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     write_config(env)

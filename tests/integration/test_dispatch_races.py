@@ -20,8 +20,11 @@ def _run_at_once(cwd: Path, argvs: list[list[str]]) -> list[tuple[int, str, str]
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "dispatch", *argv],
-            cwd=cwd, env=dict(os.environ),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=cwd,
+            env=dict(os.environ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for argv in argvs
     ]

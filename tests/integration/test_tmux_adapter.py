@@ -231,28 +231,7 @@ def test_without_a_server_listing_is_empty_and_kill_is_a_no_op(tmux: TmuxTermina
     assert tmux.window_exists("@0") is False
     tmux.kill_window("@0")
     tmux.send_interrupt("@0")
-    assert tmux.kill_windows_running("dispatch", "anything") == []
     assert tmux.list_panes() == []
-
-
-def test_kill_windows_running_kills_only_matching_windows_of_the_session(
-    tmux: TmuxTerminal, tmp_path: Path
-) -> None:
-    def run(marker: str) -> list[str]:
-        return ["sh", "-c", "sleep 60", marker]
-
-    hit1 = tmux.spawn("dispatch", "a", run("attempt-7"), tmp_path, {})
-    hit2 = tmux.spawn("dispatch", "b", run("attempt-7"), tmp_path, {})
-    other_marker = tmux.spawn("dispatch", "c", run("attempt-8"), tmp_path, {})
-    other_session = tmux.spawn("elsewhere", "d", run("attempt-7"), tmp_path, {})
-    tmux.calls.clear()
-
-    killed = tmux.kill_windows_running("dispatch", "attempt-7")
-
-    assert sorted(killed) == sorted([hit1, hit2])
-    assert sorted(panes_by_window(tmux)) == sorted([other_marker, other_session])
-    # One listing, then one kill per matching window.
-    assert [call[3] for call in tmux.calls[:3]] == ["list-panes", "kill-window", "kill-window"]
 
 
 def test_list_panes_reports_live_and_dead_panes(

@@ -74,8 +74,18 @@ def test_the_agent_gets_its_argv_environment_and_directory(
         "open(sys.argv[1], 'w').write(json.dumps(data))\n"
     )
     command = [
-        PYTHON, "-c", script, str(out / "seen.json"), "{prompt}", "{prompt_file}", "{task_id}",
-        "{attempt_id}", "{worktree}", "{branch}", "{session_id}", "t{task_id}-a{attempt_id}",
+        PYTHON,
+        "-c",
+        script,
+        str(out / "seen.json"),
+        "{prompt}",
+        "{prompt_file}",
+        "{task_id}",
+        "{attempt_id}",
+        "{worktree}",
+        "{branch}",
+        "{session_id}",
+        "t{task_id}-a{attempt_id}",
     ]
     write_config(env, agent_profile("probe", command))
     result = start("probe", prompt="two words")
@@ -85,8 +95,14 @@ def test_the_agent_gets_its_argv_environment_and_directory(
     worktree, branch = attempt["worktree"], attempt["branch"]
     prompt_file = str(env.home / "attempts" / str(attempt["id"]) / "prompt.md")
     assert seen["argv"] == [
-        "two words", prompt_file, "1", str(attempt["id"]), worktree, branch,
-        attempt["session_id"], f"t1-a{attempt['id']}",
+        "two words",
+        prompt_file,
+        "1",
+        str(attempt["id"]),
+        worktree,
+        branch,
+        attempt["session_id"],
+        f"t1-a{attempt['id']}",
     ]
     assert Path(prompt_file).read_text() == "two words"
     assert os.path.samefile(seen["cwd"], worktree)
@@ -136,7 +152,9 @@ def test_sigterm_to_the_wrapper_reaches_the_agent_and_interrupts(
     assert (out / "got").read_text() == "SIGTERM"
     attempt = attempts(env, 1)[-1]
     assert (attempt["state"], attempt["outcome"], attempt["exit_code"]) == (
-        "ended", "interrupted", 0,
+        "ended",
+        "interrupted",
+        0,
     )
     assert task(env, 1)["last_error"] == "agent interrupted (exit 0)"
 
@@ -173,9 +191,9 @@ def test_a_superseded_wrapper_records_its_exit_but_never_the_task(
     env: Env, out: Path, make_app: Callable[..., App], start: Start
 ) -> None:
     """Reaped by another host's sweep, then redispatched: the old agent's exit is fenced."""
-    write_config(env, agent_profile(
-        "waiter", [PYTHON, "-c", WAITER, str(out), "0", "{attempt_id}"]
-    ))
+    write_config(
+        env, agent_profile("waiter", [PYTHON, "-c", WAITER, str(out), "0", "{attempt_id}"])
+    )
     first = start("waiter").attempt.id
     wait_for((out / f"ready-{first}").exists, "the first agent")
 

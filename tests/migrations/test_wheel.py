@@ -19,7 +19,11 @@ SOURCE = Path(__file__).resolve().parents[2]
 
 def _run(*argv: str | Path, **kwargs: object) -> subprocess.CompletedProcess[str]:
     done = subprocess.run(
-        [str(a) for a in argv], capture_output=True, text=True, timeout=300, **kwargs  # type: ignore[call-overload]
+        [str(a) for a in argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        **kwargs,  # type: ignore[call-overload]
     )
     assert done.returncode == 0, f"{argv}\n{done.stdout}\n{done.stderr}"
     return done

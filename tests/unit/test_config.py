@@ -94,8 +94,8 @@ def test_a_named_config_file_that_is_missing_is_an_error(env: Env, tmp_path: Pat
 def test_every_key_is_read(env: Env, tmp_path: Path) -> None:
     env.write_config(
         f"""
-database = "{tmp_path / 'custom.db'}"
-worktree_root = "{tmp_path / 'trees'}"
+database = "{tmp_path / "custom.db"}"
+worktree_root = "{tmp_path / "trees"}"
 default_agent = "shell"
 max_running = 2
 max_dispatch_failures = 5
@@ -160,9 +160,7 @@ def test_relative_paths_are_made_absolute(
     # The wrapper runs in a worktree with these paths in its environment.
     monkeypatch.chdir(tmp_path)
     (tmp_path / "rel.toml").write_text("max_running = 1\n")
-    settings = load_settings(
-        config="rel.toml", db="rel.db", env={"DISPATCH_HOME": "relhome"}
-    )
+    settings = load_settings(config="rel.toml", db="rel.db", env={"DISPATCH_HOME": "relhome"})
     assert settings.home == tmp_path / "relhome"
     assert settings.config_path == tmp_path / "rel.toml"
     assert settings.database == f"sqlite:///{tmp_path / 'rel.db'}"
@@ -231,7 +229,11 @@ def test_resume_argv_is_used_only_when_the_profile_has_one() -> None:
     profile = BUILTIN_AGENTS["claude-headless"]
     values = {"session_id": "abc", "prompt": "p"}
     assert profile.argv(values, resume=True) == [
-        "claude", "-p", "--resume", "abc", "Continue the task."
+        "claude",
+        "-p",
+        "--resume",
+        "abc",
+        "Continue the task.",
     ]
     shell = BUILTIN_AGENTS["shell"]
     assert shell.argv({"prompt": "echo hi"}, resume=True) == ["sh", "-c", "echo hi"]
@@ -257,8 +259,12 @@ BAD_CONFIGS = [
     ("[agents.my]\ncommand = []\n", "agents.my.command", 2, "non-empty list of strings"),
     ('# mine\n[agents.my]\ncompletion = "exit"\n', "agents.my.command", 2, "missing"),
     ('[agents.my]\ncommand = ["x", "{bogus}"]\n', "agents.my.command", 2, "{bogus}"),
-    ('[agents.my]\ncommand = ["x"]\ncompletion = "never"\n', "agents.my.completion", 3,
-     "expected exit, signal or commits"),
+    (
+        '[agents.my]\ncommand = ["x"]\ncompletion = "never"\n',
+        "agents.my.completion",
+        3,
+        "expected exit, signal or commits",
+    ),
     ("[agents]\nmy = 3\n", "agents.my", 2, "expected a table"),
     ("agents.my.command = 3\n", "agents.my.command", 1, "non-empty list of strings"),
     ('default_agent = "nope"\n', "default_agent", 1, "no agent profile named 'nope'"),

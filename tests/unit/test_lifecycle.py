@@ -111,9 +111,7 @@ def test_illegal_moves_are_refused_as_conflicts_naming_the_status(
     current: Status, action: Action
 ) -> None:
     with pytest.raises(Conflict) as refused:
-        next_status(
-            current, action, task_id=12, outcome=Outcome.SUCCESS, prior=S.READY, failures=1
-        )
+        next_status(current, action, task_id=12, outcome=Outcome.SUCCESS, prior=S.READY, failures=1)
     assert refused.value.exit_code == 3
     assert f"task 12 is {current.value}" in refused.value.message
 
@@ -228,9 +226,7 @@ OUTCOMES = [
 ]
 
 
-@pytest.mark.parametrize(
-    "exit_code,mode,signalled,ahead,cancelled,interrupted,expected", OUTCOMES
-)
+@pytest.mark.parametrize("exit_code,mode,signalled,ahead,cancelled,interrupted,expected", OUTCOMES)
 def test_outcome_derivation(
     exit_code: int | None,
     mode: Completion,

@@ -86,7 +86,15 @@ def test_undos_run_in_reverse_including_the_failing_step() -> None:
     with pytest.raises(StepFailed) as caught:
         run(steps, log)
     assert log.entries == [
-        "do claim", "do a", "do b", "do c", "fence", "undo c", "undo b", "undo a", "failure c",
+        "do claim",
+        "do a",
+        "do b",
+        "do c",
+        "fence",
+        "undo c",
+        "undo b",
+        "undo a",
+        "failure c",
     ]
     assert caught.value.step == "c"
     assert caught.value.cause is boom
@@ -147,7 +155,14 @@ def test_a_failing_undo_is_recorded_and_the_others_still_run() -> None:
     with pytest.raises(StepFailed) as caught:
         run(steps, log, on_undo_error=lambda name, exc: seen.append((name, str(exc))))
     assert log.entries == [
-        "do a", "do b", "do c", "fence", "undo c", "undo b (breaks)", "undo a", "failure c",
+        "do a",
+        "do b",
+        "do c",
+        "fence",
+        "undo c",
+        "undo b (breaks)",
+        "undo a",
+        "failure c",
     ]
     failure = caught.value
     assert failure.step == "c"

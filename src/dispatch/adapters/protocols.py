@@ -41,10 +41,6 @@ class Terminal(Protocol):
         """Kill a window; a window already gone is not an error."""
         ...
 
-    def kill_windows_running(self, session: str, marker: str) -> list[str]:
-        """Kill the windows of `session` whose pane start command contains `marker`."""
-        ...
-
     def list_panes(self) -> list[Pane]:
         """Every pane of the server in one call; [] when no server runs."""
         ...

@@ -215,23 +215,6 @@ class TmuxTerminal:
         if result.returncode != 0 and not _gone(result.stderr):
             raise ToolFailed(result.args, result.returncode, result.stderr)
 
-    def kill_windows_running(self, session: str, marker: str) -> list[str]:
-        """Kill the windows of session whose pane start command contains marker; their ids.
-
-        The start command is tmux's rendering of the argv: arguments joined by
-        spaces, quoted where needed, tabs and newlines escaped.
-        """
-        killed: list[str] = []
-        for pane in self.list_panes():
-            if (
-                pane.session == session
-                and marker in pane.start_command
-                and pane.window_id not in killed
-            ):
-                self.kill_window(pane.window_id)
-                killed.append(pane.window_id)
-        return killed
-
     def send_interrupt(self, window_id: str) -> None:
         """Send C-c to the window's active pane; a window already gone is not an error."""
         result = self._run(["send-keys", "-t", window_id, "C-c"], check=False)

@@ -464,14 +464,22 @@ def record(d: Dispatch) -> bool:
         if not ran:
             return False
         q.update_task(
-            s, task_id, dispatch_failures=0, branch=d.branch, worktree=str(d.worktree),
+            s,
+            task_id,
+            dispatch_failures=0,
+            branch=d.branch,
+            worktree=str(d.worktree),
         )
         q.update_attempt(s, attempt_id, lease_expires_at=None)
         task = q.get_task(s, task_id)
         if task.current_attempt_id == attempt_id:
             q.update_task(s, task_id, last_error=None)
         q.record_event(
-            s, "dispatched", task_id=task_id, attempt_id=attempt_id, window=d.window_id,
+            s,
+            "dispatched",
+            task_id=task_id,
+            attempt_id=attempt_id,
+            window=d.window_id,
         )
         return True
 

@@ -6,7 +6,14 @@ import typer
 
 from dispatch.cli import output as out
 
-db_app = typer.Typer(help="Database migrations.", no_args_is_help=True)
+db_app = typer.Typer(help="Database migrations.", rich_markup_mode=None)
+
+
+@db_app.callback(invoke_without_command=True)
+def _db(ctx: typer.Context) -> None:
+    if ctx.invoked_subcommand is None:  # `dispatch db` alone: show what it offers
+        out.line(ctx.get_help())
+        raise typer.Exit(2)
 
 
 def register(app: typer.Typer) -> None:
@@ -42,7 +49,11 @@ def current(ctx: typer.Context) -> None:
 
 
 def doctor(ctx: typer.Context, json: bool = typer.Option(False, "--json")) -> None:
-    """Check tmux, git, the database, migrations, config and agent commands."""
+    """Check that everything dispatch needs works.
+
+    tmux, git, the database and its migrations, the config and the agent commands;
+    exit 0 only if every check passes.
+    """
     from dispatch.cli.main import state
     from dispatch.services.doctor import run_checks
 

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import typer
 
 from dispatch.cli import output as out
 from dispatch.errors import UsageError
+
+if TYPE_CHECKING:
+    from dispatch.services.dispatching import DispatchResult
 
 JSON = typer.Option(False, "--json", help="Print JSON.")
 
@@ -26,14 +31,11 @@ def _app(ctx: typer.Context):  # type: ignore[no-untyped-def]
     return state(ctx).get_app()
 
 
-def _print_result(result, json: bool) -> None:  # type: ignore[no-untyped-def]
+def _print_result(result: DispatchResult, json: bool) -> None:
     for warning in result.warnings:
         out.notice(f"warning: {warning}")
     if json:
-        data = {"task": out.task_json(result.task), "attempt": out.attempt_json(result.attempt)}
-        if result.warnings:
-            data["warnings"] = result.warnings
-        out.emit_json(data)
+        out.emit_json(_result_json(result))
     else:
         a = result.attempt
         out.notice(
@@ -49,7 +51,11 @@ def run(
     max_: int = typer.Option(1, "--max", min=1, help="With --next: dispatch up to N tasks."),
     json: bool = JSON,
 ) -> None:
-    """Dispatch a task: claim it, make its worktree, start its agent in tmux."""
+    """Start a task's agent in its own worktree and tmux window.
+
+    Claims the task, creates its worktree, writes the prompt file, opens the window and
+    waits until the agent has really started; any failure undoes all of it (exit 6).
+    """
     from dispatch.services.dispatching import dispatch_task, run_next
 
     if (task is None) == (not next_):
@@ -91,18 +97,76 @@ def redispatch(
     ctx: typer.Context,
     task: int | None = typer.Argument(None, help="Task id."),
     attempt: int | None = typer.Option(None, "--attempt", help="Redispatch after this attempt."),
+    status: list[str] = typer.Option(
+        [], "--status", help="Every open task in this status, one by one (repeatable)."
+    ),
     json: bool = JSON,
 ) -> None:
-    """Start a fresh attempt of a failed, incomplete, interrupted or cancelled task."""
+    """Start a fresh attempt after a failure.
+
+    For failed, incomplete, interrupted and cancelled tasks: same repo, agent and
+    prompt, the same worktree and branch, and the agent's session resumed when its
+    profile can. --status takes every open task in that status, one by one.
+    """
     from dispatch.services.dispatching import redispatch as redispatch_service
 
-    if (task is None) == (attempt is None):
-        raise UsageError("give a TASK id or --attempt ATTEMPT, exactly one")
+    if sum((task is not None, attempt is not None, bool(status))) != 1:
+        raise UsageError("give a TASK id, --attempt ATTEMPT or --status STATUS, exactly one")
+    if status:
+        _redispatch_all(ctx, status, json)
+        return
     _print_result(redispatch_service(_app(ctx), task, attempt), json)
 
 
+def _redispatch_all(ctx: typer.Context, statuses: list[str], json: bool) -> None:
+    from dispatch.errors import DispatchError
+    from dispatch.services.dispatching import DispatchResult, redispatch_each, retryable_task_ids
+
+    app = _app(ctx)
+    task_ids = retryable_task_ids(app, statuses)
+    outcomes: list[tuple[int, DispatchResult | DispatchError]] = []
+    with out.progress(len(task_ids), "redispatching", quiet=json) as advance:
+        for task_id, outcome in redispatch_each(app, task_ids):
+            outcomes.append((task_id, outcome))
+            advance()
+    failures = [o for _, o in outcomes if isinstance(o, DispatchError)]
+    if json:
+        out.emit_json(
+            [
+                {"task_id": task_id, "error": None, **_result_json(o)}
+                if isinstance(o, DispatchResult)
+                else {"task_id": task_id, "error": {"code": o.exit_code, "message": o.message}}
+                for task_id, o in outcomes
+            ]
+        )
+    else:
+        out.bulk_summary(
+            [
+                (task_id, o.task.status, f"attempt {o.attempt.number} in {o.attempt.tmux_target}")
+                if isinstance(o, DispatchResult)
+                else (task_id, "error", o.message)
+                for task_id, o in outcomes
+            ]
+        )
+    if failures:
+        raise typer.Exit(failures[0].exit_code)
+
+
+def _result_json(result: DispatchResult) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "task": out.task_json(result.task),
+        "attempt": out.attempt_json(result.attempt),
+    }
+    if result.warnings:
+        data["warnings"] = result.warnings
+    return data
+
+
 def cancel(ctx: typer.Context, task: int = typer.Argument(...), json: bool = JSON) -> None:
-    """Stop the task's agent (C-c, then kill after a grace); idempotent."""
+    """Stop a task's agent and mark it cancelled.
+
+    Sends C-c, then kills the window after a grace period; cancelling twice is a no-op.
+    """
     from dispatch.services.control import cancel_task
 
     view = cancel_task(_app(ctx), task)
@@ -115,7 +179,11 @@ def cancel(ctx: typer.Context, task: int = typer.Argument(...), json: bool = JSO
 
 
 def done(ctx: typer.Context, task: int | None = typer.Argument(None), json: bool = JSON) -> None:
-    """Signal that the agent's work is complete (for completion = "signal")."""
+    """Mark the running attempt's work as complete.
+
+    Evidence for profiles with completion = "signal". Without TASK: the attempt in
+    DISPATCH_ATTEMPT_ID, else the one whose worktree holds the current directory.
+    """
     from dispatch.services.control import signal_done
 
     attempt = signal_done(_app(ctx), task)

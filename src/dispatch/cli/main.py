@@ -38,9 +38,11 @@ class State:
 app = typer.Typer(
     name="dispatch",
     help="Run coding agents on tasks, each in its own git worktree and tmux window.",
-    no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain help: rich's help renderer (and the markdown parser it pulls in) would more
+    # than double the start-up time of `dispatch --help`.
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -51,7 +53,7 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
+@app.callback(invoke_without_command=True)
 def _global(
     ctx: typer.Context,
     db: str | None = typer.Option(
@@ -66,6 +68,9 @@ def _global(
 ) -> None:
     global _current
     ctx.obj = _current = State(db=db, config=config)
+    if ctx.invoked_subcommand is None:  # no command: the usage says it all, as a usage error
+        sys.stdout.write(ctx.get_help() + "\n")
+        raise typer.Exit(2)
 
 
 _current: State | None = None
@@ -111,9 +116,7 @@ def run(args: list[str]) -> int:
         _report(UsageError("aborted"))
         code = 130
     except typer.TyperException as exc:  # bad usage: unknown option, malformed id, ...
-        message = exc.format_message()
-        if message:  # empty when the usage was just shown in full (no command given)
-            _report(UsageError(message, hint=_help_hint(exc)))
+        _report(UsageError(exc.format_message(), hint=_help_hint(exc)))
         code = 2
     except DispatchError as exc:
         _report(exc)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -236,3 +237,32 @@ def key_values(title: str, rows: Sequence[tuple[str, str, bool]]) -> None:
     for name, detail, ok in rows:
         mark = "ok  " if ok else "FAIL"
         console.print(f"  {mark} {_safe(name):<12} {_safe(detail)}")
+
+
+@contextmanager
+def progress(total: int, label: str, *, quiet: bool = False) -> Iterator[Callable[[], None]]:
+    """A progress bar on stderr (for people only: hidden with --json or off a terminal)."""
+    if quiet or total == 0 or not sys.stderr.isatty():
+        yield lambda: None
+        return
+    from rich.console import Console
+    from rich.progress import Progress
+
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda: bar.advance(task)
+
+
+def bulk_summary(rows: Sequence[tuple[int, str, str]]) -> None:
+    """One row a task: what a bulk command did to it."""
+    from rich.table import Table
+
+    if not rows:
+        notice("nothing to do")
+        return
+    table = Table(box=None, pad_edge=False)
+    for name in ("TASK", "STATUS", "DETAIL"):
+        table.add_column(name, overflow="fold")
+    for task_id, status, detail in rows:
+        table.add_row(str(task_id), _status(status), _safe(detail))
+    _console().print(table)

@@ -24,7 +24,11 @@ def sweep(
         False, "--quiet", "-q", help="Print nothing when nothing is reaped."
     ),
 ) -> None:
-    """Reap tasks left in-progress without a live agent; report orphans. Safe from cron."""
+    """Reap tasks left in-progress without a live agent.
+
+    Safe from cron and alongside dispatches. Also reports, without deleting, windows
+    and worktrees that no task owns.
+    """
     from dispatch.cli.main import state
     from dispatch.config import parse_duration
     from dispatch.services.sweep import sweep as sweep_service

@@ -118,7 +118,11 @@ def events(
 
 
 def reset(ctx: typer.Context, task: int = typer.Argument(...), json: bool = JSON) -> None:
-    """Put a failed, incomplete, interrupted or cancelled task back to ready."""
+    """Put a finished, unsuccessful task back to ready.
+
+    Works on failed, incomplete, interrupted and cancelled tasks; clears the count of
+    consecutive failed dispatches.
+    """
     from dispatch.services.tasks import reset_task
 
     row = reset_task(_state(ctx), task)

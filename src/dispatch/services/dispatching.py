@@ -13,6 +13,7 @@ import sys
 import time
 import unicodedata
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -22,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from dispatch.adapters.protocols import Terminal
 from dispatch.app import App
-from dispatch.errors import Conflict, DispatchError, DispatchFailed, NotFound
+from dispatch.errors import Conflict, DispatchError, DispatchFailed, NotFound, UsageError
 from dispatch.lifecycle import RETRYABLE, Action, AttemptState, Outcome, Status, next_status
 from dispatch.services.saga import NO_WORK, Saga, Step, StepFailed, describe, signals_interrupt
 from dispatch.store import queries as q
@@ -705,6 +706,30 @@ def redispatch(
     return result
 
 
+def retryable_task_ids(app: App, statuses: list[str]) -> list[int]:
+    """Open tasks in the given retryable statuses, oldest first: what a bulk redispatch takes."""
+    wanted = sorted(set(statuses))
+    for status in wanted:
+        if status not in {s.value for s in RETRYABLE}:
+            allowed = ", ".join(sorted(s.value for s in RETRYABLE))
+            raise UsageError(f"cannot redispatch {status!r} tasks (only {allowed})")
+    return [t.id for t in app.db.read(lambda s: q.list_tasks(s, wanted))]
+
+
+def redispatch_each(
+    app: App, task_ids: list[int]
+) -> Iterator[tuple[int, DispatchResult | DispatchError]]:
+    """Redispatch tasks one by one through the same saga; a failure does not stop the rest."""
+    for task_id in task_ids:
+        try:
+            yield task_id, redispatch(app, task_id)
+        except DispatchInterrupted as exc:
+            yield task_id, exc
+            return
+        except DispatchError as exc:
+            yield task_id, exc
+
+
 __all__ = [
     "RETRYABLE",
     "DispatchInterrupted",
@@ -713,6 +738,8 @@ __all__ = [
     "RunNext",
     "dispatch_task",
     "redispatch",
+    "redispatch_each",
+    "retryable_task_ids",
     "run_next",
     "slugify",
 ]

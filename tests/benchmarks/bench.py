@@ -2,8 +2,8 @@
 
 Run by hand, never by pytest:
 
-    python tests/benchmarks/bench.py            # full: ~5 minutes
-    python tests/benchmarks/bench.py --quick    # fewer repetitions: ~2 minutes
+    python tests/benchmarks/bench.py            # full: ~6 minutes
+    python tests/benchmarks/bench.py --quick    # fewer repetitions: ~3 minutes
 
 Every figure is the median of repeated runs, printed beside its baseline measured
 in the same run on the same machine. Exit status: 0 when every target is met, 1

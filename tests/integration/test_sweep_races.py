@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from dispatch.app import App
-from dispatch.services.dispatching import branch_name, dispatch_task, worktree_path
+from dispatch.services.dispatching import dispatch_task
+from dispatch.services.naming import branch_name, worktree_path
 from dispatch.services.sweep import SweepReport, _finish_undo, _Panes, sweep
 from dispatch.store.models import utcnow
 from tests.conftest import Env

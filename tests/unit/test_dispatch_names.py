@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dispatch.services.dispatching import (
+from dispatch.services.naming import (
     branch_name,
     slugify,
     window_name,

@@ -8,10 +8,7 @@ intent on the attempt row, so a sweep can finish the undo of a dispatcher that d
 from __future__ import annotations
 
 import os
-import re
-import sys
 import time
-import unicodedata
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,15 +18,21 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from dispatch.adapters.protocols import Terminal
 from dispatch.app import App
 from dispatch.errors import Conflict, DispatchError, DispatchFailed, NotFound, UsageError
 from dispatch.lifecycle import RETRYABLE, Action, AttemptState, Outcome, Status, next_status
+from dispatch.services.cleanup import kill_attempt_windows, remove_created, remove_prompt, roll_back
+from dispatch.services.naming import (
+    branch_name,
+    prompt_path,
+    window_name,
+    worktree_path,
+    wrapper_argv,
+)
 from dispatch.services.saga import NO_WORK, Saga, Step, StepFailed, describe, signals_interrupt
 from dispatch.store import queries as q
 from dispatch.store.models import AgentSession, Attempt, Task, utcnow
 
-WRAPPER_MARKER = "agent-exec"
 POLL_SECONDS = 0.05
 # How often confirm asks tmux whether the window is still there.
 WINDOW_CHECK_SECONDS = 0.25
@@ -46,30 +49,6 @@ class DispatchRolledBack(DispatchFailed):
 
 class DispatchInterrupted(DispatchRolledBack):
     """Ctrl-C or SIGTERM stopped a dispatch; it was rolled back, and nothing more is started."""
-
-
-def slugify(title: str, limit: int = 40) -> str:
-    """Lowercase ASCII `[a-z0-9-]`, at most `limit` characters; never empty."""
-    ascii_text = unicodedata.normalize("NFKD", title).encode("ascii", "ignore").decode()
-    slug = re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")
-    return slug[:limit].rstrip("-") or "task"
-
-
-def branch_name(task_id: int, title: str) -> str:
-    return f"dispatch/{task_id}-{slugify(title)}"
-
-
-def worktree_path(root: Path, repo: str, task_id: int) -> Path:
-    return root.expanduser().resolve() / Path(repo).name / f"task-{task_id}"
-
-
-def window_name(task_id: int) -> str:
-    return f"t{task_id}"
-
-
-def wrapper_argv(attempt_id: int) -> list[str]:
-    """The wrapper, by absolute interpreter path: a running tmux server has its own PATH."""
-    return [sys.executable, "-m", "dispatch", WRAPPER_MARKER, str(attempt_id)]
 
 
 @dataclass
@@ -254,25 +233,6 @@ def undo_worktree(d: Dispatch) -> None:
     d.kept.extend(remove_created(d.app, intent, agent_started=_agent_started(d)))
 
 
-def remove_created(app: App, intent: dict[str, Any], *, agent_started: bool) -> list[str]:
-    """Shared with the sweep: undo a worktree and branch from a write-ahead intent."""
-    git, repo = app.worktrees, Path(intent["repo"])
-    path, branch = Path(intent["worktree"]), intent.get("branch")
-    kept: list[str] = []
-    if not intent.get("worktree_existed"):
-        if agent_started and path.exists() and git.has_changes(path):
-            kept.append(f"kept worktree {path}: it has changes")
-        else:
-            git.remove(repo, path)
-    if branch and not intent.get("branch_existed") and not kept:
-        base = intent.get("base")
-        if agent_started and base and git.commits_ahead(repo, base, branch) > 0:
-            kept.append(f"kept branch {branch}: it has commits")
-        else:
-            git.delete_branch(repo, branch)
-    return kept
-
-
 def _attempt(d: Dispatch) -> Attempt:
     assert d.attempt_id is not None
     attempt_id = d.attempt_id
@@ -281,10 +241,6 @@ def _attempt(d: Dispatch) -> Attempt:
 
 def _agent_started(d: Dispatch) -> bool:
     return d.attempt_id is not None and _attempt(d).agent_pid is not None
-
-
-def prompt_path(app: App, attempt_id: int) -> Path:
-    return app.settings.attempts_dir / str(attempt_id) / "prompt.md"
 
 
 def _write_prompt_file(path: Path, text: str) -> None:
@@ -307,12 +263,8 @@ def write_prompt(d: Dispatch) -> bool:
 
 
 def undo_prompt(d: Dispatch) -> None:
-    if d.attempt_id is None:
-        return
-    path = prompt_path(d.app, d.attempt_id)
-    path.unlink(missing_ok=True)
-    if path.parent.is_dir() and not any(path.parent.iterdir()):
-        path.parent.rmdir()
+    if d.attempt_id is not None:
+        remove_prompt(d.app, d.attempt_id)
 
 
 def spawn(d: Dispatch) -> bool:
@@ -359,27 +311,6 @@ def undo_spawn(d: Dispatch) -> None:
         terminal.kill_window(d.window_id)
     # A spawn that failed after creating the window never told us its id: find it by marker.
     kill_attempt_windows(terminal, d.app.settings.tmux_session, d.attempt_id)
-
-
-def wrapper_marker(attempt_id: int) -> str:
-    return f"{WRAPPER_MARKER} {attempt_id}"
-
-
-def kill_attempt_windows(terminal: Terminal, session: str, attempt_id: int) -> list[str]:
-    """Kill the windows of `session` running this attempt's wrapper, and only those.
-
-    tmux renders the argv as one string; the wrapper's argv ends with the attempt id,
-    so an exact suffix match keeps attempt 5's undo away from attempt 50's window.
-    """
-    suffix = " " + wrapper_marker(attempt_id)
-    killed: list[str] = []
-    for pane in terminal.list_panes():
-        if pane.session != session or pane.window_id in killed:
-            continue
-        if pane.start_command.rstrip().endswith(suffix):
-            terminal.kill_window(pane.window_id)
-            killed.append(pane.window_id)
-    return killed
 
 
 def confirm(d: Dispatch) -> bool:
@@ -515,62 +446,6 @@ def fence(d: Dispatch) -> None:
             ended_at=utcnow(),
         )
     )
-
-
-def roll_back(app: App, attempt_id: int, error: str, detail: dict[str, Any]) -> Status | None:
-    """Task back to its pre-claim status (or `failed` past the cap); shared with the sweep."""
-    settings = app.settings
-
-    def work(s: Session) -> Status | None:
-        attempt = q.get_attempt(s, attempt_id)
-        q.move_attempt(
-            s,
-            attempt_id,
-            expected=[AttemptState.STARTING, AttemptState.RUNNING],
-            target=AttemptState.ENDED,
-            outcome=Outcome.DISPATCH_FAILED.value,
-            ended_at=utcnow(),
-        )
-        q.update_attempt(s, attempt_id, error=error, lease_expires_at=None)
-        task = q.get_task(s, attempt.task_id)
-        if task.status != Status.IN_PROGRESS.value or task.current_attempt_id != attempt_id:
-            return None  # superseded: the attempt's failure is recorded, the task is not ours
-        failures = task.dispatch_failures + 1
-        target = next_status(
-            Status.IN_PROGRESS,
-            Action.ROLLBACK,
-            prior=Status(attempt.prior_status),
-            failures=failures,
-            max_failures=settings.max_dispatch_failures,
-            task_id=task.id,
-        )
-        moved = q.move_task(
-            s,
-            task.id,
-            expected=Status.IN_PROGRESS,
-            target=target,
-            attempt_id=attempt_id,
-            fence_attempt=True,
-            current_attempt_id=None,
-            dispatch_failures=failures,
-            last_error=error,
-        )
-        if not moved:
-            return None
-        q.record_event(
-            s,
-            "dispatch-failed",
-            task_id=task.id,
-            attempt_id=attempt_id,
-            from_status=Status.IN_PROGRESS,
-            to_status=target,
-            error=error,
-            failures=failures,
-            **detail,
-        )
-        return target
-
-    return app.db.write(work)
 
 
 def _on_failure(d: Dispatch, failure: StepFailed) -> None:
@@ -729,17 +604,3 @@ def redispatch_each(
         except DispatchError as exc:
             yield task_id, exc
 
-
-__all__ = [
-    "RETRYABLE",
-    "DispatchInterrupted",
-    "DispatchResult",
-    "DispatchRolledBack",
-    "RunNext",
-    "dispatch_task",
-    "redispatch",
-    "redispatch_each",
-    "retryable_task_ids",
-    "run_next",
-    "slugify",
-]

@@ -20,7 +20,8 @@ from dispatch.adapters.protocols import Pane
 from dispatch.app import App
 from dispatch.errors import DispatchError
 from dispatch.lifecycle import Action, AttemptState, Outcome, Status, next_status
-from dispatch.services.dispatching import WRAPPER_MARKER, prompt_path, remove_created, roll_back
+from dispatch.services.cleanup import remove_created, remove_prompt, roll_back
+from dispatch.services.naming import WRAPPER_MARKER
 from dispatch.store import queries as q
 from dispatch.store.models import Attempt, Task, utcnow
 
@@ -486,10 +487,7 @@ def _undo_here(app: App, attempt: Attempt, panes: _Panes) -> list[str]:
             )
     except DispatchError as exc:
         problems.append(f"attempt {attempt.id}: undo worktree: {exc.message}")
-    prompt = prompt_path(app, attempt.id)
-    prompt.unlink(missing_ok=True)
-    if prompt.parent.is_dir() and not any(prompt.parent.iterdir()):
-        prompt.parent.rmdir()
+    remove_prompt(app, attempt.id)
     return problems
 
 

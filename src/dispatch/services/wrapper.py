@@ -26,7 +26,7 @@ from dispatch.app import App
 from dispatch.errors import DispatchError
 from dispatch.lifecycle import Action, AttemptState, Completion, Outcome, Status, derive_outcome
 from dispatch.lifecycle import next_status as lifecycle_next
-from dispatch.services.dispatching import prompt_path
+from dispatch.services.naming import prompt_path
 from dispatch.store import queries as q
 from dispatch.store.models import Attempt, Task, utcnow
 

@@ -1,0 +1,115 @@
+"""Undoing a dispatch from what it recorded: shared by the saga's undos and the sweep."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from dispatch.adapters.protocols import Terminal
+from dispatch.app import App
+from dispatch.lifecycle import Action, AttemptState, Outcome, Status, next_status
+from dispatch.services.naming import prompt_path, wrapper_marker
+from dispatch.store import queries as q
+from dispatch.store.models import utcnow
+
+
+def remove_created(app: App, intent: dict[str, Any], *, agent_started: bool) -> list[str]:
+    """Shared with the sweep: undo a worktree and branch from a write-ahead intent."""
+    git, repo = app.worktrees, Path(intent["repo"])
+    path, branch = Path(intent["worktree"]), intent.get("branch")
+    kept: list[str] = []
+    if not intent.get("worktree_existed"):
+        if agent_started and path.exists() and git.has_changes(path):
+            kept.append(f"kept worktree {path}: it has changes")
+        else:
+            git.remove(repo, path)
+    if branch and not intent.get("branch_existed") and not kept:
+        base = intent.get("base")
+        if agent_started and base and git.commits_ahead(repo, base, branch) > 0:
+            kept.append(f"kept branch {branch}: it has commits")
+        else:
+            git.delete_branch(repo, branch)
+    return kept
+
+
+def kill_attempt_windows(terminal: Terminal, session: str, attempt_id: int) -> list[str]:
+    """Kill the windows of `session` running this attempt's wrapper, and only those.
+
+    tmux renders the argv as one string; the wrapper's argv ends with the attempt id,
+    so an exact suffix match keeps attempt 5's undo away from attempt 50's window.
+    """
+    suffix = " " + wrapper_marker(attempt_id)
+    killed: list[str] = []
+    for pane in terminal.list_panes():
+        if pane.session != session or pane.window_id in killed:
+            continue
+        if pane.start_command.rstrip().endswith(suffix):
+            terminal.kill_window(pane.window_id)
+            killed.append(pane.window_id)
+    return killed
+
+
+def roll_back(app: App, attempt_id: int, error: str, detail: dict[str, Any]) -> Status | None:
+    """Task back to its pre-claim status (or `failed` past the cap); shared with the sweep."""
+    settings = app.settings
+
+    def work(s: Session) -> Status | None:
+        attempt = q.get_attempt(s, attempt_id)
+        q.move_attempt(
+            s,
+            attempt_id,
+            expected=[AttemptState.STARTING, AttemptState.RUNNING],
+            target=AttemptState.ENDED,
+            outcome=Outcome.DISPATCH_FAILED.value,
+            ended_at=utcnow(),
+        )
+        q.update_attempt(s, attempt_id, error=error, lease_expires_at=None)
+        task = q.get_task(s, attempt.task_id)
+        if task.status != Status.IN_PROGRESS.value or task.current_attempt_id != attempt_id:
+            return None  # superseded: the attempt's failure is recorded, the task is not ours
+        failures = task.dispatch_failures + 1
+        target = next_status(
+            Status.IN_PROGRESS,
+            Action.ROLLBACK,
+            prior=Status(attempt.prior_status),
+            failures=failures,
+            max_failures=settings.max_dispatch_failures,
+            task_id=task.id,
+        )
+        moved = q.move_task(
+            s,
+            task.id,
+            expected=Status.IN_PROGRESS,
+            target=target,
+            attempt_id=attempt_id,
+            fence_attempt=True,
+            current_attempt_id=None,
+            dispatch_failures=failures,
+            last_error=error,
+        )
+        if not moved:
+            return None
+        q.record_event(
+            s,
+            "dispatch-failed",
+            task_id=task.id,
+            attempt_id=attempt_id,
+            from_status=Status.IN_PROGRESS,
+            to_status=target,
+            error=error,
+            failures=failures,
+            **detail,
+        )
+        return target
+
+    return app.db.write(work)
+
+
+def remove_prompt(app: App, attempt_id: int) -> None:
+    """Delete an attempt's prompt file, and its directory once empty."""
+    path = prompt_path(app, attempt_id)
+    path.unlink(missing_ok=True)
+    if path.parent.is_dir() and not any(path.parent.iterdir()):
+        path.parent.rmdir()

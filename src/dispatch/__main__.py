@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from dispatch.cli.main import main
+from dispatch.cli.entry import main
 
 main()

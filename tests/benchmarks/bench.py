@@ -331,7 +331,14 @@ class Lab:
 
     def close(self) -> None:
         for socket in self.sockets:
-            subprocess.run(["tmux", "-L", socket, "kill-server"], capture_output=True, check=False)
+            subprocess.run(
+                ["tmux", "-L", socket, "kill-server"],
+                env=self.env,
+                capture_output=True,
+                check=False,
+            )
+            # TMUX_TMPDIR is not passed on, so every server's socket is in /tmp/tmux-UID.
+            Path(f"/tmp/tmux-{os.getuid()}", socket).unlink(missing_ok=True)
         if self.keep:
             print(f"kept {self.root}")
         else:
@@ -485,12 +492,21 @@ def _wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
 
 
 def _attempt_row(world: World, attempt_id: int) -> sqlite3.Row | None:
+    """The attempt as stored, read without dispatch (and without taking a write lock)."""
     con = sqlite3.connect(f"file:{world.db_path}?mode=ro", uri=True, timeout=5)
     con.row_factory = sqlite3.Row
     try:
-        return con.execute("SELECT * FROM attempts WHERE id = ?", (attempt_id,)).fetchone()  # type: ignore[no-any-return]
+        row: sqlite3.Row | None = con.execute(
+            "SELECT * FROM attempts WHERE id = ?", (attempt_id,)
+        ).fetchone()
+        return row
     finally:
         con.close()
+
+
+def _attempt_ended(world: World, attempt_id: int) -> bool:
+    row = _attempt_row(world, attempt_id)
+    return row is not None and row["state"] == "ended"
 
 
 def _one_dispatch_run(world: World, repo: Path, stats: RunStats | None) -> None:
@@ -526,7 +542,7 @@ def _one_dispatch_run(world: World, repo: Path, stats: RunStats | None) -> None:
     window = attempt["tmux_target"].rsplit(":", 1)[-1]
     world.tmux("kill-window", "-t", window)
     # The wrapper records the hang-up; let it finish before the next timed run.
-    _wait_for(lambda: (_attempt_row(world, attempt["id"]) or {"state": ""})["state"] == "ended", 5)
+    _wait_for(lambda: _attempt_ended(world, attempt["id"]), 5)
     run(
         ["git", "-C", str(repo), "worktree", "remove", "--force", "--force", attempt["worktree"]],
         world.env,

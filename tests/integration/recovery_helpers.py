@@ -130,7 +130,7 @@ def seed_attempt(
 
     def work(s: Any) -> int:
         task = s.get(Task, task_id)
-        number = q.next_attempt_number(s, task_id)
+        number = q.last_attempt_of(s, task_id)[1] + 1
         attempt = Attempt(
             task_id=task_id,
             number=number,

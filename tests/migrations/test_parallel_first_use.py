@@ -20,12 +20,13 @@ PROCESSES = 6
 # reach the empty database together rather than one import time apart.
 STARTER = """
 import os, sys, time
-import dispatch.cli.main, dispatch.app, dispatch.store.database, dispatch.services.tasks
+import dispatch.cli.entry, dispatch.cli.main, dispatch.app
+import dispatch.store.database, dispatch.services.tasks
 go = sys.argv[1]
 while not os.path.exists(go):
     time.sleep(0.005)
 sys.argv = ["dispatch", "list", "--json"]
-dispatch.cli.main.main()
+dispatch.cli.entry.main()
 """
 
 

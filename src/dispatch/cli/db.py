@@ -16,11 +16,6 @@ def _db(ctx: typer.Context) -> None:
         raise typer.Exit(2)
 
 
-def register(app: typer.Typer) -> None:
-    app.add_typer(db_app, name="db")
-    app.command("doctor")(doctor)
-
-
 @db_app.command("upgrade")
 def upgrade(ctx: typer.Context) -> None:
     """Apply pending migrations (also done automatically on first use)."""

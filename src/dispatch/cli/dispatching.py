@@ -15,16 +15,6 @@ if TYPE_CHECKING:
 JSON = typer.Option(False, "--json", help="Print JSON.")
 
 
-def register(app: typer.Typer) -> None:
-    app.command("run")(run)
-    app.command("redispatch")(redispatch)
-    app.command("cancel")(cancel)
-    app.command("done")(done)
-    app.command("logs")(logs)
-    app.command("attach")(attach)
-    app.command("agent-exec", hidden=True)(agent_exec)
-
-
 def _app(ctx: typer.Context):  # type: ignore[no-untyped-def]
     from dispatch.cli.main import state
 

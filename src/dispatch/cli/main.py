@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import sys
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING
 
 import typer
 
 from dispatch import __version__
+from dispatch.cli.entry import funnel
 from dispatch.cli.output import Mode
 from dispatch.errors import DispatchError, UsageError
 
@@ -35,7 +34,7 @@ class State:
         return self.app
 
 
-app = typer.Typer(
+_SETTINGS = dict(
     name="dispatch",
     help="Run coding agents on tasks, each in its own git worktree and tmux window.",
     add_completion=False,
@@ -53,7 +52,6 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback(invoke_without_command=True)
 def _global(
     ctx: typer.Context,
     db: str | None = typer.Option(
@@ -76,14 +74,59 @@ def _global(
 _current: State | None = None
 
 
-def _register() -> None:
-    from dispatch.cli import db, dispatching, sweep, tasks
+# Command name -> (module, function), in help order. Only the command being run is
+# registered: typer builds every registered command's parameters on each start.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "add": ("tasks", "add"),
+    "list": ("tasks", "list_"),
+    "show": ("tasks", "show"),
+    "events": ("tasks", "events"),
+    "reset": ("tasks", "reset"),
+    "close": ("tasks", "close"),
+    "reopen": ("tasks", "reopen"),
+    "run": ("dispatching", "run"),
+    "redispatch": ("dispatching", "redispatch"),
+    "cancel": ("dispatching", "cancel"),
+    "done": ("dispatching", "done"),
+    "logs": ("dispatching", "logs"),
+    "attach": ("dispatching", "attach"),
+    "sweep": ("sweep", "sweep"),
+    "doctor": ("db", "doctor"),
+    "db": ("db", "db_app"),
+    "agent-exec": ("dispatching", "agent_exec"),
+}
+_HIDDEN = {"agent-exec"}
+_GLOBAL_WITH_VALUE = {"--db", "--config"}
 
-    for module in (tasks, dispatching, sweep, db):
-        module.register(app)
+
+def _command_of(args: list[str]) -> str | None:
+    """The command word of an argv, skipping global options and their values."""
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg in _GLOBAL_WITH_VALUE:
+            skip = True
+        elif not arg.startswith("-"):
+            return arg
+    return None
 
 
-_register()
+def build(command: str | None = None) -> typer.Typer:
+    """The CLI with just `command` when it is known, else with every command (help, typos)."""
+    import importlib
+
+    cli = typer.Typer(**_SETTINGS)  # type: ignore[arg-type]
+    cli.callback(invoke_without_command=True)(_global)
+    names = [command] if command in COMMANDS else list(COMMANDS)
+    for name in names:
+        module, attribute = COMMANDS[name]
+        target = getattr(importlib.import_module(f"dispatch.cli.{module}"), attribute)
+        if isinstance(target, typer.Typer):
+            cli.add_typer(target, name=name)
+        else:
+            cli.command(name, hidden=name in _HIDDEN)(target)
+    return cli
 
 
 def state(ctx: typer.Context) -> State:
@@ -93,64 +136,32 @@ def state(ctx: typer.Context) -> State:
     return root.obj
 
 
-def main() -> NoReturn:
-    """The console script: run, flush, and exit without interpreter teardown."""
-    code = run(sys.argv[1:])
-    _flush()
-    # Interpreter teardown of SQLAlchemy & co. costs ~150 ms: skip it, output is flushed.
-    os._exit(code)
-
-
 def run(args: list[str]) -> int:
-    """Run the CLI; every error leaves through here as one line and its exit code."""
+    """Parse and run one command; errors leave through the funnel as one line and a code."""
     global _current
     _current = None
     Mode.json = "--json" in args
-    code = 0
+
+    def work() -> int:
+        try:
+            result = build(_command_of(args))(
+                args=args, prog_name="dispatch", standalone_mode=False
+            )
+        except typer.Exit as exc:
+            return exc.exit_code
+        except typer.Abort:
+            raise DispatchError("aborted") from None
+        except typer.TyperException as exc:  # bad usage: unknown option, malformed id, ...
+            raise UsageError(exc.format_message(), hint=_help_hint(exc)) from None
+        return result if isinstance(result, int) else 0
+
     try:
-        result = app(args=args, prog_name="dispatch", standalone_mode=False)
-        code = result if isinstance(result, int) else 0
-    except typer.Exit as exc:
-        code = exc.exit_code
-    except typer.Abort:
-        _report(UsageError("aborted"))
-        code = 130
-    except typer.TyperException as exc:  # bad usage: unknown option, malformed id, ...
-        _report(UsageError(exc.format_message(), hint=_help_hint(exc)))
-        code = 2
-    except DispatchError as exc:
-        _report(exc)
-        code = exc.exit_code
-    except KeyboardInterrupt:
-        _report(DispatchError("interrupted"))
-        code = 130
-    except BrokenPipeError:
-        code = 0
-    except Exception as exc:  # the funnel: no traceback unless asked for
-        _report(DispatchError(f"{type(exc).__name__}: {exc}"))
-        code = 1
+        return funnel(work)
     finally:
         if _current is not None and _current.app is not None:
             _current.app.close()
-    return code
 
 
 def _help_hint(exc: Exception) -> str | None:
     ctx = getattr(exc, "ctx", None)
     return f"see `{ctx.command_path} --help`" if ctx is not None else None
-
-
-def _report(exc: DispatchError) -> None:
-    if os.environ.get("DISPATCH_DEBUG") == "1" and sys.exc_info()[0] is not None:
-        import traceback
-
-        traceback.print_exc()
-    from dispatch.cli.output import error
-
-    error(exc)
-
-
-def _flush() -> None:
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(BrokenPipeError, ValueError):
-            stream.flush()

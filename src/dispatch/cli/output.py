@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from dispatch.errors import DispatchError
+    from dispatch.services.tasks import TaskRow
     from dispatch.store.models import Attempt, Event, Task
 
 
@@ -48,7 +49,7 @@ def attempt_json(a: Attempt) -> dict[str, Any]:
     }
 
 
-def task_json(t: Task, attempts: Sequence[Attempt] | None = None) -> dict[str, Any]:
+def task_json(t: TaskRow, attempts: Sequence[Attempt] | None = None) -> dict[str, Any]:
     data: dict[str, Any] = {
         "id": t.id,
         "title": t.title,
@@ -147,7 +148,7 @@ def _status(status: str, closed: bool = False) -> str:
     return text + (" (closed)" if closed else "")
 
 
-def task_table(tasks: Iterable[Task]) -> None:
+def task_table(tasks: Iterable[TaskRow]) -> None:
     from rich.table import Table
 
     table = Table(box=None, pad_edge=False)

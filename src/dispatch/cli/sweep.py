@@ -8,10 +8,6 @@ from dispatch.cli import output as out
 from dispatch.errors import UsageError
 
 
-def register(app: typer.Typer) -> None:
-    app.command("sweep")(sweep)
-
-
 def sweep(
     ctx: typer.Context,
     dry_run: bool = typer.Option(False, "--dry-run", help="Report what would be reaped."),

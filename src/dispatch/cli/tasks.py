@@ -12,16 +12,6 @@ from dispatch.errors import UsageError
 JSON = typer.Option(False, "--json", help="Print JSON instead of a table.")
 
 
-def register(app: typer.Typer) -> None:
-    app.command("add")(add)
-    app.command("list")(list_)
-    app.command("show")(show)
-    app.command("events")(events)
-    app.command("reset")(reset)
-    app.command("close")(close)
-    app.command("reopen")(reopen)
-
-
 def _state(ctx: typer.Context):  # type: ignore[no-untyped-def]
     from dispatch.cli.main import state
 

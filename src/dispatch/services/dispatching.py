@@ -125,13 +125,13 @@ def claim(d: Dispatch) -> bool:
             )
             s.add(agent_session)
         agent_session.last_used_at = now
-        previous = q.latest_attempts(s, [task.id]).get(task.id)
-        redispatch_of = d.redispatch_of or (previous.id if previous else None)
+        previous_id, previous_number = q.last_attempt_of(s, task.id)
+        redispatch_of = d.redispatch_of or previous_id
         worktree = worktree_path(settings.worktree_root, task.repo, task.id)
         branch = task.branch or branch_name(task.id, task.title)
         attempt = Attempt(
             task_id=task.id,
-            number=q.next_attempt_number(s, task.id),
+            number=previous_number + 1,
             state=AttemptState.STARTING.value,
             prior_status=current.value,
             host=settings.host,
@@ -603,4 +603,3 @@ def redispatch_each(
             return
         except DispatchError as exc:
             yield task_id, exc
-

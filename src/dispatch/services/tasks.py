@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeAlias
 
+from sqlalchemy.engine import Row
 from sqlalchemy.orm import Session
 
 from dispatch.app import App
@@ -13,6 +15,9 @@ from dispatch.errors import Conflict, EnvironmentProblem, UsageError
 from dispatch.lifecycle import Action, Status, next_status
 from dispatch.store import queries as q
 from dispatch.store.models import Attempt, Event, Task, utcnow
+
+# A task's columns as attributes, without the ORM's per-object bookkeeping.
+TaskRow: TypeAlias = Task | Row[Any]
 
 
 @dataclass
@@ -78,7 +83,9 @@ def add_task(
     return app.db.write(work)
 
 
-def list_tasks(app: App, statuses: Sequence[str] = (), include_closed: bool = False) -> list[Task]:
+def list_tasks(
+    app: App, statuses: Sequence[str] = (), include_closed: bool = False
+) -> list[TaskRow]:
     valid = {s.value for s in Status}
     for status in statuses:
         if status not in valid:

@@ -19,7 +19,6 @@ from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.pool import NullPool
 
 from dispatch.errors import EnvironmentProblem
 
@@ -27,12 +26,15 @@ T = TypeVar("T")
 
 # The newest revision this code knows, kept equal to Alembic's head by a test, so the
 # common case (schema current) never pays Alembic's import.
-KNOWN_REVISIONS = ("0001",)
+KNOWN_REVISIONS = ("0001", "0002")
 HEAD_REVISION = KNOWN_REVISIONS[-1]
 
-BUSY_TIMEOUT_MS = 5000
-# busy_timeout alone still lets long contended runs fail with "database is locked".
-WRITE_ATTEMPTS = 8
+# SQLite's own busy handler sleeps in growing steps (up to 100 ms) while a writer holds
+# the lock, so under contention most of a claim is spent asleep. A short busy_timeout
+# and our own retry with short random pauses keeps writers moving; the deadline, not a
+# count, bounds it: busy_timeout alone still lets long contended runs fail.
+BUSY_TIMEOUT_MS = 50
+WRITE_PATIENCE_SECONDS = 30.0
 
 
 def migrations_dir() -> Path:
@@ -61,8 +63,10 @@ class Database:
             self.path: Path | None = None
             if self.is_sqlite:
                 self.path = self._prepare_sqlite_file()
-                # NullPool: a CLI process opens one connection or two; pooling only holds locks.
-                self.engine: Engine = create_engine(self.url, poolclass=NullPool)
+                # Pooled: a dispatch or sweep runs many short transactions, and opening a
+                # connection (with its pragmas) each time costs more than the statements.
+                # In WAL mode an idle pooled connection holds no lock.
+                self.engine: Engine = create_engine(self.url)
                 _install_sqlite_listeners(self.engine)
             else:
                 self.engine = create_engine(self.url, pool_pre_ping=True)
@@ -111,15 +115,15 @@ class Database:
     def write(self, work: Callable[[Session], T]) -> T:
         """Run `work` in one write transaction (BEGIN IMMEDIATE on SQLite), retried when locked."""
         self.ensure_schema()
-        for attempt in range(WRITE_ATTEMPTS):
+        deadline = time.monotonic() + WRITE_PATIENCE_SECONDS
+        while True:
             try:
                 with self._sessions() as session, session.begin():
                     return work(session)
             except OperationalError as exc:
-                if not _is_locked(exc) or attempt == WRITE_ATTEMPTS - 1:
+                if not _is_locked(exc) or time.monotonic() > deadline:
                     raise self._unusable(exc) from exc
-                time.sleep(random.uniform(0.01, 0.05) * (attempt + 1))
-        raise AssertionError("unreachable")
+                time.sleep(random.uniform(0.001, 0.01))
 
     def read(self, work: Callable[[Session], T]) -> T:
         """Run `work` in a read transaction (deferred: it takes no write lock)."""

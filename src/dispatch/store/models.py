@@ -16,6 +16,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -57,6 +58,9 @@ class Base(DeclarativeBase):
 
 class Task(Base):
     __tablename__ = "tasks"
+    # In claim order (`run --next`): the next ready task is the index's first entry,
+    # with no sort over every ready row on each claim.
+    __table_args__ = (Index("ix_tasks_claim_order", "status", text("priority DESC"), "id"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     title: Mapped[str] = mapped_column(Text)

@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select, update
+from sqlalchemy.engine import Row
 from sqlalchemy.orm import Session
 
 from dispatch.errors import NotFound
@@ -32,15 +33,17 @@ def get_attempt(session: Session, attempt_id: int) -> Attempt:
 
 def list_tasks(
     session: Session, statuses: Iterable[str] = (), include_closed: bool = False
-) -> Sequence[Task]:
+) -> Sequence[Row[Any]]:
+    """Plain rows with the task's columns as attributes: loading 10,000 ORM objects to
+    print them would cost a third of `dispatch list`."""
     # The order `run --next` takes them in: highest priority first, then oldest.
-    query = select(Task).order_by(Task.priority.desc(), Task.id)
+    query = select(Task.__table__).order_by(Task.priority.desc(), Task.id)
     wanted = list(statuses)
     if wanted:
         query = query.where(Task.status.in_(wanted))
     if not include_closed:
         query = query.where(Task.closed_at.is_(None))
-    return session.scalars(query).all()
+    return session.execute(query).all()
 
 
 def attempts_of(session: Session, task_ids: Sequence[int]) -> dict[int, list[Attempt]]:
@@ -148,9 +151,16 @@ def update_attempt(session: Session, attempt_id: int, **values: Any) -> None:
     )
 
 
-def next_attempt_number(session: Session, task_id: int) -> int:
-    query = select(func.coalesce(func.max(Attempt.number), 0)).where(Attempt.task_id == task_id)
-    return int(session.scalar(query) or 0) + 1
+def last_attempt_of(session: Session, task_id: int) -> tuple[int | None, int]:
+    """(id, number) of a task's newest attempt; (None, 0) before its first."""
+    query = (
+        select(Attempt.id, Attempt.number)
+        .where(Attempt.task_id == task_id)
+        .order_by(Attempt.id.desc())
+        .limit(1)
+    )
+    row = session.execute(query).first()
+    return (None, 0) if row is None else (row.id, row.number)
 
 
 def count_in_progress(session: Session) -> int:

@@ -1,0 +1,82 @@
+"""The console script's first stop, and the error funnel every command leaves through.
+
+It imports no CLI framework: `--version` answers at once, and the `agent-exec`
+wrapper — which every `dispatch run` waits for — starts without parsing machinery.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Callable
+from typing import NoReturn
+
+from dispatch import __version__
+from dispatch.errors import DispatchError
+
+
+def main() -> NoReturn:
+    """The console script: run, flush, and exit without interpreter teardown."""
+    args = sys.argv[1:]
+    if args == ["--version"]:
+        code = _say(f"dispatch {__version__}")
+    elif len(args) == 2 and args[0] == "agent-exec" and args[1].isdigit():
+        code = funnel(lambda: _agent_exec(int(args[1])))
+    else:
+        from dispatch.cli.main import run
+
+        code = run(args)
+    _flush()
+    # Interpreter teardown of SQLAlchemy & co. costs ~150 ms: skip it, output is flushed.
+    os._exit(code)
+
+
+def _say(text: str) -> int:
+    sys.stdout.write(text + "\n")
+    return 0
+
+
+def _agent_exec(attempt_id: int) -> int:
+    from dispatch.app import App
+    from dispatch.config import load_settings
+    from dispatch.services.wrapper import agent_exec
+
+    app = App(load_settings())
+    try:
+        return agent_exec(app, attempt_id)
+    finally:
+        app.close()
+
+
+def funnel(work: Callable[[], int]) -> int:
+    """Run `work`; every error leaves as one line (no traceback unless DISPATCH_DEBUG=1)."""
+    try:
+        return work()
+    except DispatchError as exc:
+        report(exc)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        report(DispatchError("interrupted"))
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as exc:
+        report(DispatchError(f"{type(exc).__name__}: {exc}"))
+        return 1
+
+
+def report(exc: DispatchError) -> None:
+    if os.environ.get("DISPATCH_DEBUG") == "1" and sys.exc_info()[0] is not None:
+        import traceback
+
+        traceback.print_exc()
+    from dispatch.cli.output import error
+
+    error(exc)
+
+
+def _flush() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(BrokenPipeError, ValueError):
+            stream.flush()

@@ -78,30 +78,18 @@ def roll_back(app: App, attempt_id: int, error: str, detail: dict[str, Any]) -> 
             max_failures=settings.max_dispatch_failures,
             task_id=task.id,
         )
-        moved = q.move_task(
+        if not q.release_task(
             s,
             task.id,
-            expected=Status.IN_PROGRESS,
+            attempt_id=attempt_id,
             target=target,
-            attempt_id=attempt_id,
-            fence_attempt=True,
-            current_attempt_id=None,
-            dispatch_failures=failures,
-            last_error=error,
-        )
-        if not moved:
-            return None
-        q.record_event(
-            s,
-            "dispatch-failed",
-            task_id=task.id,
-            attempt_id=attempt_id,
-            from_status=Status.IN_PROGRESS,
-            to_status=target,
+            kind="dispatch-failed",
+            values={"dispatch_failures": failures, "last_error": error},
             error=error,
             failures=failures,
             **detail,
-        )
+        ):
+            return None
         return target
 
     return app.db.write(work)

@@ -115,22 +115,12 @@ def _force_cancel(app: App, attempt_id: int, reason: str | None) -> Task:
         )
         task = q.get_task(s, attempt.task_id)
         if task.status == Status.IN_PROGRESS.value and task.current_attempt_id == attempt_id:
-            q.move_task(
+            q.release_task(
                 s,
                 task.id,
-                expected=Status.IN_PROGRESS,
+                attempt_id=attempt_id,
                 target=Status.CANCELLED,
-                attempt_id=attempt_id,
-                fence_attempt=True,
-                current_attempt_id=None,
-            )
-            q.record_event(
-                s,
-                "cancelled",
-                task_id=task.id,
-                attempt_id=attempt_id,
-                from_status=Status.IN_PROGRESS,
-                to_status=Status.CANCELLED,
+                kind="cancelled",
                 reason=reason,
             )
         return q.get_task(s, task.id)

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 C = TypeVar("C")
 
@@ -148,35 +148,29 @@ _TERMINATING = (signal.SIGTERM, signal.SIGHUP)
 
 
 @contextmanager
-def signals_interrupt() -> Iterator[None]:
+def _handling(signals: tuple[int, ...], handler: signal.Handlers | Any) -> Iterator[None]:
+    """Install `handler` for `signals` for the block, then restore what was there."""
+    try:
+        previous = {s: signal.signal(s, handler) for s in signals}
+    except ValueError:  # not the main thread, where signals cannot be handled anyway
+        yield
+        return
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def signals_interrupt() -> AbstractContextManager[None]:
     """Turn SIGTERM and SIGHUP into `Interrupted` (SIGINT is KeyboardInterrupt already)."""
 
     def handler(signum: int, _frame: FrameType | None) -> None:
         raise Interrupted(signum)
 
-    try:
-        previous = {s: signal.signal(s, handler) for s in _TERMINATING}
-    except ValueError:  # not the main thread, where signals cannot be handled anyway
-        yield
-        return
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+    return _handling(_TERMINATING, handler)
 
 
-@contextmanager
-def ignored_signals() -> Iterator[None]:
+def ignored_signals() -> AbstractContextManager[None]:
     """Ignore SIGINT, SIGTERM and SIGHUP for the block: the process is already unwinding."""
-    watched = (signal.SIGINT, *_TERMINATING)
-    try:
-        previous = {s: signal.signal(s, signal.SIG_IGN) for s in watched}
-    except ValueError:  # not the main thread, where signals cannot be handled anyway
-        yield
-        return
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+    return _handling((signal.SIGINT, *_TERMINATING), signal.SIG_IGN)

@@ -326,27 +326,16 @@ def _reap_running(app: App, attempt: Attempt, reason: str, requeue: bool) -> Rea
         ):
             return None  # another sweep, or the wrapper itself, got there first
         target = next_status(Status.IN_PROGRESS, action, task_id=attempt.task_id)
-        moved = q.move_task(
+        if not q.release_task(
             s,
             attempt.task_id,
-            expected=Status.IN_PROGRESS,
+            attempt_id=attempt.id,
             target=target,
-            attempt_id=attempt.id,
-            fence_attempt=True,
-            current_attempt_id=None,
-            last_error=f"{outcome.value}: {reason}",
-        )
-        if not moved:
-            return None  # a superseded attempt: its end is recorded, the task is not ours
-        q.record_event(
-            s,
-            "reaped",
-            task_id=attempt.task_id,
-            attempt_id=attempt.id,
-            from_status=Status.IN_PROGRESS,
-            to_status=target,
+            kind="reaped",
+            values={"last_error": f"{outcome.value}: {reason}"},
             reason=reason,
-        )
+        ):
+            return None  # a superseded attempt: its end is recorded, the task is not ours
         return Reap(attempt.task_id, attempt.id, reason, target.value)
 
     return app.db.write(work)
@@ -393,24 +382,16 @@ def _reap_stuck(
 
     def work(s: Session) -> Reap | None:
         target = next_status(Status.IN_PROGRESS, Action.REAP, task_id=task.id)
-        if not q.move_task(
+        if not q.release_task(
             s,
             task.id,
-            expected=Status.IN_PROGRESS,
-            target=target,
-            fence_attempt=True,
             attempt_id=None,
-            last_error=reason,
+            target=target,
+            kind="reaped",
+            values={"last_error": reason},
+            reason=reason,
         ):
             return None
-        q.record_event(
-            s,
-            "reaped",
-            task_id=task.id,
-            from_status=Status.IN_PROGRESS,
-            to_status=target,
-            reason=reason,
-        )
         return Reap(task.id, None, reason, target.value)
 
     return app.db.write(work)

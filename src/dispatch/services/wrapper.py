@@ -292,25 +292,15 @@ def _record(s: Session, attempt_id: int, code: int, outcome: Outcome) -> Status 
         return None
     target = lifecycle_next(Status.IN_PROGRESS, Action.FINISH, outcome=outcome, task_id=task.id)
     error = None if outcome is Outcome.SUCCESS else f"agent {outcome.value} (exit {code})"
-    if not q.move_task(
+    if not q.release_task(
         s,
         task.id,
-        expected=Status.IN_PROGRESS,
+        attempt_id=attempt_id,
         target=target,
-        attempt_id=attempt_id,
-        fence_attempt=True,
-        current_attempt_id=None,
-        last_error=error,
-    ):
-        return None
-    q.record_event(
-        s,
-        "finished",
-        task_id=task.id,
-        attempt_id=attempt_id,
-        from_status=Status.IN_PROGRESS,
-        to_status=target,
+        kind="finished",
+        values={"last_error": error},
         exit_code=code,
         outcome=outcome.value,
-    )
+    ):
+        return None
     return target

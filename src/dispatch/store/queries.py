@@ -121,6 +121,41 @@ def move_task(
     return session.execute(query.returning(Task.id), execution_options=_NO_SYNC).first() is not None
 
 
+def release_task(
+    session: Session,
+    task_id: int,
+    *,
+    attempt_id: int | None,
+    target: Status,
+    kind: str,
+    values: dict[str, Any] | None = None,
+    **detail: Any,
+) -> bool:
+    """The task leaves in-progress on behalf of its current attempt: one fenced
+    conditional update and, only if it won, its one event. False: someone else did."""
+    moved = move_task(
+        session,
+        task_id,
+        expected=Status.IN_PROGRESS,
+        target=target,
+        attempt_id=attempt_id,
+        fence_attempt=True,
+        current_attempt_id=None,
+        **(values or {}),
+    )
+    if moved:
+        record_event(
+            session,
+            kind,
+            task_id=task_id,
+            attempt_id=attempt_id,
+            from_status=Status.IN_PROGRESS,
+            to_status=target,
+            **detail,
+        )
+    return moved
+
+
 def update_task(session: Session, task_id: int, **values: Any) -> bool:
     query = update(Task).where(Task.id == task_id).values(updated_at=utcnow(), **values)
     return session.execute(query.returning(Task.id), execution_options=_NO_SYNC).first() is not None

@@ -64,12 +64,7 @@ def run(
             out.notice(f"dispatch: error: {failure.message}")
         raise run_.failures[0]  # the funnel reports it (as JSON with --json)
     if json:
-        out.emit_json(
-            [
-                {"task": out.task_json(r.task), "attempt": out.attempt_json(r.attempt)}
-                for r in run_.started
-            ]
-        )
+        out.emit_json([_result_json(r) for r in run_.started])
     else:
         for r in run_.started:
             _print_result(r, False)
@@ -144,7 +139,7 @@ def _redispatch_all(ctx: typer.Context, statuses: list[str], json: bool) -> None
 
 def _result_json(result: DispatchResult) -> dict[str, Any]:
     data: dict[str, Any] = {
-        "task": out.task_json(result.task),
+        "task": out.task_json(result.task, result.attempts),
         "attempt": out.attempt_json(result.attempt),
     }
     if result.warnings:

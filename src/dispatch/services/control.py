@@ -19,7 +19,9 @@ from dispatch.store.models import Attempt, Task, utcnow
 
 # How long an agent gets to stop after C-c, and then after its window is killed.
 CANCEL_GRACE_SECONDS = 5.0
-KILL_GRACE_SECONDS = 3.0
+# After the window is killed, the wrapper gives its agent 2 s (wrapper.KILL_GRACE_SECONDS)
+# before SIGKILL, then records the cancel: wait for that, with room to spare.
+KILL_GRACE_SECONDS = 6.0
 # How long `logs --follow` keeps reading after the attempt ended, for the last lines.
 FOLLOW_DRAIN_SECONDS = 2.0
 
@@ -140,14 +142,22 @@ def close_task(app: App, task_id: int) -> TaskView:
 
     def work(s: Session) -> TaskView:
         current = q.get_task(s, task_id)
-        if current.closed_at is not None:
-            return TaskView(current, notices=[f"task {task_id} is already closed"])
+        notices: list[str] = []
         if current.status == Status.IN_PROGRESS.value:
-            raise Conflict(
-                f"task {task_id} is still in-progress; its agent did not stop",
-                hint=f"`dispatch cancel {task_id}`, then close it",
+            attempt = _current_attempt(s, current)
+            remote = attempt is not None and attempt.host != app.settings.host
+            if not (remote and attempt is not None and attempt.cancel_requested_at):
+                raise Conflict(
+                    f"task {task_id} is still in-progress; its agent did not stop",
+                    hint=f"`dispatch cancel {task_id}`, then close it",
+                )
+            # Closed is not a status: archive now; that host's wrapper stops the agent
+            # at its next heartbeat and records the cancel.
+            notices.append(
+                f"task {task_id} closed; its agent on {attempt.host} stops at its next heartbeat"
             )
-        q.update_task(s, task_id, closed_at=utcnow())
+        if not q.close(s, task_id):  # conditional: a concurrent close wrote the event
+            return TaskView(current, notices=[f"task {task_id} is already closed"])
         q.record_event(
             s,
             "closed",
@@ -156,7 +166,7 @@ def close_task(app: App, task_id: int) -> TaskView:
             to_status=current.status,
             cancelled_attempt=cancelled,
         )
-        return TaskView(q.get_task(s, task_id))
+        return TaskView(q.get_task(s, task_id), notices=notices)
 
     return app.db.write(work)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -78,6 +78,8 @@ class DispatchResult:
     task: Task
     attempt: Attempt
     warnings: list[str]
+    # Every attempt of the task, oldest first (SPEC §5: `run` shows them with the task).
+    attempts: list[Attempt] = field(default_factory=list)
 
 
 # -- steps --------------------------------------------------------------------------------
@@ -106,10 +108,9 @@ def claim(d: Dispatch) -> bool:
         if task_id is None:
             if settings.max_running and q.count_in_progress(s) >= settings.max_running:
                 raise Conflict(f"{settings.max_running} tasks already running (max_running)")
-            ids = [i for i in q.ready_task_ids(s, len(d.exclude) + 1) if i not in d.exclude]
-            if not ids:
+            task_id = _pick(s, d, settings.agents)
+            if task_id is None:
                 return None  # nothing ready: a falsy claim, which `run --next` expects
-            task_id = ids[0]
         task = q.get_task(s, task_id)
         current = Status(task.status)
         if current is Status.IN_PROGRESS:
@@ -124,8 +125,12 @@ def claim(d: Dispatch) -> bool:
                 key=key, task_id=task.id, agent=task.agent, session_id=str(uuid.uuid4())
             )
             s.add(agent_session)
-        agent_session.last_used_at = now
         previous_id, previous_number = q.last_attempt_of(s, task.id)
+        if d.action is Action.CLAIM and previous_id is not None:
+            # `run` after a reset starts over: a new conversation, not the old one's id,
+            # which print-mode agents refuse to reuse. Redispatches keep it to resume.
+            agent_session.session_id = str(uuid.uuid4())
+        agent_session.last_used_at = now
         redispatch_of = d.redispatch_of or previous_id
         worktree = worktree_path(settings.worktree_root, task.repo, task.id)
         branch = task.branch or branch_name(task.id, task.title)
@@ -165,6 +170,22 @@ def claim(d: Dispatch) -> bool:
     d.task_id, d.attempt_id, d.prior = claimed.task.id, claimed.attempt_id, claimed.prior
     d.task, d.worktree, d.branch = claimed.task, claimed.worktree, claimed.branch
     return True
+
+
+# How many ready tasks one `--next` claim looks at past those it must skip.
+_PICK_WINDOW = 20
+
+
+def _pick(s: Session, d: Dispatch, agents: Mapping[str, object]) -> int | None:
+    """The next ready task `--next` can start. One whose agent profile no longer exists
+    is skipped with its `last_error` saying so: it must not block the queue behind it."""
+    for task_id, agent in q.ready_tasks(s, len(d.exclude) + _PICK_WINDOW):
+        if task_id in d.exclude:
+            continue
+        if agent in agents:
+            return task_id
+        q.update_task(s, task_id, last_error=f"unknown agent profile {agent!r}; skipped")
+    return None
 
 
 def _running_conflict(s: Session, task: Task) -> Conflict:
@@ -491,7 +512,8 @@ def dispatch_task(
 
     def load(s: Session) -> DispatchResult:
         attempt = q.get_attempt(s, attempt_id)
-        return DispatchResult(q.get_task(s, attempt.task_id), attempt, d.warnings)
+        attempts = q.attempts_of(s, [attempt.task_id])[attempt.task_id]
+        return DispatchResult(q.get_task(s, attempt.task_id), attempt, d.warnings, attempts)
 
     return app.db.read(load)
 

@@ -31,6 +31,8 @@ from dispatch.store import queries as q
 from dispatch.store.models import Attempt, Task, utcnow
 
 T = TypeVar("T")
+# How long an agent may outlive a forwarded SIGTERM or SIGHUP before it is killed.
+KILL_GRACE_SECONDS = 2.0
 # How long the wrapper keeps trying to record an exit when the database is busy.
 RECORD_PATIENCE_SECONDS = 120.0
 
@@ -140,7 +142,7 @@ def agent_exec(app: App, attempt_id: int) -> int:
         target=_heartbeat, args=(app, attempt_id, proc, stop), name="heartbeat", daemon=True
     )
     beat.start()
-    code = _wait(proc)
+    code = _wait(proc, received)
     stop.set()
     beat.join(timeout=5)
     interrupted = any(s in (signal.SIGTERM, signal.SIGHUP) for s in received)
@@ -189,8 +191,24 @@ def _which(command: str, cwd: Path) -> str | None:
     return shutil.which(command)
 
 
-def _wait(proc: subprocess.Popen[bytes]) -> int:
-    code = proc.wait()
+def _wait(proc: subprocess.Popen[bytes], received: list[int]) -> int:
+    """The agent's exit status; an agent that outlives a forwarded SIGTERM or SIGHUP by
+    KILL_GRACE_SECONDS is killed: a task is never reported stopped while it still works."""
+    signalled_at: float | None = None
+    while True:
+        try:
+            # A timeout, not a plain wait: a signal handler cannot end a blocking wait.
+            code = proc.wait(timeout=0.2)
+            break
+        except subprocess.TimeoutExpired:
+            if not received:
+                continue
+            now = time.monotonic()
+            if signalled_at is None:
+                signalled_at = now
+            elif now - signalled_at > KILL_GRACE_SECONDS:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
     return 128 - code if code < 0 else code  # killed by signal N: the shell's 128+N
 
 

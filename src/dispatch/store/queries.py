@@ -156,6 +156,17 @@ def release_task(
     return moved
 
 
+def close(session: Session, task_id: int) -> bool:
+    """Archive a task unless it already is: the row count says who closed it."""
+    query = (
+        update(Task)
+        .where(Task.id == task_id, Task.closed_at.is_(None))
+        .values(closed_at=utcnow(), updated_at=utcnow())
+        .returning(Task.id)
+    )
+    return session.execute(query, execution_options=_NO_SYNC).first() is not None
+
+
 def update_task(session: Session, task_id: int, **values: Any) -> bool:
     query = update(Task).where(Task.id == task_id).values(updated_at=utcnow(), **values)
     return session.execute(query.returning(Task.id), execution_options=_NO_SYNC).first() is not None
@@ -203,16 +214,17 @@ def count_in_progress(session: Session) -> int:
     return int(session.scalar(query) or 0)
 
 
-def ready_task_ids(session: Session, limit: int) -> list[int]:
-    """Highest priority first; on PostgreSQL rows other claimers hold are skipped."""
+def ready_tasks(session: Session, limit: int) -> list[tuple[int, str]]:
+    """(id, agent) of ready tasks, highest priority first; on PostgreSQL rows other
+    claimers hold are skipped."""
     query = (
-        select(Task.id)
+        select(Task.id, Task.agent)
         .where(Task.status == Status.READY.value, Task.closed_at.is_(None))
         .order_by(Task.priority.desc(), Task.id)
         .limit(limit)
         .with_for_update(skip_locked=True)
     )
-    return list(session.scalars(query))
+    return [(row.id, row.agent) for row in session.execute(query)]
 
 
 def live_attempts(session: Session) -> Sequence[Attempt]:

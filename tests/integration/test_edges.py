@@ -1,0 +1,120 @@
+"""Edges where a status could lie: stubborn agents, remote closes, a queue blocked by a
+missing profile, session ids after a reset, and what `run --json` shows."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from tests.conftest import Env
+from tests.faults import agent_profile, events, write_config
+from tests.integration.recovery_helpers import rows, running, task_row, wait_for
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    return state != "Z"
+
+
+def _add(cli, repo: Path, prompt: str, *extra: str) -> int:  # type: ignore[no-untyped-def]
+    added = cli("add", "job", "--agent", "shell", "--prompt", prompt, *extra, cwd=repo)
+    assert added.code == 0, added.stderr
+    return int(added.stdout)
+
+
+def test_cancel_kills_an_agent_that_ignores_every_polite_signal(cli, repo: Path, env: Env) -> None:
+    # A distinctive sleep so the orphan it leaves (sh is killed, sleep is not) can be found.
+    nap = "61.4321"
+    task_id = _add(cli, repo, f"trap '' INT HUP TERM; sleep {nap}; echo after > stubborn.txt")
+    try:
+        assert cli("run", str(task_id)).code == 0
+        agent_pid = int(wait_for(lambda: running(env, task_id), "the agent")["agent_pid"])
+
+        cancelled = cli("cancel", str(task_id))
+
+        assert cancelled.code == 0, cancelled.stderr
+        assert task_row(env, task_id)["status"] == "cancelled"
+        # The task says cancelled only once its agent is really gone.
+        assert not _alive(agent_pid)
+        worktree = Path(task_row(env, task_id)["worktree"])
+        time.sleep(0.5)
+        assert not (worktree / "stubborn.txt").exists()
+    finally:
+        subprocess.run(["pkill", "-f", f"sleep {nap}"], check=False)
+
+
+def test_close_of_a_task_running_on_another_host_archives_it_and_stops_it_there(
+    cli, repo: Path, env: Env
+) -> None:
+    task_id = _add(cli, repo, "sleep 30")
+    elsewhere = {"DISPATCH_HOST": "host-b"}
+    assert cli("run", str(task_id), extra_env=elsewhere).code == 0
+    wait_for(lambda: running(env, task_id), "the agent on host-b")
+
+    closed = cli("close", str(task_id))
+
+    assert closed.code == 0, closed.stderr
+    assert "host-b" in closed.stderr
+    assert task_row(env, task_id)["closed_at"] is not None
+    # host-b's wrapper sees the cancel at its next heartbeat (1 s in the test config).
+    wait_for(lambda: task_row(env, task_id)["status"] == "cancelled", "the remote cancel")
+    assert len(events(env, task_id, "closed")) == 1
+    again = cli("close", str(task_id))
+    assert again.code == 0 and "already closed" in again.stderr
+    assert len(events(env, task_id, "closed")) == 1
+
+
+def test_run_next_skips_a_task_whose_profile_is_gone_and_says_why(
+    cli, repo: Path, env: Env
+) -> None:
+    write_config(env, agent_profile("custom", ["true"]))
+    orphan = int(cli("add", "first", "--agent", "custom", "--priority", "5", cwd=repo).stdout)
+    write_config(env)  # the `custom` profile is removed from the config
+    fine = _add(cli, repo, "true")
+
+    ran = cli("run", "--next", "--json")
+
+    assert ran.code == 0, ran.stderr
+    assert [r["task"]["id"] for r in ran.json()] == [fine]
+    left = task_row(env, orphan)
+    assert left["status"] == "ready"
+    assert "unknown agent profile 'custom'" in left["last_error"]
+
+
+def test_run_after_a_reset_starts_a_new_session_and_redispatch_keeps_it(
+    cli, repo: Path, env: Env
+) -> None:
+    task_id = _add(cli, repo, "exit 3")
+    assert cli("run", str(task_id)).code == 0
+    wait_for(lambda: task_row(env, task_id)["status"] == "failed", "the first failure")
+    assert cli("redispatch", str(task_id)).code == 0
+    wait_for(lambda: task_row(env, task_id)["status"] == "failed", "the second failure")
+    assert cli("reset", str(task_id)).code == 0
+    assert cli("run", str(task_id)).code == 0
+    wait_for(lambda: task_row(env, task_id)["status"] == "failed", "the third failure")
+
+    sessions = [
+        r["session_id"]
+        for r in rows(env, "SELECT session_id FROM attempts WHERE task_id = ? ORDER BY id", task_id)
+    ]
+    assert sessions[0] == sessions[1]  # the redispatch resumed the same session
+    assert sessions[2] != sessions[1]  # the run after the reset started over
+
+
+def test_run_json_shows_the_task_with_its_attempts(cli, repo: Path, env: Env) -> None:
+    task_id = _add(cli, repo, "exit 1")
+    assert cli("run", str(task_id)).code == 0
+    wait_for(lambda: task_row(env, task_id)["status"] == "failed", "the failure")
+
+    again = cli("redispatch", str(task_id), "--json")
+
+    assert again.code == 0, again.stderr
+    data = again.json()
+    assert [a["number"] for a in data["task"]["attempts"]] == [1, 2]
+    assert data["task"]["attempts"][-1]["id"] == data["attempt"]["id"]

@@ -7,13 +7,12 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from dispatch.app import App
 from dispatch.lifecycle import Status
@@ -21,22 +20,7 @@ from dispatch.services.tasks import add_task
 from dispatch.store import queries as q
 from dispatch.store.models import Attempt, Task, utcnow
 from tests.conftest import Env, tmux
-
-T = TypeVar("T")
-
-
-def wait_for(
-    probe: Callable[[], T | None], what: str, timeout: float = 20.0, interval: float = 0.05
-) -> T:
-    """Poll until probe returns something truthy; fail naming what never happened."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(interval)
+from tests.faults import wait_for as wait_for  # one poller for every test module
 
 
 def rows(env: Env, query: str, *params: Any) -> list[sqlite3.Row]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -233,26 +232,5 @@ def live_attempts(session: Session) -> Sequence[Attempt]:
     return session.scalars(query).all()
 
 
-def tasks_by_id(session: Session, task_ids: Iterable[int]) -> dict[int, Task]:
-    ids = list(set(task_ids))
-    if not ids:
-        return {}
-    return {t.id: t for t in session.scalars(select(Task).where(Task.id.in_(ids)))}
-
-
 def agent_session(session: Session, key: str) -> AgentSession | None:
     return session.get(AgentSession, key)
-
-
-def attempts_at_worktree(session: Session, worktree: str) -> Sequence[Attempt]:
-    query = select(Attempt).where(Attempt.worktree == worktree).order_by(Attempt.id.desc())
-    return session.scalars(query).all()
-
-
-def known_worktrees(session: Session) -> set[str]:
-    query = select(Task.worktree).where(Task.worktree.is_not(None))
-    return {w for w in session.scalars(query) if w}
-
-
-def now() -> datetime:
-    return utcnow()

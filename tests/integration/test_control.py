@@ -82,11 +82,15 @@ def test_cancel_kills_the_window_after_the_grace(
     monkeypatch.setattr(control, "CANCEL_GRACE_SECONDS", 0.3)
     monkeypatch.setattr(control, "KILL_GRACE_SECONDS", 0.5)
     app = make_app()
-    task_id, attempt = _start(app, repo, env, "trap '' INT; sleep 30")
+    # An agent deaf to Ctrl-C and to the hangup the window's kill sends.
+    task_id, attempt = _start(app, repo, env, "trap '' INT HUP; sleep 30")
     if stopped:  # the wrapper cannot record anything: cancel records it itself
         signal_quietly(attempt["wrapper_pid"], signal.SIGSTOP)
     try:
         view = cancel_task(app, task_id)
+        # Cancelled means stopped: the agent is gone before the wrapper runs again.
+        agent = Path(f"/proc/{attempt['agent_pid']}/stat")
+        assert not agent.exists() or agent.read_text().rsplit(")", 1)[1].split()[0] == "Z"
     finally:
         resume_process(attempt["wrapper_pid"])
 

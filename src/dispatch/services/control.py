@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -80,7 +82,8 @@ def cancel_task(app: App, task_id: int, *, reason: str | None = None) -> TaskVie
             terminal.send_interrupt(window)
             if not _wait_ended(app, attempt.id, CANCEL_GRACE_SECONDS):
                 terminal.kill_window(window)  # SIGHUP: the wrapper records `cancelled`
-                _wait_ended(app, attempt.id, KILL_GRACE_SECONDS)
+                if not _wait_ended(app, attempt.id, KILL_GRACE_SECONDS):
+                    _kill_orphaned_agent(attempt)
         return TaskView(_force_cancel(app, attempt.id, reason))
     # Another host's agent: its wrapper sees the request at its next heartbeat.
     task = app.db.read(lambda s: q.get_task(s, task_id))
@@ -90,6 +93,23 @@ def cancel_task(app: App, task_id: int, *, reason: str | None = None) -> TaskVie
             f"cancel requested; attempt {attempt.id} on {attempt.host} stops at its next heartbeat"
         ],
     )
+
+
+def _kill_orphaned_agent(attempt: Attempt) -> None:
+    """The wrapper could not stop its agent (it is stopped or stuck): kill the agent here,
+    so the task is not recorded cancelled while the agent still works. Only a process
+    whose parent is still this attempt's wrapper is the agent: pids are reused."""
+    pid, wrapper = attempt.agent_pid, attempt.wrapper_pid
+    if not pid or not wrapper:
+        return
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        parent = int(stat[stat.rfind(")") + 2 :].split()[1])
+    except (OSError, ValueError, IndexError):
+        return  # gone already, or no /proc to tell whose it is
+    if parent == wrapper:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _wait_ended(app: App, attempt_id: int, seconds: float) -> bool:

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 from dispatch.app import App
 from dispatch.errors import Conflict, NotFound, UsageError
 from dispatch.lifecycle import Action, AttemptState, Outcome, Status, next_status
+from dispatch.services.processes import proc_stat
 from dispatch.services.tasks import TaskView
 from dispatch.store import queries as q
 from dispatch.store.models import Attempt, Task, utcnow
@@ -102,12 +103,8 @@ def _kill_orphaned_agent(attempt: Attempt) -> None:
     pid, wrapper = attempt.agent_pid, attempt.wrapper_pid
     if not pid or not wrapper:
         return
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        parent = int(stat[stat.rfind(")") + 2 :].split()[1])
-    except (OSError, ValueError, IndexError):
-        return  # gone already, or no /proc to tell whose it is
-    if parent == wrapper:
+    stat = proc_stat(pid)  # None: gone already, or no /proc to tell whose it is
+    if stat is not None and stat.parent == wrapper:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
 

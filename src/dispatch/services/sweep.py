@@ -6,10 +6,9 @@ conditional write with one event, so concurrent sweeps reap a task once.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +21,12 @@ from dispatch.errors import DispatchError
 from dispatch.lifecycle import Action, AttemptState, Outcome, Status, next_status
 from dispatch.services.cleanup import remove_created, remove_prompt, roll_back
 from dispatch.services.naming import WRAPPER_MARKER
+from dispatch.services.processes import process_alive
 from dispatch.store import queries as q
 from dispatch.store.models import Attempt, Task, utcnow
 
 # How long a sweep waits for another sweep that is finishing an undo on this host.
 UNDO_LOCK_SECONDS = 60.0
-# /proc start times are rounded to whole seconds of boot time: allow for that.
-_START_SLACK = timedelta(seconds=2)
 _TASK_DIR = re.compile(r"task-(\d+)")
 
 
@@ -112,49 +110,6 @@ def _snapshot(s: Session, dirs: list[tuple[Path, int | None]]) -> _Snapshot:
         if n is None or n not in repos or Path(repos[n]).name != path.parent.name
     ]
     return _Snapshot([(a, t) for a, t in live_rows], [(t, a) for t, a in rows], orphans)
-
-
-def _process_alive(pid: int | None, started_before: datetime | None) -> bool:
-    """Whether `pid` still runs the process that existed at `started_before`.
-
-    A zombie is dead, and a process that started later merely reuses the pid.
-    """
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    started = _linux_start(pid)
-    if started is None:
-        return True  # no /proc to ask: trust the pid
-    state, began = started
-    if state == "Z":
-        return False
-    return started_before is None or began <= started_before + _START_SLACK
-
-
-def _linux_start(pid: int) -> tuple[str, datetime] | None:
-    """(state letter, start time) from /proc, or None where there is no /proc."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        boot = next(
-            int(line.split()[1])
-            for line in Path("/proc/stat").read_text().splitlines()
-            if line.startswith("btime ")
-        )
-    except (OSError, StopIteration, ValueError, IndexError):
-        return None
-    # The command name may hold spaces and parentheses: fields start after the last ')'.
-    rest = stat[stat.rfind(")") + 2 :].split()
-    try:
-        ticks = int(rest[19])
-    except (IndexError, ValueError):
-        return None
-    seconds = boot + ticks / os.sysconf("SC_CLK_TCK")
-    return rest[0], datetime.fromtimestamp(seconds, tz=UTC)
 
 
 def _attempt_of(pane: Pane) -> int | None:
@@ -265,7 +220,7 @@ def _verdict(
         if lease is not None and lease > now:
             return None
         if attempt.host == app.settings.host:
-            if _process_alive(attempt.dispatcher_pid, attempt.started_at):
+            if process_alive(attempt.dispatcher_pid, attempt.started_at):
                 return None  # a slow step on this host: its dispatcher is still at work
             return "dispatcher died"
         # Another host's dispatch: its own sweep, which can undo it, gets the first turn.
@@ -366,7 +321,7 @@ def _rollback_under_way(app: App, attempt: Attempt, now: datetime) -> bool:
     if attempt.lease_expires_at is not None and attempt.lease_expires_at > now:
         return True
     local = attempt.host == app.settings.host
-    return local and _process_alive(attempt.dispatcher_pid, attempt.started_at)
+    return local and process_alive(attempt.dispatcher_pid, attempt.started_at)
 
 
 def _reap_stuck(

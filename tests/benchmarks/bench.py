@@ -35,6 +35,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from dispatch.adapters.tmux import PANE_FORMAT  # time the raw listing the sweep makes
+
 FULL = {"startup": 20, "list": 10, "run_big": 7, "run_small": 15, "sweep": 10, "claim": 3}
 QUICK = {"startup": 5, "list": 3, "run_big": 3, "run_small": 5, "sweep": 3, "claim": 1}
 # Seconds one claim run may last (each side): the rate is measured, not the time to drain.
@@ -48,20 +50,6 @@ SWEEP_ATTEMPTS = 1_000
 BIG_REPO_FILES = 5_000
 HOST = "bench-host"
 SESSION = "dispatch"
-# The fields the tmux adapter asks for in its one listing.
-PANE_FORMAT = "\t".join(
-    f"#{{{f}}}"
-    for f in (
-        "session_name",
-        "window_id",
-        "window_name",
-        "pane_id",
-        "pane_pid",
-        "pane_dead",
-        "pane_dead_status",
-        "pane_start_command",
-    )
-)
 
 # A fresh process reading the rows `dispatch list --json` prints, with nothing but sqlite3.
 RAW_LIST = """\

@@ -112,6 +112,12 @@ def agent_profile(name: str, command: list[str], completion: str = "exit") -> st
     return f'\n[agents.{name}]\ncommand = {json.dumps(command)}\ncompletion = "{completion}"\n'
 
 
+def committer_profile(name: str = "committer", line: str = "work") -> str:
+    """An agent that commits a line to work.txt on its branch, then fails (exit 1)."""
+    script = f"echo {line} >> work.txt && git add work.txt && git commit -qm work && exit 1"
+    return agent_profile(name, ["sh", "-c", script])
+
+
 def sleeper_command(seconds: int = 60) -> list[str]:
     return ["sleep", str(seconds)]
 

@@ -27,6 +27,7 @@ from tests.faults import (
     assert_rolled_back,
     attempts,
     branches,
+    committer_profile,
     events,
     run_cli,
     spawns_instead,
@@ -414,17 +415,7 @@ def test_redispatch_after_the_worktree_directory_was_deleted_by_hand(
     env: Env, repo: Path, make_app: Callable[..., App], git: Callable[..., str]
 ) -> None:
     """A stale worktree entry must not block the redispatch; the branch's work comes back."""
-    write_config(
-        env,
-        agent_profile(
-            "committer",
-            [
-                "sh",
-                "-c",
-                "echo $$ >> work.txt && git add work.txt && git commit -qm work && exit 1",
-            ],
-        ),
-    )
+    write_config(env, committer_profile(line="$$"))
     app = make_app()
     add_task(app, "Commit then fail", prompt="p", repo=repo, agent="committer")
     first = dispatch_task(app, 1)
@@ -441,27 +432,6 @@ def test_redispatch_after_the_worktree_directory_was_deleted_by_hand(
     log = git(repo, "log", "--format=%s", "dispatch/1-commit-then-fail").split()
     assert log == ["work", "work", "initial"]  # the first commit survived, a second was made
     assert len((worktree / "work.txt").read_text().split()) == 2
-
-
-def test_redispatch_warns_about_uncommitted_changes_and_keeps_them(
-    cli: Cli, env: Env, repo: Path, make_app: Callable[..., App]
-) -> None:
-    write_config(env, agent_profile("quitter", ["sh", "-c", "exit 1"]))
-    app = make_app()
-    add_task(app, "Try twice", prompt="p", repo=repo, agent="quitter")
-    first = dispatch_task(app, 1)
-    assert first is not None
-    assert wait_status(env, 1) == "failed"
-    worktree = Path(first.attempt.worktree or "")
-    (worktree / "notes.txt").write_text("mine\n")
-    again = cli("redispatch", "1", "--json")
-    assert again.code == 0, again.stderr
-    assert f"warning: worktree {worktree} has uncommitted changes; they are kept" in again.stderr
-    data = again.json()
-    assert data["attempt"]["number"] == 2
-    assert data["attempt"]["redispatch_of"] == first.attempt.id
-    assert wait_status(env, 1) == "failed"
-    assert (worktree / "notes.txt").read_text() == "mine\n"
 
 
 def test_the_window_opens_in_the_configured_session_on_the_test_socket(

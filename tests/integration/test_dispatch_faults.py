@@ -39,6 +39,7 @@ from tests.faults import (
     assert_rolled_back,
     attempts,
     branches,
+    committer_profile,
     events,
     fails_from_call,
     raises,
@@ -561,17 +562,7 @@ def test_a_failed_redispatch_removes_a_worktree_it_made_but_keeps_the_branch(
     env: Env, repo: Path, make_app: Callable[..., App], git: Callable[..., str]
 ) -> None:
     """The user removed the worktree after a failure; the branch (with a commit) stays."""
-    write_config(
-        env,
-        agent_profile(
-            "committer",
-            [
-                "sh",
-                "-c",
-                "echo work > work.txt && git add work.txt && git commit -qm work && exit 1",
-            ],
-        ),
-    )
+    write_config(env, committer_profile())
     working = make_app()
     _add(working, repo, agent="committer")
     first = dispatch_task(working, 1)

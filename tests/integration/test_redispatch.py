@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from dispatch.services.control import close_task
@@ -176,20 +175,6 @@ def test_redispatch_recreates_a_removed_worktree_from_its_branch(
     worktree = Path(first["worktree"])
     assert (worktree / "kept.txt").read_text() == "v1\n"
     assert git(worktree, "branch", "--show-current").strip() == first["branch"]
-
-
-def test_redispatch_recreates_a_deleted_worktree_directory(
-    cli, make_app, repo: Path, env: Env, git
-) -> None:
-    task_id = _failed_once(make_app(), repo, env)
-    [first] = attempts_of(env, task_id)
-    shutil.rmtree(first["worktree"])  # deleted by hand: git still has it registered
-
-    result = cli("redispatch", str(task_id))
-
-    assert result.code == 0, result.stderr
-    assert _redispatched(env, task_id) == "failed"
-    assert (Path(first["worktree"]) / "runs.txt").read_text() == "run\n"
 
 
 def test_redispatch_resumes_the_agent_session(cli, make_app, repo: Path, env: Env) -> None:

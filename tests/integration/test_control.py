@@ -147,6 +147,17 @@ def test_close_cancels_the_running_attempt_and_archives(
     assert len(events_of(env, task_id, "closed")) == 1
 
 
+def test_concurrent_closes_archive_once_with_one_event(cli, make_app, repo: Path, env: Env) -> None:
+    task_id = new_task(make_app(), repo)
+
+    results = run_all(cli, *[("close", str(task_id))] * 4)
+
+    assert [r.code for r in results] == [0, 0, 0, 0]
+    assert sum("already closed" in r.stderr for r in results) == 3
+    assert len(events_of(env, task_id, "closed")) == 1
+    assert task_row(env, task_id)["closed_at"] is not None
+
+
 def test_closed_tasks_are_hidden_refused_and_reopened(cli, make_app, repo: Path, env: Env) -> None:
     app = make_app()
     ready = new_task(app, repo)

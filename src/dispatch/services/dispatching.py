@@ -416,17 +416,15 @@ def record(d: Dispatch) -> bool:
         ran = attempt.state == AttemptState.RUNNING.value or attempt.exit_code is not None
         if not ran:
             return False
-        q.update_task(
-            s,
-            task_id,
-            dispatch_failures=0,
-            branch=d.branch,
-            worktree=str(d.worktree),
-        )
+        values: dict[str, Any] = {
+            "dispatch_failures": 0,
+            "branch": d.branch,
+            "worktree": str(d.worktree),
+        }
+        if q.get_task(s, task_id).current_attempt_id == attempt_id:
+            values["last_error"] = None  # a quick agent's own error must stay
+        q.update_task(s, task_id, **values)
         q.update_attempt(s, attempt_id, lease_expires_at=None)
-        task = q.get_task(s, task_id)
-        if task.current_attempt_id == attempt_id:
-            q.update_task(s, task_id, last_error=None)
         q.record_event(
             s,
             "dispatched",

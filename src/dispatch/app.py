@@ -10,6 +10,7 @@ from dispatch.config import Settings
 if TYPE_CHECKING:
     from dispatch.adapters.protocols import Terminal, Worktrees
     from dispatch.store.database import Database
+    from dispatch.store.reads import Reader
 
 
 @dataclass
@@ -20,6 +21,7 @@ class App:
     db_: Database | None = field(default=None, repr=False)
     worktrees_: Worktrees | None = field(default=None, repr=False)
     terminal_: Terminal | None = field(default=None, repr=False)
+    reader_: Reader | None = field(default=None, repr=False)
 
     @property
     def db(self) -> Database:
@@ -28,6 +30,15 @@ class App:
 
             self.db_ = Database(self.settings.database)
         return self.db_
+
+    @property
+    def reader(self) -> Reader:
+        """The hot reads (`list`, the sweep's census), without SQLAlchemy when it can."""
+        if self.reader_ is None:
+            from dispatch.store.reads import open_reader
+
+            self.reader_ = open_reader(self.settings.database, lambda: self.db)
+        return self.reader_
 
     @property
     def worktrees(self) -> Worktrees:
@@ -46,5 +57,7 @@ class App:
         return self.terminal_
 
     def close(self) -> None:
+        if self.reader_ is not None:
+            self.reader_.close()
         if self.db_ is not None:
             self.db_.dispose()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dispatch.store.database import HEAD_REVISION
+from dispatch.store.revisions import HEAD_REVISION
 from tests.cli.inprocess import InProcess
 from tests.conftest import BASE_CONFIG, Env, Result
 

@@ -6,6 +6,7 @@ slowness that a change most easily brings back: an import at module level.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Callable
@@ -13,11 +14,17 @@ from pathlib import Path
 
 from tests.conftest import Env, Result
 
-HEAVY = {"sqlalchemy", "alembic", "libtmux", "git"}
+HEAVY = {"sqlalchemy", "alembic", "libtmux", "git", "pydantic"}
 
 
 def _imported(*args: str, cwd: Path) -> tuple[int, set[str]]:
     """The top-level packages `python -m dispatch ARGS` imports, from -X importtime."""
+    code, names, _ = _run(*args, cwd=cwd)
+    return code, names
+
+
+def _run(*args: str, cwd: Path) -> tuple[int, set[str], str]:
+    """Exit code, top-level packages imported (from -X importtime) and stdout."""
     done = subprocess.run(
         [sys.executable, "-X", "importtime", "-m", "dispatch", *args],
         capture_output=True, text=True, cwd=cwd, timeout=60,
@@ -28,7 +35,7 @@ def _imported(*args: str, cwd: Path) -> tuple[int, set[str]]:
             name = line.rsplit("|", 1)[1].strip()
             names.add(name.split(".")[0])
     assert "dispatch" in names  # the probe works: it sees dispatch itself
-    return done.returncode, names
+    return done.returncode, names, done.stdout
 
 
 def test_version_and_help_import_no_heavy_library(env: Env) -> None:
@@ -38,15 +45,36 @@ def test_version_and_help_import_no_heavy_library(env: Env) -> None:
         assert not names & HEAVY, (args, sorted(names & HEAVY))
 
 
-def test_list_and_show_import_neither_tmux_nor_git(
+def test_list_reads_a_current_database_without_sqlalchemy(
+    env: Env, cli: Callable[..., Result], repo: Path
+) -> None:
+    assert cli("add", "first task", cwd=repo).code == 0
+    code, names, stdout = _run("list", "--json", cwd=env.root)
+    assert code == 0
+    assert [t["title"] for t in json.loads(stdout)] == ["first task"]  # it did read it
+    assert not names & HEAVY, sorted(names & HEAVY)
+
+
+def test_show_imports_neither_tmux_nor_git(
     env: Env, cli: Callable[..., Result], repo: Path
 ) -> None:
     assert cli("add", "x", cwd=repo).code == 0
-    for args in (["list"], ["show", "1", "--json"]):
-        code, names = _imported(*args, cwd=env.root)
-        assert code == 0
-        assert "sqlalchemy" in names  # it did read the database
-        assert not names & {"libtmux", "git", "alembic"}, (args, sorted(names & HEAVY))
+    code, names = _imported("show", "1", "--json", cwd=env.root)
+    assert code == 0
+    assert "sqlalchemy" in names  # it did read the database
+    assert not names & {"libtmux", "git", "alembic"}, sorted(names & HEAVY)
+
+
+def test_a_sweep_with_nothing_to_reap_only_reads_without_sqlalchemy(
+    env: Env, cli: Callable[..., Result], repo: Path
+) -> None:
+    assert cli("add", "busy", "--agent", "shell", "--prompt", "sleep 30", cwd=repo).code == 0
+    assert cli("run", "1").code == 0
+    code, names, stdout = _run("sweep", "--json", cwd=env.root)
+    assert code == 0
+    report = json.loads(stdout)
+    assert (report["checked"], report["reaped"]) == (1, [])  # it saw the live attempt
+    assert not names & HEAVY, sorted(names & HEAVY)
 
 
 def test_add_imports_git_but_not_tmux(env: Env, repo: Path) -> None:

@@ -12,7 +12,8 @@ from typing import Any
 from dispatch.app import App
 from dispatch.services.dispatching import dispatch_task
 from dispatch.services.naming import branch_name, worktree_path
-from dispatch.services.sweep import SweepReport, _finish_undo, _Panes, sweep
+from dispatch.services.reaping import _finish_undo
+from dispatch.services.sweep import Panes, SweepReport, sweep
 from dispatch.store.models import utcnow
 from tests.conftest import Env
 from tests.integration.recovery_helpers import (
@@ -171,7 +172,7 @@ def test_a_sweep_with_an_old_snapshot_never_undoes_a_newer_dispatch(
     window = attempt["tmux_target"].split(":")[1]
 
     # A second sweep that read its snapshot before the first one's rollback now acts on it.
-    late = _finish_undo(app, crashed, "dispatcher died", _Panes.of([]), SweepReport())
+    late = _finish_undo(app, crashed, "dispatcher died", Panes.of([]), SweepReport())
 
     assert late is None
     assert Path(attempt["worktree"]).is_dir()

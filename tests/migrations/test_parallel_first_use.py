@@ -11,7 +11,7 @@ from contextlib import closing
 
 import pytest
 
-from dispatch.store.database import HEAD_REVISION
+from dispatch.store.revisions import HEAD_REVISION
 from tests.conftest import Env
 
 PROCESSES = 6

@@ -20,14 +20,9 @@ from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
-from dispatch.store.database import (
-    BUSY_TIMEOUT_MS,
-    HEAD_REVISION,
-    KNOWN_REVISIONS,
-    Database,
-    migrations_dir,
-)
+from dispatch.store.database import BUSY_TIMEOUT_MS, Database, migrations_dir
 from dispatch.store.models import Attempt, Base, Event, Task, utcnow
+from dispatch.store.revisions import HEAD_REVISION, KNOWN_REVISIONS
 from tests.cli.inprocess import InProcess
 from tests.conftest import Env, Result
 
@@ -338,8 +333,10 @@ def test_alembic_is_imported_only_when_an_upgrade_is_due(env: Env) -> None:
     code, first = _modules_used("list", "--json")
     assert code == 0
     assert first == ["alembic", "sqlalchemy"]  # a fresh database is migrated
-    code, later = _modules_used("list", "--json")
+    code, later = _modules_used("events", "--json")
     assert code == 0
     assert later == ["sqlalchemy"]  # the database is current: no Alembic
+    code, listed = _modules_used("list", "--json")
+    assert (code, listed) == (0, [])  # a current SQLite file is read without either
     code, current = _modules_used("db", "current")
     assert (code, current) == (0, ["sqlalchemy"])

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dispatch.store.database import HEAD_REVISION
+from dispatch.store.revisions import HEAD_REVISION
 from tests.conftest import Env
 
 SOURCE = Path(__file__).resolve().parents[2]

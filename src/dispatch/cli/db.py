@@ -31,7 +31,7 @@ def upgrade(ctx: typer.Context) -> None:
 def current(ctx: typer.Context) -> None:
     """Print the database's schema revision."""
     from dispatch.cli.main import state
-    from dispatch.store.database import HEAD_REVISION, KNOWN_REVISIONS
+    from dispatch.store.revisions import HEAD_REVISION, KNOWN_REVISIONS
 
     revision = state(ctx).get_app().db.current_revision()
     if revision == HEAD_REVISION:

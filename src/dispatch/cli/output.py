@@ -14,8 +14,8 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from dispatch.errors import DispatchError
-    from dispatch.services.tasks import TaskRow
     from dispatch.store.models import Attempt, Event, Task
+    from dispatch.store.reads import TaskSummary
 
 
 class Mode:
@@ -49,7 +49,7 @@ def attempt_json(a: Attempt) -> dict[str, Any]:
     }
 
 
-def task_json(t: TaskRow, attempts: Sequence[Attempt] | None = None) -> dict[str, Any]:
+def task_json(t: Task | TaskSummary, attempts: Sequence[Attempt] | None = None) -> dict[str, Any]:
     data: dict[str, Any] = {
         "id": t.id,
         "title": t.title,
@@ -148,7 +148,7 @@ def _status(status: str, closed: bool = False) -> str:
     return text + (" (closed)" if closed else "")
 
 
-def task_table(tasks: Iterable[TaskRow]) -> None:
+def task_table(tasks: Iterable[TaskSummary]) -> None:
     from rich.table import Table
 
     table = Table(box=None, pad_edge=False)

@@ -59,7 +59,7 @@ def _database(app: App) -> str:
 
 
 def _migrations(app: App) -> str:
-    from dispatch.store.database import HEAD_REVISION
+    from dispatch.store.revisions import HEAD_REVISION
 
     current = app.db.current_revision()
     if current != HEAD_REVISION:

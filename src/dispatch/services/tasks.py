@@ -1,13 +1,10 @@
-"""Creating, listing, showing and archiving tasks; resetting them after a failure."""
+"""Creating, showing and archiving tasks; resetting them after a failure."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeAlias
 
-from sqlalchemy.engine import Row
 from sqlalchemy.orm import Session
 
 from dispatch.app import App
@@ -15,9 +12,6 @@ from dispatch.errors import Conflict, EnvironmentProblem, UsageError
 from dispatch.lifecycle import Action, Status, next_status
 from dispatch.store import queries as q
 from dispatch.store.models import Attempt, Event, Task, utcnow
-
-# A task's columns as attributes, without the ORM's per-object bookkeeping.
-TaskRow: TypeAlias = Task | Row[Any]
 
 
 @dataclass
@@ -81,16 +75,6 @@ def add_task(
         return task
 
     return app.db.write(work)
-
-
-def list_tasks(
-    app: App, statuses: Sequence[str] = (), include_closed: bool = False
-) -> list[TaskRow]:
-    valid = {s.value for s in Status}
-    for status in statuses:
-        if status not in valid:
-            raise UsageError(f"unknown status {status!r} (one of: {', '.join(sorted(valid))})")
-    return list(app.db.read(lambda s: q.list_tasks(s, statuses, include_closed)))
 
 
 def show_task(app: App, task_id: int) -> TaskView:

@@ -21,13 +21,10 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError, SQLAlche
 from sqlalchemy.orm import Session, sessionmaker
 
 from dispatch.errors import EnvironmentProblem
+from dispatch.store.revisions import HEAD_REVISION, KNOWN_REVISIONS
 
 T = TypeVar("T")
 
-# The newest revision this code knows, kept equal to Alembic's head by a test, so the
-# common case (schema current) never pays Alembic's import.
-KNOWN_REVISIONS = ("0001", "0002")
-HEAD_REVISION = KNOWN_REVISIONS[-1]
 
 # SQLite's own busy handler sleeps in growing steps (up to 100 ms) while a writer holds
 # the lock, so under contention most of a claim is spent asleep. A short busy_timeout

@@ -6,7 +6,6 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from sqlalchemy import func, select, update
-from sqlalchemy.engine import Row
 from sqlalchemy.orm import Session
 
 from dispatch.errors import NotFound
@@ -28,21 +27,6 @@ def get_attempt(session: Session, attempt_id: int) -> Attempt:
     if attempt is None:
         raise NotFound(f"no attempt {attempt_id}")
     return attempt
-
-
-def list_tasks(
-    session: Session, statuses: Iterable[str] = (), include_closed: bool = False
-) -> Sequence[Row[Any]]:
-    """Plain rows with the task's columns as attributes: loading 10,000 ORM objects to
-    print them would cost a third of `dispatch list`."""
-    # The order `run --next` takes them in: highest priority first, then oldest.
-    query = select(Task.__table__).order_by(Task.priority.desc(), Task.id)
-    wanted = list(statuses)
-    if wanted:
-        query = query.where(Task.status.in_(wanted))
-    if not include_closed:
-        query = query.where(Task.closed_at.is_(None))
-    return session.execute(query).all()
 
 
 def attempts_of(session: Session, task_ids: Sequence[int]) -> dict[int, list[Attempt]]:

@@ -1,0 +1,178 @@
+"""The sweep's writes: each reap is one conditional update plus one event.
+
+Only a sweep that found something to reap loads this (and SQLAlchemy with it).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy.orm import Session
+
+from dispatch.app import App
+from dispatch.errors import DispatchError
+from dispatch.lifecycle import Action, AttemptState, Outcome, Status, next_status
+from dispatch.services.cleanup import remove_created, remove_prompt, roll_back
+from dispatch.services.sweep import Panes, Reap, SweepReport
+from dispatch.store import queries as q
+from dispatch.store.models import Attempt, utcnow
+from dispatch.store.reads import AttemptCheck
+
+# How long a sweep waits for another sweep that is finishing an undo on this host.
+UNDO_LOCK_SECONDS = 60.0
+
+
+def reap_running(app: App, attempt: AttemptCheck, reason: str, requeue: bool) -> Reap | None:
+    # A cancel was asked for and the agent is gone: that is what the user wanted.
+    cancelled = attempt.cancel_requested_at is not None
+    if cancelled:
+        action, outcome = Action.CANCEL, Outcome.CANCELLED
+    else:
+        action, outcome = (Action.REQUEUE if requeue else Action.REAP), Outcome.INTERRUPTED
+
+    def work(s: Session) -> Reap | None:
+        if not q.move_attempt(
+            s,
+            attempt.id,
+            expected=[AttemptState.RUNNING],
+            target=AttemptState.ENDED,
+            outcome=outcome.value,
+            ended_at=utcnow(),
+            error=reason,
+        ):
+            return None  # another sweep, or the wrapper itself, got there first
+        target = next_status(Status.IN_PROGRESS, action, task_id=attempt.task_id)
+        if not q.release_task(
+            s,
+            attempt.task_id,
+            attempt_id=attempt.id,
+            target=target,
+            kind="reaped",
+            values={"last_error": f"{outcome.value}: {reason}"},
+            reason=reason,
+        ):
+            return None  # a superseded attempt: its end is recorded, the task is not ours
+        return Reap(attempt.task_id, attempt.id, reason, target.value)
+
+    return app.db.write(work)
+
+
+def reap_dispatch(
+    app: App, attempt: AttemptCheck, reason: str, panes: Panes, report: SweepReport
+) -> Reap | None:
+    """A dispatcher died mid-saga: fence its attempt, finish its undo, roll back."""
+    won = app.db.write(
+        lambda s: q.move_attempt(
+            s,
+            attempt.id,
+            expected=[AttemptState.STARTING],
+            target=AttemptState.ENDED,
+            outcome=Outcome.DISPATCH_FAILED.value,
+            ended_at=utcnow(),
+            error=reason,
+        )
+    )
+    if not won:
+        return None  # another sweep, or its wrapper acknowledging, got there first
+    return _finish_undo(app, attempt.id, reason, panes, report)
+
+
+def reap_stuck(
+    app: App,
+    task_id: int,
+    attempt: AttemptCheck | None,
+    reason: str,
+    panes: Panes,
+    report: SweepReport,
+) -> Reap | None:
+    if attempt is not None:
+        return _finish_undo(app, attempt.id, attempt.error or reason, panes, report)
+
+    def work(s: Session) -> Reap | None:
+        target = next_status(Status.IN_PROGRESS, Action.REAP, task_id=task_id)
+        if not q.release_task(
+            s,
+            task_id,
+            attempt_id=None,
+            target=target,
+            kind="reaped",
+            values={"last_error": reason},
+            reason=reason,
+        ):
+            return None
+        return Reap(task_id, None, reason, target.value)
+
+    return app.db.write(work)
+
+
+def _still_to_undo(app: App, attempt_id: int) -> Attempt | None:
+    """The attempt, if its task still waits for this attempt's rollback."""
+
+    def work(s: Session) -> Attempt | None:
+        attempt = q.get_attempt(s, attempt_id)
+        task = q.get_task(s, attempt.task_id)
+        pending = (
+            attempt.state == AttemptState.ENDED.value
+            and task.status == Status.IN_PROGRESS.value
+            and task.current_attempt_id == attempt_id
+        )
+        return attempt if pending else None
+
+    return app.db.read(work)
+
+
+def _finish_undo(
+    app: App, attempt_id: int, reason: str, panes: Panes, report: SweepReport
+) -> Reap | None:
+    """Undo, from the write-ahead intent, what a dead dispatch created; then roll back.
+
+    Serialised on this host and re-checked under the lock: a sweep working from an
+    older snapshot must never undo a rollback that already happened, because the task
+    may have been dispatched again into the same worktree and branch since.
+    """
+    from filelock import FileLock, Timeout
+
+    settings = app.settings
+    settings.locks_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        with FileLock(str(settings.locks_dir / "sweep-undo.lock"), timeout=UNDO_LOCK_SECONDS):
+            attempt = _still_to_undo(app, attempt_id)
+            if attempt is None:
+                return None
+            if attempt.host == settings.host:
+                report.problems.extend(_undo_here(app, attempt, panes))
+            elif (attempt.intent or {}).get("worktree"):
+                report.problems.append(
+                    f"attempt {attempt_id}: worktree {attempt.intent['worktree']} and branch "
+                    f"{attempt.intent.get('branch')} were made on {attempt.host}; "
+                    "a sweep there cannot undo them any more, check them by hand"
+                )
+            status = roll_back(app, attempt_id, reason, {"step": "sweep"})
+    except Timeout:
+        report.problems.append(f"attempt {attempt_id}: another sweep is still undoing it")
+        return None
+    if status is None:
+        return None
+    return Reap(attempt.task_id, attempt_id, reason, status.value)
+
+
+def _undo_here(app: App, attempt: Attempt, panes: Panes) -> list[str]:
+    """Kill the attempt's window, remove its prompt file, worktree and branch it created."""
+    problems: list[str] = []
+    intent = attempt.intent or {}
+    try:
+        # Only windows that run this very attempt's wrapper: a window id from the intent
+        # may have been reused by a newer tmux server for another task's agent.
+        session = intent.get("session") or attempt.tmux_session
+        for pane in panes.by_attempt.get(attempt.id, []):
+            if pane.session == session:
+                app.terminal.kill_window(pane.window_id)
+    except DispatchError as exc:
+        problems.append(f"attempt {attempt.id}: undo window: {exc.message}")
+    try:
+        if intent.get("worktree"):
+            problems.extend(
+                remove_created(app, intent, agent_started=attempt.agent_pid is not None)
+            )
+    except DispatchError as exc:
+        problems.append(f"attempt {attempt.id}: undo worktree: {exc.message}")
+    remove_prompt(app, attempt.id)
+    return problems

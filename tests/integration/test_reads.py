@@ -1,0 +1,207 @@
+"""The hot reads (`list`, the sweep's census): the same records whichever way they are read.
+
+On a current SQLite file they go through the standard library's sqlite3; anything else
+goes through `Database` (which checks, migrates or refuses first). Both run one SQL
+text, and both must give exactly what the models hold.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from datetime import UTC, timedelta
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy.orm import Session
+
+from dispatch.app import App
+from dispatch.lifecycle import AttemptState, Status
+from dispatch.services.tasks import add_task
+from dispatch.store import queries as q
+from dispatch.store.database import migrations_dir
+from dispatch.store.models import Attempt, utcnow
+from dispatch.store.reads import (
+    DatabaseReader,
+    Reader,
+    SqliteReader,
+    census,
+    list_tasks,
+    open_reader,
+)
+from dispatch.store.revisions import HEAD_REVISION, KNOWN_REVISIONS
+from tests.conftest import Env
+
+HOSTILE = "$(touch x); `id` ../../etc\n'\"naïve ✓ 日本"
+
+
+def _attempt(s: Session, task_id: int, state: AttemptState, **values: object) -> int:
+    number = len(q.attempts_of(s, [task_id])[task_id]) + 1
+    attempt = Attempt(
+        task_id=task_id,
+        number=number,
+        state=state.value,
+        prior_status=Status.READY.value,
+        host="here",
+        intent={},
+        started_at=utcnow() - timedelta(minutes=5),
+        **values,
+    )
+    s.add(attempt)
+    s.flush()
+    return attempt.id
+
+
+def _world(app: App, repo: Path) -> dict[str, int]:
+    """Tasks in every shape the two reads must agree on."""
+    ids = {
+        name: add_task(app, title, repo=repo, priority=priority).id
+        for name, title, priority in [
+            ("hostile", HOSTILE, 0),
+            ("urgent", "urgent", 5),
+            ("closed", "closed", 9),
+            ("running", "running", 1),
+            ("starting", "starting", 1),
+            ("stuck", "stuck", 0),
+            ("orphaned", "no attempt", 0),
+        ]
+    }
+
+    def shape(s: Session) -> None:
+        q.update_task(s, ids["closed"], closed_at=utcnow(), last_error="gave up")
+        running = _attempt(
+            s,
+            ids["running"],
+            AttemptState.RUNNING,
+            heartbeat_at=utcnow(),
+            agent_pid=4242,
+            tmux_target="dispatch:@7",
+            tmux_session="dispatch",
+        )
+        starting = _attempt(
+            s,
+            ids["starting"],
+            AttemptState.STARTING,
+            dispatcher_pid=1,
+            lease_expires_at=utcnow() + timedelta(minutes=1),
+        )
+        ended = _attempt(s, ids["stuck"], AttemptState.ENDED, error="rollback died")
+        for name, attempt in (("running", running), ("starting", starting), ("stuck", ended)):
+            q.update_task(s, ids[name], status=Status.IN_PROGRESS.value, current_attempt_id=attempt)
+        q.update_task(s, ids["orphaned"], status=Status.IN_PROGRESS.value, dispatch_failures=2)
+        ids.update(running_attempt=running, starting_attempt=starting, ended_attempt=ended)
+
+    app.db.write(shape)
+    return ids
+
+
+def _readers(app: App) -> tuple[Reader, Reader]:
+    fast = open_reader(app.settings.database, lambda: app.db)
+    assert isinstance(fast, SqliteReader)  # a current SQLite file: the stdlib way
+    return fast, DatabaseReader(app.db)
+
+
+def test_list_reads_the_same_tasks_both_ways(make_app: Callable[..., App], repo: Path) -> None:
+    app = make_app()
+    ids = _world(app, repo)
+    fast, through_database = _readers(app)
+
+    filters = [((), False), ((), True), (("in-progress",), False), (("ready", "in-progress"), True)]
+    for statuses, closed in filters:
+        assert list_tasks(fast, statuses, closed) == list_tasks(through_database, statuses, closed)
+
+    listed = list_tasks(fast)
+    # Claim order: priority first, then age; closed tasks only when asked for.
+    order = ["urgent", "running", "starting", "hostile", "stuck", "orphaned"]
+    assert [t.id for t in listed] == [ids[name] for name in order]
+    assert [t.id for t in list_tasks(fast, (), True)] == [ids["closed"]] + [t.id for t in listed]
+    assert {t.id for t in list_tasks(fast, ["in-progress"])} == {
+        ids["running"], ids["starting"], ids["stuck"], ids["orphaned"]
+    }  # fmt: skip
+    hostile = next(t for t in listed if t.id == ids["hostile"])
+    stored = app.db.read(lambda s: q.get_task(s, ids["hostile"]))
+    assert hostile.title == HOSTILE  # verbatim, newline and all
+    assert (hostile.created_at, hostile.updated_at) == (stored.created_at, stored.updated_at)
+    assert hostile.created_at.tzinfo is UTC
+
+
+def test_the_census_reads_the_same_snapshot_both_ways(
+    make_app: Callable[..., App], repo: Path
+) -> None:
+    app = make_app()
+    ids = _world(app, repo)
+    fast, through_database = _readers(app)
+    asked = [ids["running"], ids["closed"], 999]
+
+    seen = census(fast, asked)
+
+    assert seen == census(through_database, asked)
+    assert [a.id for a in seen.live] == [ids["running_attempt"], ids["starting_attempt"]]
+    running = seen.live[0]
+    assert (running.task_id, running.state, running.agent_pid) == (ids["running"], "running", 4242)
+    assert running.tmux_target == "dispatch:@7"
+    assert running.heartbeat_at is not None and running.heartbeat_at.tzinfo is UTC
+    stuck = {t.id: t.attempt for t in seen.stuck}
+    assert set(stuck) == {ids["stuck"], ids["orphaned"]}
+    assert stuck[ids["orphaned"]] is None
+    ended = stuck[ids["stuck"]]
+    assert ended is not None and (ended.id, ended.error) == (ids["ended_attempt"], "rollback died")
+    assert seen.repos == {ids["running"]: str(repo), ids["closed"]: str(repo)}  # 999: none
+
+
+def test_an_empty_census_asks_for_no_repositories(make_app: Callable[..., App]) -> None:
+    app = make_app()
+    app.db.ensure_schema()
+    fast, through_database = _readers(app)
+    assert census(fast, []) == census(through_database, []) == ([], [], {})
+
+
+def test_a_missing_database_is_created_by_database_not_by_the_fast_path(
+    make_app: Callable[..., App], env: Env
+) -> None:
+    app = make_app()
+    assert not env.db_path.exists()
+
+    reader = app.reader
+
+    assert isinstance(reader, DatabaseReader)
+    assert list_tasks(reader) == []  # migrated on first use, as every command does
+    assert env.db_path.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_database_not_at_head_goes_through_database(
+    make_app: Callable[..., App], env: Env
+) -> None:
+    env.db_path.parent.mkdir(parents=True, exist_ok=True)
+    config = Config()
+    config.set_main_option("script_location", str(migrations_dir()))
+    config.set_main_option("sqlalchemy.url", f"sqlite:///{env.db_path}")
+    command.upgrade(config, KNOWN_REVISIONS[0])
+
+    reader = make_app().reader
+
+    assert isinstance(reader, DatabaseReader)  # Database migrates it before reading
+    assert list_tasks(reader) == []
+    connection = sqlite3.connect(env.db_path)
+    assert connection.execute("SELECT version_num FROM alembic_version").fetchall() == [
+        (HEAD_REVISION,)
+    ]
+    connection.close()
+
+
+def test_urls_that_are_not_a_plain_file_go_through_database(env: Env) -> None:
+    opened: list[str] = []
+
+    class Stand:  # stands in for the Database the fallback would use
+        pass
+
+    def database() -> Stand:
+        opened.append("database")
+        return Stand()
+
+    for url in ("sqlite://", "sqlite:///:memory:", f"sqlite:///{env.db_path}?mode=ro",
+                "postgresql://user@host/db"):  # fmt: skip
+        assert isinstance(open_reader(url, database), DatabaseReader), url  # type: ignore[arg-type]
+    assert len(opened) == 4
+    assert not env.db_path.exists()  # nothing was created on the way

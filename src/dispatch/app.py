@@ -10,7 +10,7 @@ from dispatch.config import Settings
 if TYPE_CHECKING:
     from dispatch.adapters.protocols import Terminal, Worktrees
     from dispatch.store.database import Database
-    from dispatch.store.reads import Reader
+    from dispatch.store.direct import Direct
 
 
 @dataclass
@@ -21,7 +21,7 @@ class App:
     db_: Database | None = field(default=None, repr=False)
     worktrees_: Worktrees | None = field(default=None, repr=False)
     terminal_: Terminal | None = field(default=None, repr=False)
-    reader_: Reader | None = field(default=None, repr=False)
+    direct_: Direct | None = field(default=None, repr=False)
 
     @property
     def db(self) -> Database:
@@ -32,13 +32,13 @@ class App:
         return self.db_
 
     @property
-    def reader(self) -> Reader:
-        """The hot reads (`list`, the sweep's census), without SQLAlchemy when it can."""
-        if self.reader_ is None:
-            from dispatch.store.reads import open_reader
+    def direct(self) -> Direct:
+        """The hot paths' statements, without SQLAlchemy when the database allows it."""
+        if self.direct_ is None:
+            from dispatch.store.direct import open_direct
 
-            self.reader_ = open_reader(self.settings.database, lambda: self.db)
-        return self.reader_
+            self.direct_ = open_direct(self.settings.database, lambda: self.db)
+        return self.direct_
 
     @property
     def worktrees(self) -> Worktrees:
@@ -57,7 +57,7 @@ class App:
         return self.terminal_
 
     def close(self) -> None:
-        if self.reader_ is not None:
-            self.reader_.close()
+        if self.direct_ is not None:
+            self.direct_.close()
         if self.db_ is not None:
             self.db_.dispose()

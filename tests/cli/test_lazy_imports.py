@@ -7,12 +7,16 @@ slowness that a change most easily brings back: an import at module level.
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import Env, Result
+from tests.faults import wait_for
 
 HEAVY = {"sqlalchemy", "alembic", "libtmux", "git", "pydantic"}
 
@@ -81,3 +85,26 @@ def test_add_imports_git_but_not_tmux(env: Env, repo: Path) -> None:
     code, names = _imported("add", "x", cwd=repo)
     assert code == 0
     assert "git" in names and "libtmux" not in names
+
+
+def _maps_sqlalchemy() -> bool:
+    """Whether an interpreter that imports SQLAlchemy shows it in /proc/PID/maps."""
+    probe = "import sqlalchemy; print('sqlalchemy/' in open('/proc/self/maps').read())"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    return done.stdout.strip() == "True"
+
+
+def test_the_wrapper_starts_the_agent_without_sqlalchemy(
+    env: Env, cli: Callable[..., Result], repo: Path
+) -> None:
+    if not _maps_sqlalchemy():
+        pytest.skip("this SQLAlchemy has no compiled modules to see in /proc/PID/maps")
+    seen = env.root / "wrapper-maps"
+    # The agent's parent is the wrapper: what the wrapper has loaded while the agent runs.
+    script = f"grep -c sqlalchemy/ /proc/$PPID/maps > {shlex.quote(str(seen))}; sleep 30"
+    assert cli("add", "probe", "--agent", "shell", "--prompt", script, cwd=repo).code == 0
+
+    assert cli("run", "1").code == 0
+
+    count = wait_for(lambda: seen.exists() and seen.read_text().strip(), "the agent's probe")
+    assert count == "0"

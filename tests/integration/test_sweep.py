@@ -13,9 +13,9 @@ import pytest
 from sqlalchemy import event
 
 from dispatch.app import App
+from dispatch.services.agent_exit import finish
 from dispatch.services.dispatching import dispatch_task, redispatch
 from dispatch.services.sweep import sweep
-from dispatch.services.wrapper import _finish
 from dispatch.store.models import utcnow
 from tests.conftest import Env, tmux, windows
 from tests.integration.recovery_helpers import (
@@ -473,7 +473,7 @@ def test_other_host_attempt_is_reaped_by_heartbeat_and_its_late_exit_is_fenced(
     wait_for(lambda: running(env, lost_task), "the new agent to start")
     before = task_row(env, lost_task)
 
-    assert _finish(app, lost, 0, interrupted=False) is None
+    assert finish(app, lost, 0, interrupted=False) is None
 
     after = task_row(env, lost_task)
     assert (after["status"], after["current_attempt_id"]) == ("in-progress", new_attempt)

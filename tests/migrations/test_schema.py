@@ -20,7 +20,8 @@ from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
-from dispatch.store.database import BUSY_TIMEOUT_MS, Database, migrations_dir
+from dispatch.store.database import Database, migrations_dir
+from dispatch.store.direct import BUSY_TIMEOUT_MS
 from dispatch.store.models import Attempt, Base, Event, Task, utcnow
 from dispatch.store.revisions import HEAD_REVISION, KNOWN_REVISIONS
 from tests.cli.inprocess import InProcess

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
     from dispatch.errors import DispatchError
     from dispatch.store.models import Attempt, Event, Task
-    from dispatch.store.reads import TaskSummary
+    from dispatch.store.statements import TaskSummary
 
 
 class Mode:

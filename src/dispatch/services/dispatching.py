@@ -608,9 +608,9 @@ def retryable_task_ids(app: App, statuses: list[str]) -> list[int]:
         if status not in {s.value for s in RETRYABLE}:
             allowed = ", ".join(sorted(s.value for s in RETRYABLE))
             raise UsageError(f"cannot redispatch {status!r} tasks (only {allowed})")
-    from dispatch.store.reads import list_tasks
+    from dispatch.store.statements import list_tasks
 
-    return [t.id for t in list_tasks(app.reader, wanted)]
+    return [t.id for t in list_tasks(app.direct, wanted)]
 
 
 def redispatch_each(

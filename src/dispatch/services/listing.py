@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from dispatch.app import App
 from dispatch.errors import UsageError
 from dispatch.lifecycle import Status
-from dispatch.store.reads import TaskSummary
-from dispatch.store.reads import list_tasks as read_tasks
+from dispatch.store.statements import TaskSummary
+from dispatch.store.statements import list_tasks as read_tasks
 
 
 def list_tasks(
@@ -18,4 +18,4 @@ def list_tasks(
     for status in statuses:
         if status not in valid:
             raise UsageError(f"unknown status {status!r} (one of: {', '.join(sorted(valid))})")
-    return read_tasks(app.reader, sorted(set(statuses)), include_closed)
+    return read_tasks(app.direct, sorted(set(statuses)), include_closed)

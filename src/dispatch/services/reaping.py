@@ -14,7 +14,7 @@ from dispatch.services.cleanup import remove_created, remove_prompt, roll_back
 from dispatch.services.sweep import Panes, Reap, SweepReport
 from dispatch.store import queries as q
 from dispatch.store.models import Attempt, utcnow
-from dispatch.store.reads import AttemptCheck
+from dispatch.store.statements import AttemptCheck
 
 # How long a sweep waits for another sweep that is finishing an undo on this host.
 UNDO_LOCK_SECONDS = 60.0

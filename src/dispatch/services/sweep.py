@@ -17,7 +17,7 @@ from dispatch.app import App
 from dispatch.lifecycle import Action, AttemptState, Status, next_status
 from dispatch.services.naming import WRAPPER_MARKER
 from dispatch.services.processes import process_alive
-from dispatch.store.reads import AttemptCheck, census
+from dispatch.store.statements import AttemptCheck, census
 
 _TASK_DIR = re.compile(r"task-(\d+)")
 
@@ -134,7 +134,7 @@ def sweep(
     dirs = _task_dirs(settings.worktree_root)
     # The census comes before the listing: a window an attempt had when it was read
     # must show in the listing unless it has really gone since.
-    snap = census(app.reader, sorted({n for _, n in dirs if n is not None}))
+    snap = census(app.direct, sorted({n for _, n in dirs if n is not None}))
     panes = Panes.of(app.terminal.list_panes())
     now = datetime.now(UTC)
     report = SweepReport(checked=len(snap.live) + len(snap.stuck))

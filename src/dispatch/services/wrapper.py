@@ -3,6 +3,10 @@
 It acknowledges the spawn, runs the agent's argv (never a shell string), heartbeats,
 forwards signals, and records the exit and outcome. Its writes to the task are
 fenced: they apply only while its attempt is current and `running`.
+
+Every `dispatch run` waits for its acknowledgement, so everything up to the agent's
+start (and the heartbeats) are single statements that need no SQLAlchemy; the exit is
+recorded through the models (`agent_exit`), loaded once the agent has ended.
 """
 
 from __future__ import annotations
@@ -15,53 +19,39 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import TypeVar
-
-from sqlalchemy.orm import Session
 
 from dispatch.app import App
 from dispatch.errors import DispatchError
-from dispatch.lifecycle import Action, AttemptState, Completion, Outcome, Status, derive_outcome
-from dispatch.lifecycle import next_status as lifecycle_next
+from dispatch.lifecycle import AttemptState, Status
 from dispatch.services.naming import prompt_path
-from dispatch.store import queries as q
-from dispatch.store.models import Attempt, Task, utcnow
+from dispatch.store.statements import (
+    WrapperStart,
+    acknowledge,
+    heartbeat,
+    record_agent_pid,
+    wrapper_start,
+)
 
-T = TypeVar("T")
 # How long an agent may outlive a forwarded SIGTERM or SIGHUP before it is killed.
 KILL_GRACE_SECONDS = 2.0
-# How long the wrapper keeps trying to record an exit when the database is busy.
-RECORD_PATIENCE_SECONDS = 120.0
 
 
-def _say(text: str) -> None:
+def say(text: str) -> None:
     """Print in the pane; after a hangup the terminal is gone, which must not stop us."""
     with contextlib.suppress(OSError, ValueError):
         sys.stderr.write(f"[dispatch] {text}\n")
         sys.stderr.flush()
 
 
-def _patiently(work: Callable[[], T]) -> T:
-    """Retry a database write until it lands: an unrecorded exit would leave a lie behind."""
-    deadline = time.monotonic() + RECORD_PATIENCE_SECONDS
-    while True:
-        try:
-            return work()
-        except DispatchError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
-
-
 def agent_exec(app: App, attempt_id: int) -> int:
     """Run the agent of one attempt; the return value is the wrapper's exit status."""
-    db, settings = app.db, app.settings
-    attempt, task = db.read(lambda s: _load(s, attempt_id))
-    if attempt.state != AttemptState.STARTING.value:
-        _say(f"attempt {attempt_id} is {attempt.state}; the agent is not started")
+    settings = app.settings
+    start = wrapper_start(app.direct, attempt_id)
+    if start.state != AttemptState.STARTING.value:
+        say(f"attempt {attempt_id} is {start.state}; the agent is not started")
         return 0
 
     received: list[int] = []
@@ -79,26 +69,17 @@ def agent_exec(app: App, attempt_id: int) -> int:
         signal.signal(signum, forward)
 
     try:
-        argv, worktree = _prepare(app, attempt, task)
+        argv, worktree = _prepare(app, start)
     except DispatchError as exc:
         _give_up(app, attempt_id, exc.message)
-        _say(exc.message)
+        say(exc.message)
         return 127 if isinstance(exc, _NotFound) else 1
     if received:
         _give_up(app, attempt_id, f"wrapper interrupted by {_signame(received[0])} before starting")
         return 128 + received[0]
-    acknowledged = db.write(
-        lambda s: q.move_attempt(
-            s,
-            attempt_id,
-            expected=[AttemptState.STARTING],
-            target=AttemptState.RUNNING,
-            wrapper_pid=os.getpid(),
-            heartbeat_at=utcnow(),
-        )
-    )
+    acknowledged = acknowledge(app.direct, attempt_id, os.getpid(), datetime.now(UTC))
     if not acknowledged:  # the dispatcher gave up first: it decides, we leave quietly
-        _say(f"attempt {attempt_id} was abandoned by its dispatcher; the agent is not started")
+        say(f"attempt {attempt_id} was abandoned by its dispatcher; the agent is not started")
         return 0
     if received:
         # The dispatcher is undoing (or someone closed the window): do not start now.
@@ -108,18 +89,18 @@ def agent_exec(app: App, attempt_id: int) -> int:
 
     env = dict(os.environ)
     env.update(
-        DISPATCH_TASK_ID=str(task.id),
+        DISPATCH_TASK_ID=str(start.task_id),
         DISPATCH_ATTEMPT_ID=str(attempt_id),
         DISPATCH_DB=settings.database,
         DISPATCH_WORKTREE=str(worktree),
-        DISPATCH_BRANCH=attempt.branch or "",
+        DISPATCH_BRANCH=start.branch or "",
     )
     try:
         proc = subprocess.Popen(argv, cwd=worktree, env=env)
     except OSError as exc:
         # The agent never ran: that is a failed dispatch, which the dispatcher rolls back.
         message = f"cannot start agent command {argv[0]!r}: {exc.strerror or exc}"
-        _say(message)
+        say(message)
         _give_up(app, attempt_id, message, acknowledged=True)
         return 127 if isinstance(exc, FileNotFoundError) else 126
     child.append(proc)
@@ -129,12 +110,10 @@ def agent_exec(app: App, attempt_id: int) -> int:
     # Ctrl-C in the pane reaches the agent directly (same foreground process group); the
     # wrapper stays to record the exit. Ignored only now, so the agent keeps the default.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    recorded = db.write(
-        lambda s: q.move_attempt(s, attempt_id, expected=[AttemptState.RUNNING], agent_pid=proc.pid)
-    )
+    recorded = record_agent_pid(app.direct, attempt_id, proc.pid)
     if not recorded:
         # Fenced while starting: the dispatcher rolled this attempt back; the agent goes.
-        _say(f"attempt {attempt_id} was rolled back by its dispatcher; stopping the agent")
+        say(f"attempt {attempt_id} was rolled back by its dispatcher; stopping the agent")
         with contextlib.suppress(ProcessLookupError):
             proc.terminate()
     stop = threading.Event()
@@ -147,7 +126,7 @@ def agent_exec(app: App, attempt_id: int) -> int:
     beat.join(timeout=5)
     interrupted = any(s in (signal.SIGTERM, signal.SIGHUP) for s in received)
     status = _finish(app, attempt_id, code, interrupted=interrupted)
-    _say(f"agent exited with {code}; task {task.id} is {status or 'unchanged (superseded)'}")
+    say(f"agent exited with {code}; task {start.task_id} is {status or 'unchanged (superseded)'}")
     return code
 
 
@@ -159,28 +138,28 @@ def _signame(signum: int) -> str:
     return signal.Signals(signum).name
 
 
-def _prepare(app: App, attempt: Attempt, task: Task) -> tuple[list[str], Path]:
+def _prepare(app: App, start: WrapperStart) -> tuple[list[str], Path]:
     """The agent's argv (placeholders filled inside single elements) and its directory."""
     settings = app.settings
-    profile = settings.agent(task.agent)
-    worktree = Path(attempt.worktree or task.worktree or ".")
+    profile = settings.agent(start.agent)
+    worktree = Path(start.worktree or ".")
     values = {
-        "prompt": task.prompt,
-        "prompt_file": str(prompt_path(app, attempt.id)),
-        "task_id": str(task.id),
-        "attempt_id": str(attempt.id),
+        "prompt": start.prompt,
+        "prompt_file": str(prompt_path(app, start.attempt_id)),
+        "task_id": str(start.task_id),
+        "attempt_id": str(start.attempt_id),
         "worktree": str(worktree),
-        "branch": attempt.branch or "",
-        "session_id": attempt.session_id or "",
+        "branch": start.branch or "",
+        "session_id": start.session_id or "",
     }
-    argv = profile.argv(values, resume=attempt.resume)
+    argv = profile.argv(values, resume=start.resume)
     # Looked up from the worktree, where a relative command ("./run-agent") is meant to be.
     if _which(argv[0], worktree) is None:
         raise _NotFound(f"agent command {argv[0]!r} not found on PATH")
     pane = os.environ.get("TMUX_PANE")
     if pane:
         settings.logs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        app.terminal.pipe_pane(pane, settings.logs_dir / f"attempt-{attempt.id}.log")
+        app.terminal.pipe_pane(pane, settings.logs_dir / f"attempt-{start.attempt_id}.log")
     return argv, worktree
 
 
@@ -212,40 +191,13 @@ def _wait(proc: subprocess.Popen[bytes], received: list[int]) -> int:
     return 128 - code if code < 0 else code  # killed by signal N: the shell's 128+N
 
 
-def _load(s: Session, attempt_id: int) -> tuple[Attempt, Task]:
-    attempt = q.get_attempt(s, attempt_id)
-    return attempt, q.get_task(s, attempt.task_id)
-
-
-def _give_up(app: App, attempt_id: int, message: str, *, acknowledged: bool = False) -> None:
-    """The agent cannot start: end the attempt so the dispatcher rolls back at once.
-
-    The task itself is left to the dispatcher (or, if it died, to the sweep): a failed
-    start is a failed dispatch, not a failed agent.
-    """
-    expected = [AttemptState.RUNNING] if acknowledged else [AttemptState.STARTING]
-    _patiently(
-        lambda: app.db.write(
-            lambda s: q.move_attempt(
-                s,
-                attempt_id,
-                expected=expected,
-                target=AttemptState.ENDED,
-                outcome=Outcome.DISPATCH_FAILED.value,
-                ended_at=utcnow(),
-                error=message,
-            )
-        )
-    )
-
-
 def _heartbeat(
     app: App, attempt_id: int, proc: subprocess.Popen[bytes], stop: threading.Event
 ) -> None:
     """Prove liveness to other hosts' sweeps, and honour a cancel made from another host."""
     while not stop.wait(app.settings.heartbeat_interval):
         try:
-            cancelled = app.db.write(lambda s: _beat(s, attempt_id))
+            cancelled = heartbeat(app.direct, attempt_id, datetime.now(UTC))
         except Exception:  # a missed beat is harmless; the next one retries
             continue
         if cancelled:
@@ -253,72 +205,13 @@ def _heartbeat(
                 proc.terminate()
 
 
-def _beat(s: Session, attempt_id: int) -> bool:
-    q.move_attempt(s, attempt_id, expected=[AttemptState.RUNNING], heartbeat_at=utcnow())
-    return q.get_attempt(s, attempt_id).cancel_requested_at is not None
+def _give_up(app: App, attempt_id: int, message: str, *, acknowledged: bool = False) -> None:
+    from dispatch.services.agent_exit import give_up
+
+    give_up(app, attempt_id, message, acknowledged=acknowledged)
 
 
 def _finish(app: App, attempt_id: int, code: int, *, interrupted: bool) -> Status | None:
-    """Record the exit and outcome; change the task only if this attempt still owns it."""
-    attempt, task = _patiently(lambda: app.db.read(lambda s: _load(s, attempt_id)))
-    profile = app.settings.agents.get(task.agent)
-    completion = profile.completion if profile else Completion.EXIT
-    ahead = 0
-    if completion is Completion.COMMITS and code == 0 and attempt.branch:
-        try:
-            ahead = app.worktrees.commits_ahead(Path(task.repo), task.base_ref, attempt.branch)
-        except DispatchError as exc:
-            _say(f"cannot count commits: {exc.message}")
-    outcome = derive_outcome(
-        code,
-        completion,
-        signalled=attempt.done_signalled_at is not None,
-        commits_ahead=ahead,
-        cancelled=attempt.cancel_requested_at is not None,
-        interrupted=interrupted,
-    )
-    return _patiently(lambda: app.db.write(lambda s: _record(s, attempt_id, code, outcome)))
+    from dispatch.services.agent_exit import finish
 
-
-def _record(s: Session, attempt_id: int, code: int, outcome: Outcome) -> Status | None:
-    now = utcnow()
-    ended = q.move_attempt(
-        s,
-        attempt_id,
-        expected=[AttemptState.RUNNING],
-        target=AttemptState.ENDED,
-        outcome=outcome.value,
-        exit_code=code,
-        ended_at=now,
-    )
-    attempt = q.get_attempt(s, attempt_id)
-    task = q.get_task(s, attempt.task_id)
-    if not ended:
-        # Reaped or superseded: record our own exit, never the task's status.
-        if attempt.exit_code is None:
-            q.update_attempt(s, attempt_id, exit_code=code)
-        q.record_event(
-            s,
-            "late-exit",
-            task_id=task.id,
-            attempt_id=attempt_id,
-            exit_code=code,
-            outcome=outcome.value,
-        )
-        return None
-    if task.status != Status.IN_PROGRESS.value or task.current_attempt_id != attempt_id:
-        return None
-    target = lifecycle_next(Status.IN_PROGRESS, Action.FINISH, outcome=outcome, task_id=task.id)
-    error = None if outcome is Outcome.SUCCESS else f"agent {outcome.value} (exit {code})"
-    if not q.release_task(
-        s,
-        task.id,
-        attempt_id=attempt_id,
-        target=target,
-        kind="finished",
-        values={"last_error": error},
-        exit_code=code,
-        outcome=outcome.value,
-    ):
-        return None
-    return target
+    return finish(app, attempt_id, code, interrupted=interrupted)

@@ -21,17 +21,10 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError, SQLAlche
 from sqlalchemy.orm import Session, sessionmaker
 
 from dispatch.errors import EnvironmentProblem
+from dispatch.store.direct import BUSY_TIMEOUT_MS, WRITE_PATIENCE_SECONDS, is_locked
 from dispatch.store.revisions import HEAD_REVISION, KNOWN_REVISIONS
 
 T = TypeVar("T")
-
-
-# SQLite's own busy handler sleeps in growing steps (up to 100 ms) while a writer holds
-# the lock, so under contention most of a claim is spent asleep. A short busy_timeout
-# and our own retry with short random pauses keeps writers moving; the deadline, not a
-# count, bounds it: busy_timeout alone still lets long contended runs fail.
-BUSY_TIMEOUT_MS = 50
-WRITE_PATIENCE_SECONDS = 30.0
 
 
 def migrations_dir() -> Path:
@@ -43,11 +36,6 @@ def migrations_dir() -> Path:
     if source.is_dir():
         return source
     raise EnvironmentProblem("the migration scripts are missing from this installation")
-
-
-def _is_locked(exc: BaseException) -> bool:
-    message = str(getattr(exc, "orig", exc)).lower()
-    return "database is locked" in message or "database is busy" in message
 
 
 class Database:
@@ -118,7 +106,7 @@ class Database:
                 with self._sessions() as session, session.begin():
                     return work(session)
             except OperationalError as exc:
-                if not _is_locked(exc) or time.monotonic() > deadline:
+                if not is_locked(exc) or time.monotonic() > deadline:
                     raise self._unusable(exc) from exc
                 time.sleep(random.uniform(0.001, 0.01))
 

@@ -1,36 +1,40 @@
-"""The hot reads (`list`, the sweep's census): the same records whichever way they are read.
+"""The hot paths' statements: the same records and the same writes whichever way they run.
 
-On a current SQLite file they go through the standard library's sqlite3; anything else
-goes through `Database` (which checks, migrates or refuses first). Both run one SQL
-text, and both must give exactly what the models hold.
+On a current SQLite file they run on the standard library's sqlite3; anything else goes
+through `Database` (which checks, migrates or refuses first). Both run one SQL text, and
+both must read and write exactly what the models do.
 """
 
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections.abc import Callable
 from datetime import UTC, timedelta
 from pathlib import Path
 
+import pytest
 from alembic import command
 from alembic.config import Config
 from sqlalchemy.orm import Session
 
 from dispatch.app import App
+from dispatch.errors import NotFound
 from dispatch.lifecycle import AttemptState, Status
 from dispatch.services.tasks import add_task
 from dispatch.store import queries as q
 from dispatch.store.database import migrations_dir
+from dispatch.store.direct import Direct, SqliteFile, ThroughDatabase, open_direct
 from dispatch.store.models import Attempt, utcnow
-from dispatch.store.reads import (
-    DatabaseReader,
-    Reader,
-    SqliteReader,
-    census,
-    list_tasks,
-    open_reader,
-)
 from dispatch.store.revisions import HEAD_REVISION, KNOWN_REVISIONS
+from dispatch.store.statements import (
+    acknowledge,
+    census,
+    heartbeat,
+    list_tasks,
+    record_agent_pid,
+    wrapper_start,
+)
 from tests.conftest import Env
 
 HOSTILE = "$(touch x); `id` ../../etc\n'\"naïve ✓ 日本"
@@ -96,16 +100,16 @@ def _world(app: App, repo: Path) -> dict[str, int]:
     return ids
 
 
-def _readers(app: App) -> tuple[Reader, Reader]:
-    fast = open_reader(app.settings.database, lambda: app.db)
-    assert isinstance(fast, SqliteReader)  # a current SQLite file: the stdlib way
-    return fast, DatabaseReader(app.db)
+def _both(app: App) -> tuple[Direct, Direct]:
+    fast = open_direct(app.settings.database, lambda: app.db)
+    assert isinstance(fast, SqliteFile)  # a current SQLite file: the stdlib way
+    return fast, ThroughDatabase(app.db)
 
 
 def test_list_reads_the_same_tasks_both_ways(make_app: Callable[..., App], repo: Path) -> None:
     app = make_app()
     ids = _world(app, repo)
-    fast, through_database = _readers(app)
+    fast, through_database = _both(app)
 
     filters = [((), False), ((), True), (("in-progress",), False), (("ready", "in-progress"), True)]
     for statuses, closed in filters:
@@ -131,7 +135,7 @@ def test_the_census_reads_the_same_snapshot_both_ways(
 ) -> None:
     app = make_app()
     ids = _world(app, repo)
-    fast, through_database = _readers(app)
+    fast, through_database = _both(app)
     asked = [ids["running"], ids["closed"], 999]
 
     seen = census(fast, asked)
@@ -153,7 +157,7 @@ def test_the_census_reads_the_same_snapshot_both_ways(
 def test_an_empty_census_asks_for_no_repositories(make_app: Callable[..., App]) -> None:
     app = make_app()
     app.db.ensure_schema()
-    fast, through_database = _readers(app)
+    fast, through_database = _both(app)
     assert census(fast, []) == census(through_database, []) == ([], [], {})
 
 
@@ -163,9 +167,9 @@ def test_a_missing_database_is_created_by_database_not_by_the_fast_path(
     app = make_app()
     assert not env.db_path.exists()
 
-    reader = app.reader
+    reader = app.direct
 
-    assert isinstance(reader, DatabaseReader)
+    assert isinstance(reader, ThroughDatabase)
     assert list_tasks(reader) == []  # migrated on first use, as every command does
     assert env.db_path.stat().st_mode & 0o777 == 0o600
 
@@ -179,9 +183,9 @@ def test_a_database_not_at_head_goes_through_database(
     config.set_main_option("sqlalchemy.url", f"sqlite:///{env.db_path}")
     command.upgrade(config, KNOWN_REVISIONS[0])
 
-    reader = make_app().reader
+    reader = make_app().direct
 
-    assert isinstance(reader, DatabaseReader)  # Database migrates it before reading
+    assert isinstance(reader, ThroughDatabase)  # Database migrates it before reading
     assert list_tasks(reader) == []
     connection = sqlite3.connect(env.db_path)
     assert connection.execute("SELECT version_num FROM alembic_version").fetchall() == [
@@ -202,6 +206,72 @@ def test_urls_that_are_not_a_plain_file_go_through_database(env: Env) -> None:
 
     for url in ("sqlite://", "sqlite:///:memory:", f"sqlite:///{env.db_path}?mode=ro",
                 "postgresql://user@host/db"):  # fmt: skip
-        assert isinstance(open_reader(url, database), DatabaseReader), url  # type: ignore[arg-type]
+        assert isinstance(open_direct(url, database), ThroughDatabase), url  # type: ignore[arg-type]
     assert len(opened) == 4
     assert not env.db_path.exists()  # nothing was created on the way
+
+
+def test_the_wrappers_statements_write_what_the_models_read_both_ways(
+    make_app: Callable[..., App], repo: Path, env: Env
+) -> None:
+    app = make_app()
+    ids = _world(app, repo)
+    for direct in _both(app):
+        _start_and_beat(app, direct, env, ids["hostile"])
+
+
+def _start_and_beat(app: App, direct: Direct, env: Env, task_id: int) -> None:
+    attempt = app.db.write(lambda s: _attempt(s, task_id, AttemptState.STARTING))
+    stored = lambda: app.db.read(lambda s: q.get_attempt(s, attempt))  # noqa: E731
+    start = wrapper_start(direct, attempt)
+    assert (start.task_id, start.state, start.prompt, start.resume) == (
+        task_id, "starting", HOSTILE, False
+    )  # fmt: skip
+    # A whole second: SQLite must still get the six fraction digits the models write.
+    now = utcnow().replace(microsecond=0)
+    later = now + timedelta(seconds=2)
+
+    assert acknowledge(direct, attempt, 4321, now)
+    assert not acknowledge(direct, attempt, 9999, now)  # only from `starting`: one winner
+    assert record_agent_pid(direct, attempt, 5555)
+    assert not heartbeat(direct, attempt, now + timedelta(seconds=1))
+    app.db.write(lambda s: q.update_attempt(s, attempt, cancel_requested_at=utcnow()))
+    assert heartbeat(direct, attempt, later)  # a cancel is seen
+
+    assert (stored().state, stored().wrapper_pid, stored().agent_pid) == ("running", 4321, 5555)
+    assert stored().heartbeat_at == later
+    raw = sqlite3.connect(env.db_path)
+    [(text,)] = raw.execute("SELECT heartbeat_at FROM attempts WHERE id = ?", (attempt,))
+    raw.close()
+    assert text == later.strftime("%Y-%m-%d %H:%M:%S.000000")
+
+    app.db.write(lambda s: q.update_attempt(s, attempt, state=AttemptState.ENDED.value))
+    assert not record_agent_pid(direct, attempt, 6666)  # fenced once it is not running
+    heartbeat(direct, attempt, later + timedelta(seconds=5))
+    assert (stored().agent_pid, stored().heartbeat_at) == (5555, later)  # nothing landed
+
+
+def test_an_unknown_attempt_is_not_found(make_app: Callable[..., App]) -> None:
+    app = make_app()
+    app.db.ensure_schema()
+    for direct in _both(app):
+        with pytest.raises(NotFound, match="no attempt 999"):
+            wrapper_start(direct, 999)
+
+
+def test_a_write_waits_for_another_writer_instead_of_failing(
+    make_app: Callable[..., App], repo: Path, env: Env
+) -> None:
+    app = make_app()
+    ids = _world(app, repo)
+    fast, _ = _both(app)
+    blocker = sqlite3.connect(env.db_path, isolation_level=None, check_same_thread=False)
+    blocker.execute("BEGIN IMMEDIATE")  # holds the write lock well past busy_timeout
+    release = threading.Timer(0.5, lambda: blocker.execute("COMMIT"))
+    release.start()
+    try:
+        assert record_agent_pid(fast, ids["running_attempt"], 7777)
+    finally:
+        release.join()
+        blocker.close()
+    assert app.db.read(lambda s: q.get_attempt(s, ids["running_attempt"])).agent_pid == 7777

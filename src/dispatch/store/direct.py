@@ -1,0 +1,221 @@
+"""Statements on the hot paths — `list`, the sweep's census, the agent wrapper's start
+and heartbeat — as plain SQL text.
+
+Importing SQLAlchemy and mapping the models costs more than `dispatch list` over
+10,000 tasks, an idle sweep from cron, or the wrapper's acknowledgement that every
+`dispatch run` waits for. So on a SQLite file whose schema is current, these statements
+run on the standard library's sqlite3 with the settings `Database` uses. Anything else —
+another backend, a database to create, migrate or refuse — goes through `Database`,
+which checks the schema first and runs the very same SQL text through SQLAlchemy. The
+SQL is portable, and what it reads or writes is the same either way.
+"""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from urllib.parse import quote
+
+from dispatch.errors import EnvironmentProblem
+from dispatch.store.revisions import HEAD_REVISION
+
+if TYPE_CHECKING:
+    from dispatch.store.database import Database
+
+Statement = tuple[str, dict[str, Any]]
+R = TypeVar("R", bound=tuple[Any, ...])
+
+# SQLite's own busy handler sleeps in growing steps (up to 100 ms) while a writer holds
+# the lock, so under contention most of a write is spent asleep. A short busy_timeout
+# and our own retry with short random pauses keeps writers moving; the deadline, not a
+# count, bounds it: busy_timeout alone still lets long contended runs fail.
+BUSY_TIMEOUT_MS = 50
+WRITE_PATIENCE_SECONDS = 30.0
+# How SQLAlchemy keeps a DateTime in SQLite; the two ways of writing must agree.
+_SQLITE_TIME = "%Y-%m-%d %H:%M:%S.%f"
+
+
+def is_locked(exc: BaseException) -> bool:
+    message = str(getattr(exc, "orig", exc)).lower()
+    return "database is locked" in message or "database is busy" in message
+
+
+class Direct(Protocol):
+    def read(self, statements: Sequence[Statement]) -> list[list[Sequence[Any]]]:
+        """Each statement's rows, all read from one snapshot of the database."""
+        ...
+
+    def write(self, statements: Sequence[Statement]) -> list[int]:
+        """Run the statements in one write transaction; each one's count of rows changed."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def open_direct(url: str, database: Callable[[], Database]) -> Direct:
+    """A stdlib connection to a current SQLite file, else statements through `Database`."""
+    connection = _open_current_sqlite(url)
+    if connection is None:
+        return ThroughDatabase(database())
+    return SqliteFile(connection, url.removeprefix(_SQLITE))
+
+
+_SQLITE = "sqlite:///"
+
+
+def _open_current_sqlite(url: str) -> sqlite3.Connection | None:
+    path = url.removeprefix(_SQLITE)
+    # Only a plain file path: URL options, escapes and in-memory databases go the long way.
+    if not url.startswith(_SQLITE) or not path or any(c in path for c in "?%:"):
+        return None
+    try:
+        # mode=rw never creates the file: a missing database is Database's to create, 0600.
+        connection = sqlite3.connect(
+            f"file:{quote(path)}?mode=rw", uri=True, isolation_level=None, check_same_thread=False
+        )
+    except sqlite3.Error:
+        return None
+    try:
+        row = connection.execute("SELECT version_num FROM alembic_version").fetchone()
+    except sqlite3.Error:
+        row = None  # not a database, not ours, or empty: Database says which
+    if row is None or row[0] != HEAD_REVISION:
+        connection.close()
+        return None
+    # The settings Database gives its connections; none of them writes to the file.
+    connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    connection.execute("PRAGMA foreign_keys = ON")
+    connection.execute("PRAGMA synchronous = NORMAL")
+    return connection
+
+
+def _sqlite_value(value: Any) -> Any:
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC).strftime(_SQLITE_TIME)
+    return value
+
+
+class SqliteFile:
+    def __init__(self, connection: sqlite3.Connection, path: str) -> None:
+        self._connection = connection
+        self._path = path
+        # One connection, and the wrapper's heartbeat thread shares it: one transaction
+        # at a time.
+        self._lock = threading.Lock()
+
+    def read(self, statements: Sequence[Statement]) -> list[list[Sequence[Any]]]:
+        try:
+            return self._transaction("BEGIN", _rows, statements)  # deferred: no write lock
+        except sqlite3.Error as exc:
+            raise self._unusable(exc) from None
+
+    def write(self, statements: Sequence[Statement]) -> list[int]:
+        deadline = time.monotonic() + WRITE_PATIENCE_SECONDS
+        while True:
+            try:
+                return self._transaction("BEGIN IMMEDIATE", _rowcount, statements)
+            except sqlite3.OperationalError as exc:
+                if not is_locked(exc) or time.monotonic() > deadline:
+                    raise self._unusable(exc) from None
+                time.sleep(random.uniform(0.001, 0.01))
+            except sqlite3.Error as exc:
+                raise self._unusable(exc) from None
+
+    def _transaction(
+        self,
+        begin: str,
+        run: Callable[[sqlite3.Connection, str, dict[str, Any]], Any],
+        statements: Sequence[Statement],
+    ) -> list[Any]:
+        connection = self._connection
+        with self._lock:
+            connection.execute(begin)
+            try:
+                results = [
+                    run(connection, sql, {k: _sqlite_value(v) for k, v in p.items()})
+                    for sql, p in statements
+                ]
+            except BaseException:
+                connection.rollback()
+                raise
+            connection.execute("COMMIT")
+        return results
+
+    def _unusable(self, exc: sqlite3.Error) -> EnvironmentProblem:
+        return EnvironmentProblem(f"database {self._path}: {exc}")
+
+    def close(self) -> None:
+        self._connection.close()
+
+
+def _rows(connection: sqlite3.Connection, sql: str, params: dict[str, Any]) -> list[Any]:
+    return connection.execute(sql, params).fetchall()
+
+
+def _rowcount(connection: sqlite3.Connection, sql: str, params: dict[str, Any]) -> int:
+    return connection.execute(sql, params).rowcount
+
+
+class ThroughDatabase:
+    def __init__(self, database: Database) -> None:
+        self._database = database
+
+    def read(self, statements: Sequence[Statement]) -> list[list[Sequence[Any]]]:
+        return self._database.read(
+            lambda s: [list(s.execute(_text(sql, p), p).all()) for sql, p in statements]
+        )
+
+    def write(self, statements: Sequence[Statement]) -> list[int]:
+        return self._database.write(
+            lambda s: [s.execute(_text(sql, p), p).rowcount for sql, p in statements]  # type: ignore[attr-defined]
+        )
+
+    def close(self) -> None:
+        pass  # the Database is the App's to dispose of
+
+
+def _text(sql: str, params: dict[str, Any]) -> Any:
+    """The statement for SQLAlchemy, its timestamps bound the way the models bind them."""
+    from sqlalchemy import bindparam, text
+
+    from dispatch.store.models import UTCDateTime
+
+    times = [bindparam(k, type_=UTCDateTime) for k, v in params.items() if isinstance(v, datetime)]
+    return text(sql).bindparams(*times)
+
+
+# -- records ----------------------------------------------------------------------------
+
+
+def _utc(value: Any) -> datetime | None:
+    """A stored timestamp as an aware UTC datetime (SQLite keeps text, others datetimes)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value.replace(tzinfo=UTC)  # type: ignore[no-any-return]
+
+
+def records(kind: type[R], rows: Sequence[Sequence[Any]], times: Sequence[str]) -> list[R]:
+    fields: tuple[str, ...] = kind._fields  # type: ignore[attr-defined]
+    at = [fields.index(name) for name in times]
+    found = []
+    for row in rows:
+        values = list(row)
+        for i in at:
+            values[i] = _utc(values[i])
+        found.append(kind._make(values))  # type: ignore[attr-defined]
+    return found
+
+
+def in_clause(name: str, values: Sequence[Any]) -> tuple[str, dict[str, Any]]:
+    """`IN (:name0, :name1, …)` and its parameters: one text for both ways of running it."""
+    params = {f"{name}{i}": value for i, value in enumerate(values)}
+    return "IN (" + ", ".join(f":{key}" for key in params) + ")", params

@@ -275,3 +275,18 @@ def test_a_write_waits_for_another_writer_instead_of_failing(
         release.join()
         blocker.close()
     assert app.db.read(lambda s: q.get_attempt(s, ids["running_attempt"])).agent_pid == 7777
+
+
+def test_a_database_path_with_spaces_unicode_and_hashes_is_read_directly(
+    make_app: Callable[..., App], env: Env, monkeypatch: pytest.MonkeyPatch, repo: Path
+) -> None:
+    odd = env.root / "my #1 données" / "dispatch.db"
+    monkeypatch.setenv("DISPATCH_DB", str(odd))
+    app = make_app()
+    task = add_task(app, "in an odd place", repo=repo).id
+
+    direct = open_direct(app.settings.database, lambda: app.db)
+
+    assert isinstance(direct, SqliteFile)
+    assert [t.id for t in list_tasks(direct)] == [task]
+    direct.close()

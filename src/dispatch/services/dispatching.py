@@ -33,7 +33,9 @@ from dispatch.services.saga import NO_WORK, Saga, Step, StepFailed, describe, si
 from dispatch.store import queries as q
 from dispatch.store.models import AgentSession, Attempt, Task, utcnow
 
-POLL_SECONDS = 0.05
+# How often confirm reads whether the wrapper acknowledged: a read costs about a millisecond,
+# and every `dispatch run` waits for this.
+POLL_SECONDS = 0.02
 # How often confirm asks tmux whether the window is still there.
 WINDOW_CHECK_SECONDS = 0.25
 

@@ -199,7 +199,8 @@ def _utc(value: Any) -> datetime | None:
     if value is None:
         return None
     if isinstance(value, str):
-        value = datetime.fromisoformat(value)
+        # Stored naive UTC; parsing it as UTC is half the cost of parsing, then replacing.
+        return datetime.fromisoformat(value + "+00:00")
     return value.replace(tzinfo=UTC)  # type: ignore[no-any-return]
 
 

@@ -118,15 +118,25 @@ def build(command: str | None = None) -> typer.Typer:
 
     cli = typer.Typer(**_SETTINGS)  # type: ignore[arg-type]
     cli.callback(invoke_without_command=True)(_global)
-    names = [command] if command in COMMANDS else list(COMMANDS)
-    for name in names:
-        module, attribute = COMMANDS[name]
+    if command in COMMANDS:
+        module, attribute = COMMANDS[command]
         target = getattr(importlib.import_module(f"dispatch.cli.{module}"), attribute)
         if isinstance(target, typer.Typer):
-            cli.add_typer(target, name=name)
+            cli.add_typer(target, name=command)
         else:
-            cli.command(name, hidden=name in _HIDDEN)(target)
+            cli.command(command, hidden=command in _HIDDEN)(target)
+        return cli
+    # No command, or an unknown one: only the list of commands is shown, so each is a
+    # stand-in with its help and no parameters (typer would build every parameter).
+    for name, (module, attribute) in COMMANDS.items():
+        target = getattr(importlib.import_module(f"dispatch.cli.{module}"), attribute)
+        summary = target.info.help if isinstance(target, typer.Typer) else target.__doc__
+        cli.command(name, help=summary, hidden=name in _HIDDEN)(_stand_in)
     return cli
+
+
+def _stand_in() -> None:
+    """Never run: a command is registered for real when it is the one invoked."""
 
 
 def state(ctx: typer.Context) -> State:

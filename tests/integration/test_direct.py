@@ -19,7 +19,7 @@ from alembic.config import Config
 from sqlalchemy.orm import Session
 
 from dispatch.app import App
-from dispatch.errors import NotFound
+from dispatch.errors import EnvironmentProblem, NotFound
 from dispatch.lifecycle import AttemptState, Status
 from dispatch.services.tasks import add_task
 from dispatch.store import queries as q
@@ -290,3 +290,24 @@ def test_a_database_path_with_spaces_unicode_and_hashes_is_read_directly(
     assert isinstance(direct, SqliteFile)
     assert [t.id for t in list_tasks(direct)] == [task]
     direct.close()
+
+
+def test_a_failed_write_changes_nothing_and_leaves_no_transaction_open(
+    make_app: Callable[..., App], repo: Path
+) -> None:
+    app = make_app()
+    ids = _world(app, repo)
+    fast, _ = _both(app)
+    attempt = ids["running_attempt"]
+    pid = ("UPDATE attempts SET agent_pid = :pid WHERE id = :id", {"pid": 1, "id": attempt})
+    orphan = ("UPDATE attempts SET task_id = :task WHERE id = :id", {"task": 999, "id": attempt})
+
+    # Foreign keys are on, as Database has them: the second statement fails, the first
+    # is rolled back with it.
+    with pytest.raises(EnvironmentProblem, match="FOREIGN KEY constraint failed"):
+        fast.write([pid, orphan])
+
+    stored = app.db.read(lambda s: q.get_attempt(s, attempt))
+    assert (stored.agent_pid, stored.task_id) == (4242, ids["running"])
+    assert record_agent_pid(fast, attempt, 8888)  # the connection is usable at once
+    assert app.db.read(lambda s: q.get_attempt(s, attempt)).agent_pid == 8888

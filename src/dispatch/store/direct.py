@@ -136,16 +136,19 @@ class SqliteFile:
     ) -> list[Any]:
         connection = self._connection
         with self._lock:
-            connection.execute(begin)
             try:
+                connection.execute(begin)
                 results = [
                     run(connection, sql, {k: _sqlite_value(v) for k, v in p.items()})
                     for sql, p in statements
                 ]
+                connection.execute("COMMIT")
             except BaseException:
-                connection.rollback()
+                # Also after a failed COMMIT: a transaction left open would make every
+                # retry fail with "cannot start a transaction within a transaction".
+                if connection.in_transaction:
+                    connection.rollback()
                 raise
-            connection.execute("COMMIT")
         return results
 
     def _unusable(self, exc: sqlite3.Error) -> EnvironmentProblem:

@@ -69,7 +69,8 @@ def _task_dirs(root: Path) -> list[tuple[Path, int | None]]:
 
 
 def _orphan_dirs(dirs: list[tuple[Path, int | None]], repos: dict[int, str]) -> list[str]:
-    """Task directories that belong to no task: both the id and the repository's name match."""
+    """Task directories that belong to no task (one belongs to the task whose id and
+    repository name it bears)."""
     return [
         str(path)
         for path, n in dirs

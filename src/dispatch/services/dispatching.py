@@ -32,6 +32,7 @@ from dispatch.services.naming import (
 from dispatch.services.saga import NO_WORK, Saga, Step, StepFailed, describe, signals_interrupt
 from dispatch.store import queries as q
 from dispatch.store.models import AgentSession, Attempt, Task, utcnow
+from dispatch.store.statements import list_tasks
 
 # How often confirm reads whether the wrapper acknowledged: a read costs about a millisecond,
 # and every `dispatch run` waits for this.
@@ -610,8 +611,6 @@ def retryable_task_ids(app: App, statuses: list[str]) -> list[int]:
         if status not in {s.value for s in RETRYABLE}:
             allowed = ", ".join(sorted(s.value for s in RETRYABLE))
             raise UsageError(f"cannot redispatch {status!r} tasks (only {allowed})")
-    from dispatch.store.statements import list_tasks
-
     return [t.id for t in list_tasks(app.direct, wanted)]
 
 

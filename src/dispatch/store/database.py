@@ -21,7 +21,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError, SQLAlche
 from sqlalchemy.orm import Session, sessionmaker
 
 from dispatch.errors import EnvironmentProblem
-from dispatch.store.direct import BUSY_TIMEOUT_MS, WRITE_PATIENCE_SECONDS, is_locked
+from dispatch.store.direct import WRITE_PATIENCE_SECONDS, configure_sqlite, is_locked
 from dispatch.store.revisions import HEAD_REVISION, KNOWN_REVISIONS
 
 T = TypeVar("T")
@@ -237,15 +237,7 @@ def _revision(conn: Connection, where: object) -> str | None:
 def _install_sqlite_listeners(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        # Take over transaction control from pysqlite, whose deferred BEGIN makes a
-        # read-then-write transaction fail at once with SQLITE_BUSY under contention.
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        # None of these write to the file: a refused database stays byte-for-byte intact.
-        cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        cursor.execute("PRAGMA foreign_keys = ON")
-        cursor.execute("PRAGMA synchronous = NORMAL")
-        cursor.close()
+        configure_sqlite(dbapi_connection)
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:

@@ -76,7 +76,7 @@ def _open_current_sqlite(url: str) -> sqlite3.Connection | None:
     try:
         # mode=rw never creates the file: a missing database is Database's to create, 0600.
         connection = sqlite3.connect(
-            f"file:{quote(path)}?mode=rw", uri=True, isolation_level=None, check_same_thread=False
+            f"file:{quote(path)}?mode=rw", uri=True, check_same_thread=False
         )
     except sqlite3.Error:
         return None
@@ -87,11 +87,21 @@ def _open_current_sqlite(url: str) -> sqlite3.Connection | None:
     if row is None or row[0] != HEAD_REVISION:
         connection.close()
         return None
-    # The settings Database gives its connections; none of them writes to the file.
+    configure_sqlite(connection)
+    return connection
+
+
+def configure_sqlite(connection: sqlite3.Connection) -> None:
+    """What every connection to a SQLite file gets, here and in Database.
+
+    We emit BEGIN ourselves (pysqlite's deferred BEGIN makes a read-then-write
+    transaction fail at once with SQLITE_BUSY under contention). None of the pragmas
+    writes to the file: a refused database stays byte-for-byte intact.
+    """
+    connection.isolation_level = None
     connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     connection.execute("PRAGMA foreign_keys = ON")
     connection.execute("PRAGMA synchronous = NORMAL")
-    return connection
 
 
 def _sqlite_value(value: Any) -> Any:

@@ -378,7 +378,8 @@ def seed_tasks(world: World, count: int, *, repo: str, status: str = "ready") ->
     from sqlalchemy import insert
 
     from dispatch.store.database import Database
-    from dispatch.store.models import Task, utcnow
+    from dispatch.store.direct import utcnow
+    from dispatch.store.models import Task
 
     now = utcnow()
     rows = [
@@ -685,7 +686,8 @@ def _seed_running(world: World, windows: list[str]) -> None:
     from sqlalchemy import insert, update
 
     from dispatch.store.database import Database
-    from dispatch.store.models import Attempt, Task, utcnow
+    from dispatch.store.direct import utcnow
+    from dispatch.store.models import Attempt, Task
 
     now = utcnow()
     ids = range(1, len(windows) + 1)

@@ -18,7 +18,8 @@ from dispatch.app import App
 from dispatch.lifecycle import Status
 from dispatch.services.tasks import add_task
 from dispatch.store import queries as q
-from dispatch.store.models import Attempt, Task, utcnow
+from dispatch.store.direct import utcnow
+from dispatch.store.models import Attempt, Task
 from tests.conftest import Env, tmux
 from tests.faults import wait_for as wait_for  # one poller for every test module
 

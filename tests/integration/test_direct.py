@@ -24,8 +24,8 @@ from dispatch.lifecycle import AttemptState, Status
 from dispatch.services.tasks import add_task
 from dispatch.store import queries as q
 from dispatch.store.database import migrations_dir
-from dispatch.store.direct import Direct, SqliteFile, ThroughDatabase, open_direct
-from dispatch.store.models import Attempt, utcnow
+from dispatch.store.direct import Direct, SqliteFile, ThroughDatabase, Tx, open_direct, utcnow
+from dispatch.store.models import Attempt
 from dispatch.store.revisions import HEAD_REVISION, KNOWN_REVISIONS
 from dispatch.store.statements import (
     acknowledge,
@@ -299,13 +299,17 @@ def test_a_failed_write_changes_nothing_and_leaves_no_transaction_open(
     ids = _world(app, repo)
     fast, _ = _both(app)
     attempt = ids["running_attempt"]
-    pid = ("UPDATE attempts SET agent_pid = :pid WHERE id = :id", {"pid": 1, "id": attempt})
-    orphan = ("UPDATE attempts SET task_id = :task WHERE id = :id", {"task": 999, "id": attempt})
+
+    def pid_then_orphan(tx: Tx) -> None:
+        tx.change("UPDATE attempts SET agent_pid = :pid WHERE id = :id", {"pid": 1, "id": attempt})
+        tx.change(
+            "UPDATE attempts SET task_id = :task WHERE id = :id", {"task": 999, "id": attempt}
+        )
 
     # Foreign keys are on, as Database has them: the second statement fails, the first
     # is rolled back with it.
     with pytest.raises(EnvironmentProblem, match="FOREIGN KEY constraint failed"):
-        fast.write([pid, orphan])
+        fast.write(pid_then_orphan)
 
     stored = app.db.read(lambda s: q.get_attempt(s, attempt))
     assert (stored.agent_pid, stored.task_id) == (4242, ids["running"])

@@ -31,6 +31,8 @@ from dispatch.services.dispatching import DispatchInterrupted, dispatch_task, re
 from dispatch.services.saga import Step
 from dispatch.services.tasks import add_task, reset_task
 from dispatch.store import queries as q
+from dispatch.store import statements as st
+from dispatch.store.direct import Direct, SqliteFile, Tx
 from tests.conftest import Env, tmux, windows
 from tests.faults import (
     Faulty,
@@ -364,6 +366,30 @@ def test_intent_is_written_before_each_action(
     assert_nothing_left(env, repo, 1)
 
 
+class _ProbedDirect:
+    """A `Direct` that tells the probe while one of its write transactions is open."""
+
+    def __init__(self, real: Direct, open_writes: set[int]) -> None:
+        self.real = real
+        self.open_writes = open_writes
+
+    def read(self, work: Callable[[Tx], Any]) -> Any:
+        return self.real.read(work)
+
+    def write(self, work: Callable[[Tx], Any]) -> Any:
+        def tracked(tx: Tx) -> Any:
+            self.open_writes.add(id(self))
+            try:
+                return work(tx)
+            finally:
+                self.open_writes.discard(id(self))
+
+        return self.real.write(tracked)
+
+    def close(self) -> None:
+        self.real.close()
+
+
 class _WriteLockProbe:
     """Fails the test if a git or tmux call happens while this process has a write open.
 
@@ -377,6 +403,8 @@ class _WriteLockProbe:
         self.violations: list[str] = []
 
     def watch(self, app: App) -> None:
+        app.db.ensure_schema()  # so that the dispatcher's statements go the direct way
+        app.direct_ = _ProbedDirect(app.direct, self.open_writes)
         engine = app.db.engine
 
         def begin(conn: Any) -> None:
@@ -434,8 +462,15 @@ def test_the_probe_sees_a_write_held_across_a_call(
         q.get_task(s, 1)  # the transaction (BEGIN IMMEDIATE) starts with the first statement
         app.worktrees.branch_exists(repo, "main")
 
+    def git_inside_a_direct_write(tx: Tx) -> None:
+        st.get_task(tx, 1)
+        app.worktrees.is_worktree(repo, repo)
+
     app.db.write(git_inside_a_write)
-    assert probe.violations == ["branch_exists"]
+    assert isinstance(app.direct, _ProbedDirect) and isinstance(app.direct.real, SqliteFile)
+    app.direct.write(git_inside_a_direct_write)
+    app.direct.read(lambda tx: app.worktrees.has_changes(repo))  # reading holds no lock
+    assert probe.violations == ["branch_exists", "is_worktree"]
 
 
 def test_an_undo_that_fails_is_reported_and_does_not_hide_the_error(
@@ -626,13 +661,13 @@ def test_an_acknowledgement_landing_at_the_deadline_wins_over_giving_up(
     write_config(env, spawn_timeout=1)
     real_give_up = dispatching._give_up
 
-    def acknowledged_just_before(s: Session, attempt_id: int) -> bool:
+    def acknowledged_just_before(tx: Tx, attempt_id: int) -> bool:
         # The wrapper's two writes commit first (same transaction: same order).
-        assert q.move_attempt(
-            s, attempt_id, expected=[AttemptState.STARTING], target=AttemptState.RUNNING
+        assert st.move_attempt(
+            tx, attempt_id, expected=[AttemptState.STARTING], target=AttemptState.RUNNING
         )
-        q.update_attempt(s, attempt_id, agent_pid=os.getpid())
-        return real_give_up(s, attempt_id)
+        st.update_attempt(tx, attempt_id, agent_pid=os.getpid())
+        return real_give_up(tx, attempt_id)
 
     monkeypatch.setattr(dispatching, "_give_up", acknowledged_just_before)
     app = make_app(terminal=Faulty(real_tmux(env), spawn=spawns_instead(["sleep", "60"])))

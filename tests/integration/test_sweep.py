@@ -16,7 +16,7 @@ from dispatch.app import App
 from dispatch.services.agent_exit import finish
 from dispatch.services.dispatching import dispatch_task, redispatch
 from dispatch.services.sweep import sweep
-from dispatch.store.models import utcnow
+from dispatch.store.direct import utcnow
 from tests.conftest import Env, tmux, windows
 from tests.integration.recovery_helpers import (
     attempt_row,

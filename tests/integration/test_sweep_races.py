@@ -14,7 +14,7 @@ from dispatch.services.dispatching import dispatch_task
 from dispatch.services.naming import branch_name, worktree_path
 from dispatch.services.reaping import _finish_undo
 from dispatch.services.sweep import Panes, SweepReport, sweep
-from dispatch.store.models import utcnow
+from dispatch.store.direct import utcnow
 from tests.conftest import Env
 from tests.integration.recovery_helpers import (
     attempt_row,

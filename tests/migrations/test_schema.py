@@ -21,8 +21,8 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from dispatch.store.database import Database, migrations_dir
-from dispatch.store.direct import BUSY_TIMEOUT_MS
-from dispatch.store.models import Attempt, Base, Event, Task, utcnow
+from dispatch.store.direct import BUSY_TIMEOUT_MS, utcnow
+from dispatch.store.models import Attempt, Base, Event, Task
 from dispatch.store.revisions import HEAD_REVISION, KNOWN_REVISIONS
 from tests.cli.inprocess import InProcess
 from tests.conftest import Env, Result

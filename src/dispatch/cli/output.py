@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
     from dispatch.errors import DispatchError
     from dispatch.store.models import Attempt, Event, Task
-    from dispatch.store.statements import TaskSummary
+    from dispatch.store.statements import AttemptRow, TaskRow, TaskSummary
 
 
 class Mode:
@@ -28,7 +28,7 @@ def _iso(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat().replace("+00:00", "Z")
 
 
-def attempt_json(a: Attempt) -> dict[str, Any]:
+def attempt_json(a: Attempt | AttemptRow) -> dict[str, Any]:
     return {
         "id": a.id,
         "task_id": a.task_id,
@@ -49,7 +49,9 @@ def attempt_json(a: Attempt) -> dict[str, Any]:
     }
 
 
-def task_json(t: Task | TaskSummary, attempts: Sequence[Attempt] | None = None) -> dict[str, Any]:
+def task_json(
+    t: Task | TaskRow | TaskSummary, attempts: Sequence[Attempt | AttemptRow] | None = None
+) -> dict[str, Any]:
     data: dict[str, Any] = {
         "id": t.id,
         "title": t.title,

@@ -20,7 +20,8 @@ from dispatch.lifecycle import Action, AttemptState, Completion, Outcome, Status
 from dispatch.lifecycle import next_status as lifecycle_next
 from dispatch.services.wrapper import say
 from dispatch.store import queries as q
-from dispatch.store.models import Attempt, Task, utcnow
+from dispatch.store.direct import utcnow
+from dispatch.store.models import Attempt, Task
 
 T = TypeVar("T")
 # How long the wrapper keeps trying to record an exit when the database is busy.

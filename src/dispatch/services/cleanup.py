@@ -5,14 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy.orm import Session
-
 from dispatch.adapters.protocols import Terminal
 from dispatch.app import App
 from dispatch.lifecycle import Action, AttemptState, Outcome, Status, next_status
 from dispatch.services.naming import prompt_path, wrapper_marker
-from dispatch.store import queries as q
-from dispatch.store.models import utcnow
+from dispatch.store import statements as st
+from dispatch.store.direct import Tx, utcnow
 
 
 def remove_created(app: App, intent: dict[str, Any], *, agent_started: bool) -> list[str]:
@@ -55,18 +53,18 @@ def roll_back(app: App, attempt_id: int, error: str, detail: dict[str, Any]) -> 
     """Task back to its pre-claim status (or `failed` past the cap); shared with the sweep."""
     settings = app.settings
 
-    def work(s: Session) -> Status | None:
-        attempt = q.get_attempt(s, attempt_id)
-        q.move_attempt(
-            s,
+    def work(tx: Tx) -> Status | None:
+        attempt = st.get_attempt(tx, attempt_id)
+        st.move_attempt(
+            tx,
             attempt_id,
             expected=[AttemptState.STARTING, AttemptState.RUNNING],
             target=AttemptState.ENDED,
             outcome=Outcome.DISPATCH_FAILED.value,
             ended_at=utcnow(),
         )
-        q.update_attempt(s, attempt_id, error=error, lease_expires_at=None)
-        task = q.get_task(s, attempt.task_id)
+        st.update_attempt(tx, attempt_id, error=error, lease_expires_at=None)
+        task = st.get_task(tx, attempt.task_id)
         if task.status != Status.IN_PROGRESS.value or task.current_attempt_id != attempt_id:
             return None  # superseded: the attempt's failure is recorded, the task is not ours
         failures = task.dispatch_failures + 1
@@ -78,8 +76,8 @@ def roll_back(app: App, attempt_id: int, error: str, detail: dict[str, Any]) -> 
             max_failures=settings.max_dispatch_failures,
             task_id=task.id,
         )
-        if not q.release_task(
-            s,
+        if not st.release_task(
+            tx,
             task.id,
             attempt_id=attempt_id,
             target=target,
@@ -92,7 +90,7 @@ def roll_back(app: App, attempt_id: int, error: str, detail: dict[str, Any]) -> 
             return None
         return target
 
-    return app.db.write(work)
+    return app.direct.write(work)
 
 
 def remove_prompt(app: App, attempt_id: int) -> None:

@@ -18,7 +18,8 @@ from dispatch.lifecycle import Action, AttemptState, Outcome, Status, next_statu
 from dispatch.services.processes import proc_stat
 from dispatch.services.tasks import TaskView
 from dispatch.store import queries as q
-from dispatch.store.models import Attempt, Task, utcnow
+from dispatch.store.direct import utcnow
+from dispatch.store.models import Attempt, Task
 
 # How long an agent gets to stop after C-c, and then after its window is killed.
 CANCEL_GRACE_SECONDS = 5.0

@@ -16,8 +16,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy.orm import Session
-
 from dispatch.app import App
 from dispatch.errors import Conflict, DispatchError, DispatchFailed, NotFound, UsageError
 from dispatch.lifecycle import RETRYABLE, Action, AttemptState, Outcome, Status, next_status
@@ -30,9 +28,9 @@ from dispatch.services.naming import (
     wrapper_argv,
 )
 from dispatch.services.saga import NO_WORK, Saga, Step, StepFailed, describe, signals_interrupt
-from dispatch.store import queries as q
-from dispatch.store.models import AgentSession, Attempt, Task, utcnow
-from dispatch.store.statements import list_tasks
+from dispatch.store import statements as st
+from dispatch.store.direct import Tx, utcnow
+from dispatch.store.statements import AttemptRow, TaskRow, list_tasks
 
 # How often confirm reads whether the wrapper acknowledged: a read costs about a millisecond,
 # and every `dispatch run` waits for this.
@@ -64,7 +62,7 @@ class Dispatch:
     redispatch_of: int | None = None
     attempt_id: int | None = None
     prior: Status | None = None
-    task: Task | None = None
+    task: TaskRow | None = None
     worktree: Path | None = None
     branch: str | None = None
     window_id: str | None = None
@@ -78,11 +76,11 @@ class Dispatch:
 
 @dataclass
 class DispatchResult:
-    task: Task
-    attempt: Attempt
+    task: TaskRow
+    attempt: AttemptRow
     warnings: list[str]
     # Every attempt of the task, oldest first (SPEC §5: `run` shows them with the task).
-    attempts: list[Attempt] = field(default_factory=list)
+    attempts: list[AttemptRow] = field(default_factory=list)
 
 
 # -- steps --------------------------------------------------------------------------------
@@ -92,7 +90,7 @@ class DispatchResult:
 class _Claimed:
     attempt_id: int
     prior: Status
-    task: Task
+    task: TaskRow
     worktree: Path
     branch: str
 
@@ -106,40 +104,40 @@ def claim(d: Dispatch) -> bool:
     """
     settings = d.app.settings
 
-    def work(s: Session) -> _Claimed | None:
-        task_id = d.task_id
-        if task_id is None:
-            if settings.max_running and q.count_in_progress(s) >= settings.max_running:
+    def work(tx: Tx) -> _Claimed | None:
+        if d.task_id is not None:
+            task = st.get_task(tx, d.task_id)
+        else:
+            if settings.max_running and st.count_in_progress(tx) >= settings.max_running:
                 raise Conflict(f"{settings.max_running} tasks already running (max_running)")
-            task_id = _pick(s, d, settings.agents)
-            if task_id is None:
+            picked = _pick(tx, d, settings.agents)
+            if picked is None:
                 return None  # nothing ready: a falsy claim, which `run --next` expects
-        task = q.get_task(s, task_id)
+            task = picked
         current = Status(task.status)
         if current is Status.IN_PROGRESS:
-            raise _running_conflict(s, task)
+            raise _running_conflict(tx, task)
         target = next_status(current, d.action, closed=task.closed_at is not None, task_id=task.id)
         profile = settings.agent(task.agent)  # an unknown profile refuses before anything is made
         now = utcnow()
-        key = f"{task.agent}:{task.repo}:{task.id}"
-        agent_session = q.agent_session(s, key)
-        if agent_session is None:
-            agent_session = AgentSession(
-                key=key, task_id=task.id, agent=task.agent, session_id=str(uuid.uuid4())
-            )
-            s.add(agent_session)
-        previous_id, previous_number = q.last_attempt_of(s, task.id)
-        if d.action is Action.CLAIM and previous_id is not None:
+        previous = st.latest_attempt(tx, task.id)
+        session_id = st.use_agent_session(
+            tx,
+            f"{task.agent}:{task.repo}:{task.id}",
+            task_id=task.id,
+            agent=task.agent,
+            fresh_id=str(uuid.uuid4()),
             # `run` after a reset starts over: a new conversation, not the old one's id,
             # which print-mode agents refuse to reuse. Redispatches keep it to resume.
-            agent_session.session_id = str(uuid.uuid4())
-        agent_session.last_used_at = now
-        redispatch_of = d.redispatch_of or previous_id
+            renew=d.action is Action.CLAIM and previous is not None,
+        )
+        redispatch_of = d.redispatch_of or (previous.id if previous else None)
         worktree = worktree_path(settings.worktree_root, task.repo, task.id)
         branch = task.branch or branch_name(task.id, task.title)
-        attempt = Attempt(
+        attempt_id = st.insert_attempt(
+            tx,
             task_id=task.id,
-            number=previous_number + 1,
+            number=(previous.number if previous else 0) + 1,
             state=AttemptState.STARTING.value,
             prior_status=current.value,
             host=settings.host,
@@ -148,26 +146,24 @@ def claim(d: Dispatch) -> bool:
             tmux_socket=settings.tmux_socket,
             worktree=str(worktree),
             branch=branch,
-            session_id=agent_session.session_id,
+            session_id=session_id,
             resume=d.action is Action.REDISPATCH and profile.resume is not None,
             intent={},
             lease_expires_at=now + timedelta(seconds=settings.lease_seconds),
             started_at=now,
             redispatch_of=redispatch_of if d.action is Action.REDISPATCH else None,
         )
-        s.add(attempt)
-        s.flush()
-        if not q.move_task(
-            s, task.id, expected=current, target=target, current_attempt_id=attempt.id
+        if not st.move_task(
+            tx, task.id, expected=current, target=target, current_attempt_id=attempt_id
         ):
             raise Conflict(f"task {task.id} changed while claiming it; try again")
         kind = "redispatched" if d.action is Action.REDISPATCH else "claimed"
-        q.record_event(
-            s, kind, task_id=task.id, attempt_id=attempt.id, from_status=current, to_status=target
+        st.record_event(
+            tx, kind, task_id=task.id, attempt_id=attempt_id, from_status=current, to_status=target
         )
-        return _Claimed(attempt.id, current, task, worktree, branch)
+        return _Claimed(attempt_id, current, task, worktree, branch)
 
-    claimed = d.app.db.write(work)
+    claimed = d.app.direct.write(work)
     if claimed is None:
         return False
     d.task_id, d.attempt_id, d.prior = claimed.task.id, claimed.attempt_id, claimed.prior
@@ -179,20 +175,20 @@ def claim(d: Dispatch) -> bool:
 _PICK_WINDOW = 20
 
 
-def _pick(s: Session, d: Dispatch, agents: Mapping[str, object]) -> int | None:
+def _pick(tx: Tx, d: Dispatch, agents: Mapping[str, object]) -> TaskRow | None:
     """The next ready task `--next` can start. One whose agent profile no longer exists
     is skipped with its `last_error` saying so: it must not block the queue behind it."""
-    for task_id, agent in q.ready_tasks(s, len(d.exclude) + _PICK_WINDOW):
-        if task_id in d.exclude:
+    for task in st.ready_tasks(tx, len(d.exclude) + _PICK_WINDOW):
+        if task.id in d.exclude:
             continue
-        if agent in agents:
-            return task_id
-        q.update_task(s, task_id, last_error=f"unknown agent profile {agent!r}; skipped")
+        if task.agent in agents:
+            return task
+        st.update_task(tx, task.id, last_error=f"unknown agent profile {task.agent!r}; skipped")
     return None
 
 
-def _running_conflict(s: Session, task: Task) -> Conflict:
-    attempt = q.latest_attempts(s, [task.id]).get(task.id)
+def _running_conflict(tx: Tx, task: TaskRow) -> Conflict:
+    attempt = st.latest_attempt(tx, task.id)
     where = ""
     if attempt is not None:
         window = f" in {attempt.tmux_target}" if attempt.tmux_target else ""
@@ -210,7 +206,7 @@ def _write_intent(d: Dispatch, columns: dict[str, Any] | None = None, **intent: 
     values = {**(columns or {}), "intent": dict(d.intent), "lease_expires_at": lease}
     assert d.attempt_id is not None
     attempt_id = d.attempt_id
-    d.app.db.write(lambda s: q.update_attempt(s, attempt_id, **values))
+    d.app.direct.write(lambda tx: st.update_attempt(tx, attempt_id, **values))
 
 
 def make_worktree(d: Dispatch) -> bool:
@@ -257,10 +253,10 @@ def undo_worktree(d: Dispatch) -> None:
     d.kept.extend(remove_created(d.app, intent, agent_started=_agent_started(d)))
 
 
-def _attempt(d: Dispatch) -> Attempt:
+def _attempt(d: Dispatch) -> AttemptRow:
     assert d.attempt_id is not None
     attempt_id = d.attempt_id
-    return d.app.db.read(lambda s: q.get_attempt(s, attempt_id))
+    return d.app.direct.read(lambda tx: st.get_attempt(tx, attempt_id))
 
 
 def _agent_started(d: Dispatch) -> bool:
@@ -377,14 +373,14 @@ def confirm(d: Dispatch) -> bool:
                         f"the agent wrapper acknowledged but did not start the agent within "
                         f"{2 * timeout:g}s"
                     )
-            elif app.db.write(lambda s: _give_up(s, attempt_id)):
+            elif app.direct.write(lambda tx: _give_up(tx, attempt_id)):
                 raise DispatchError(
                     f"no acknowledgement from the agent wrapper within {timeout:g}s"
                 )
         time.sleep(POLL_SECONDS)
 
 
-def _started(attempt: Attempt) -> bool:
+def _started(attempt: AttemptRow) -> bool:
     """Whether the wrapper started the agent; raises if it gave up instead."""
     if attempt.agent_pid is not None:
         return True  # a quick agent may already have exited: it still started
@@ -393,10 +389,10 @@ def _started(attempt: Attempt) -> bool:
     return False
 
 
-def _give_up(s: Session, attempt_id: int) -> bool:
+def _give_up(tx: Tx, attempt_id: int) -> bool:
     """End a still-`starting` attempt; a late wrapper then finds it ended and leaves."""
-    return q.move_attempt(
-        s,
+    return st.move_attempt(
+        tx,
         attempt_id,
         expected=[AttemptState.STARTING],
         target=AttemptState.ENDED,
@@ -414,8 +410,8 @@ def record(d: Dispatch) -> bool:
     assert d.task and d.attempt_id
     task_id, attempt_id = d.task.id, d.attempt_id
 
-    def work(s: Session) -> bool:
-        attempt = q.get_attempt(s, attempt_id)
+    def work(tx: Tx) -> bool:
+        attempt = st.get_attempt(tx, attempt_id)
         ran = attempt.state == AttemptState.RUNNING.value or attempt.exit_code is not None
         if not ran:
             return False
@@ -424,12 +420,12 @@ def record(d: Dispatch) -> bool:
             "branch": d.branch,
             "worktree": str(d.worktree),
         }
-        if q.get_task(s, task_id).current_attempt_id == attempt_id:
+        if st.get_task(tx, task_id).current_attempt_id == attempt_id:
             values["last_error"] = None  # a quick agent's own error must stay
-        q.update_task(s, task_id, **values)
-        q.update_attempt(s, attempt_id, lease_expires_at=None)
-        q.record_event(
-            s,
+        st.update_task(tx, task_id, **values)
+        st.update_attempt(tx, attempt_id, lease_expires_at=None)
+        st.record_event(
+            tx,
             "dispatched",
             task_id=task_id,
             attempt_id=attempt_id,
@@ -437,7 +433,7 @@ def record(d: Dispatch) -> bool:
         )
         return True
 
-    return d.app.db.write(work)
+    return d.app.direct.write(work)
 
 
 STEPS: list[Step[Dispatch]] = [
@@ -458,9 +454,9 @@ def fence(d: Dispatch) -> None:
     if d.attempt_id is None:
         return
     attempt_id = d.attempt_id
-    d.app.db.write(
-        lambda s: q.move_attempt(
-            s,
+    d.app.direct.write(
+        lambda tx: st.move_attempt(
+            tx,
             attempt_id,
             expected=[AttemptState.STARTING, AttemptState.RUNNING],
             target=AttemptState.ENDED,
@@ -511,12 +507,12 @@ def dispatch_task(
     assert d.attempt_id is not None
     attempt_id = d.attempt_id
 
-    def load(s: Session) -> DispatchResult:
-        attempt = q.get_attempt(s, attempt_id)
-        attempts = q.attempts_of(s, [attempt.task_id])[attempt.task_id]
-        return DispatchResult(q.get_task(s, attempt.task_id), attempt, d.warnings, attempts)
+    def load(tx: Tx) -> DispatchResult:
+        attempt = st.get_attempt(tx, attempt_id)
+        attempts = st.attempts_of(tx, attempt.task_id)
+        return DispatchResult(st.get_task(tx, attempt.task_id), attempt, d.warnings, attempts)
 
-    return app.db.read(load)
+    return app.direct.read(load)
 
 
 def _failed(app: App, d: Dispatch, failure: StepFailed) -> DispatchRolledBack:
@@ -525,7 +521,7 @@ def _failed(app: App, d: Dispatch, failure: StepFailed) -> DispatchRolledBack:
     if d.task_id is not None:
         task_id = d.task_id
         try:
-            status = app.db.read(lambda s: q.get_task(s, task_id).status)
+            status = app.direct.read(lambda tx: st.get_task(tx, task_id).status)
         except DispatchError as exc:
             status = f"unknown ({describe(exc)})"
     notes = ""
@@ -595,7 +591,7 @@ def redispatch(
     """A fresh attempt after a failure, reusing the worktree and resuming the session."""
     previous: int | None = None
     if attempt_id is not None:
-        attempt = app.db.read(lambda s: q.get_attempt(s, attempt_id))
+        attempt = app.direct.read(lambda tx: st.get_attempt(tx, attempt_id))
         task_id, previous = attempt.task_id, attempt.id
     if task_id is None:
         raise NotFound("give a task id or --attempt")

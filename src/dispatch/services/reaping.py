@@ -13,7 +13,8 @@ from dispatch.lifecycle import Action, AttemptState, Outcome, Status, next_statu
 from dispatch.services.cleanup import remove_created, remove_prompt, roll_back
 from dispatch.services.sweep import Panes, Reap, SweepReport
 from dispatch.store import queries as q
-from dispatch.store.models import Attempt, utcnow
+from dispatch.store.direct import utcnow
+from dispatch.store.models import Attempt
 from dispatch.store.statements import AttemptCheck
 
 # How long a sweep waits for another sweep that is finishing an undo on this host.

@@ -11,7 +11,8 @@ from dispatch.app import App
 from dispatch.errors import Conflict, EnvironmentProblem, UsageError
 from dispatch.lifecycle import Action, Status, next_status
 from dispatch.store import queries as q
-from dispatch.store.models import Attempt, Event, Task, utcnow
+from dispatch.store.direct import utcnow
+from dispatch.store.models import Attempt, Event, Task
 
 
 @dataclass

@@ -1,23 +1,25 @@
-"""Statements on the hot paths — `list`, the sweep's census, the agent wrapper's start
-and heartbeat — as plain SQL text.
+"""Running the store's SQL text (`statements`) with or without SQLAlchemy.
 
 Importing SQLAlchemy and mapping the models costs more than `dispatch list` over
-10,000 tasks, an idle sweep from cron, or the wrapper's acknowledgement that every
-`dispatch run` waits for. So on a SQLite file whose schema is current, these statements
-run on the standard library's sqlite3 with the settings `Database` uses. Anything else —
-another backend, a database to create, migrate or refuse — goes through `Database`,
-which checks the schema first and runs the very same SQL text through SQLAlchemy. The
-SQL is portable, and what it reads or writes is the same either way.
+10,000 tasks, an idle sweep from cron, the wrapper's acknowledgement, or the whole of
+a `dispatch run` past its git and tmux calls. So on a SQLite file whose schema is
+current, statements run on the standard library's sqlite3 with the settings `Database`
+uses. Anything else — another backend, a database to create, migrate or refuse — goes
+through `Database`, which checks the schema first and runs the very same SQL text
+through SQLAlchemy. The SQL is portable, and what it reads or writes is the same
+either way. Inside an ORM transaction, `on_session` runs it on that session.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
+from enum import Enum
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import quote
 
@@ -25,10 +27,13 @@ from dispatch.errors import EnvironmentProblem
 from dispatch.store.revisions import HEAD_REVISION
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
     from dispatch.store.database import Database
 
-Statement = tuple[str, dict[str, Any]]
+Params = Mapping[str, Any]
 R = TypeVar("R", bound=tuple[Any, ...])
+T = TypeVar("T")
 
 # SQLite's own busy handler sleeps in growing steps (up to 100 ms) while a writer holds
 # the lock, so under contention most of a write is spent asleep. A short busy_timeout
@@ -45,13 +50,29 @@ def is_locked(exc: BaseException) -> bool:
     return "database is locked" in message or "database is busy" in message
 
 
-class Direct(Protocol):
-    def read(self, statements: Sequence[Statement]) -> list[list[Sequence[Any]]]:
-        """Each statement's rows, all read from one snapshot of the database."""
+class Tx(Protocol):
+    """One open transaction that runs SQL text with named (`:name`) parameters."""
+
+    @property
+    def dialect(self) -> str:
+        """ "sqlite", "postgresql", …: for the few statements that differ."""
         ...
 
-    def write(self, statements: Sequence[Statement]) -> list[int]:
-        """Run the statements in one write transaction; each one's count of rows changed."""
+    def rows(self, sql: str, params: Params | None = None) -> list[Sequence[Any]]: ...
+
+    def change(self, sql: str, params: Params | None = None) -> int:
+        """Run a write; how many rows it changed."""
+        ...
+
+
+class Direct(Protocol):
+    def read(self, work: Callable[[Tx], T]) -> T:
+        """Run `work` in a read transaction: one snapshot, no write lock."""
+        ...
+
+    def write(self, work: Callable[[Tx], T]) -> T:
+        """Run `work` in one write transaction, retried while another writer holds the lock
+        (so `work` must change nothing but the database)."""
         ...
 
     def close(self) -> None: ...
@@ -105,11 +126,33 @@ def configure_sqlite(connection: sqlite3.Connection) -> None:
 
 
 def _sqlite_value(value: Any) -> Any:
+    """A parameter as the models would store it in SQLite."""
     if isinstance(value, datetime):
         if value.tzinfo is None:
             raise ValueError("naive datetime given to a UTC column")
         return value.astimezone(UTC).strftime(_SQLITE_TIME)
+    if isinstance(value, dict | list):
+        return json.dumps(value)  # what SQLAlchemy's JSON type writes
+    if isinstance(value, Enum):
+        return value.value
     return value
+
+
+class _SqliteTx:
+    dialect = "sqlite"
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self._connection = connection
+
+    def _execute(self, sql: str, params: Params | None) -> sqlite3.Cursor:
+        values = {k: _sqlite_value(v) for k, v in (params or {}).items()}
+        return self._connection.execute(sql, values)
+
+    def rows(self, sql: str, params: Params | None = None) -> list[Sequence[Any]]:
+        return self._execute(sql, params).fetchall()
+
+    def change(self, sql: str, params: Params | None = None) -> int:
+        return self._execute(sql, params).rowcount
 
 
 class SqliteFile:
@@ -120,17 +163,17 @@ class SqliteFile:
         # at a time.
         self._lock = threading.Lock()
 
-    def read(self, statements: Sequence[Statement]) -> list[list[Sequence[Any]]]:
+    def read(self, work: Callable[[Tx], T]) -> T:
         try:
-            return self._transaction("BEGIN", _rows, statements)  # deferred: no write lock
+            return self._transaction("BEGIN", work)  # deferred: no write lock
         except sqlite3.Error as exc:
             raise self._unusable(exc) from None
 
-    def write(self, statements: Sequence[Statement]) -> list[int]:
+    def write(self, work: Callable[[Tx], T]) -> T:
         deadline = time.monotonic() + WRITE_PATIENCE_SECONDS
         while True:
             try:
-                return self._transaction("BEGIN IMMEDIATE", _rowcount, statements)
+                return self._transaction("BEGIN IMMEDIATE", work)
             except sqlite3.OperationalError as exc:
                 if not is_locked(exc) or time.monotonic() > deadline:
                     raise self._unusable(exc) from None
@@ -138,20 +181,12 @@ class SqliteFile:
             except sqlite3.Error as exc:
                 raise self._unusable(exc) from None
 
-    def _transaction(
-        self,
-        begin: str,
-        run: Callable[[sqlite3.Connection, str, dict[str, Any]], Any],
-        statements: Sequence[Statement],
-    ) -> list[Any]:
+    def _transaction(self, begin: str, work: Callable[[Tx], T]) -> T:
         connection = self._connection
         with self._lock:
             try:
                 connection.execute(begin)
-                results = [
-                    run(connection, sql, {k: _sqlite_value(v) for k, v in p.items()})
-                    for sql, p in statements
-                ]
+                result = work(_SqliteTx(connection))
                 connection.execute("COMMIT")
             except BaseException:
                 # Also after a failed COMMIT: a transaction left open would make every
@@ -159,7 +194,7 @@ class SqliteFile:
                 if connection.in_transaction:
                     connection.rollback()
                 raise
-        return results
+        return result
 
     def _unusable(self, exc: sqlite3.Error) -> EnvironmentProblem:
         return EnvironmentProblem(f"database {self._path}: {exc}")
@@ -168,43 +203,68 @@ class SqliteFile:
         self._connection.close()
 
 
-def _rows(connection: sqlite3.Connection, sql: str, params: dict[str, Any]) -> list[Any]:
-    return connection.execute(sql, params).fetchall()
-
-
-def _rowcount(connection: sqlite3.Connection, sql: str, params: dict[str, Any]) -> int:
-    return connection.execute(sql, params).rowcount
-
-
 class ThroughDatabase:
     def __init__(self, database: Database) -> None:
         self._database = database
 
-    def read(self, statements: Sequence[Statement]) -> list[list[Sequence[Any]]]:
-        return self._database.read(
-            lambda s: [list(s.execute(_text(sql, p), p).all()) for sql, p in statements]
-        )
+    def read(self, work: Callable[[Tx], T]) -> T:
+        return self._database.read(lambda s: work(on_session(s)))
 
-    def write(self, statements: Sequence[Statement]) -> list[int]:
-        return self._database.write(
-            lambda s: [s.execute(_text(sql, p), p).rowcount for sql, p in statements]  # type: ignore[attr-defined]
-        )
+    def write(self, work: Callable[[Tx], T]) -> T:
+        return self._database.write(lambda s: work(on_session(s)))
 
     def close(self) -> None:
         pass  # the Database is the App's to dispose of
 
 
-def _text(sql: str, params: dict[str, Any]) -> Any:
-    """The statement for SQLAlchemy, its timestamps bound the way the models bind them."""
-    from sqlalchemy import bindparam, text
+def on_session(session: Session) -> Tx:
+    """Run SQL text inside an ORM session's transaction."""
+    return _SessionTx(session)
+
+
+class _SessionTx:
+    def __init__(self, session: Session) -> None:
+        self._session = session
+        bind = session.get_bind()
+        self.dialect: str = bind.dialect.name
+
+    def _execute(self, sql: str, params: Params | None) -> Any:
+        # Text statements do not autoflush: objects the session holds must land first.
+        self._session.flush()
+        values = {k: v.value if isinstance(v, Enum) else v for k, v in (params or {}).items()}
+        return self._session.execute(_text(sql, values), values)
+
+    def rows(self, sql: str, params: Params | None = None) -> list[Sequence[Any]]:
+        return list(self._execute(sql, params).all())
+
+    def change(self, sql: str, params: Params | None = None) -> int:
+        return int(self._execute(sql, params).rowcount)
+
+
+def _text(sql: str, params: Params) -> Any:
+    """The statement for SQLAlchemy, its timestamps and JSON bound the way the models bind them."""
+    from sqlalchemy import JSON, bindparam, text
 
     from dispatch.store.models import UTCDateTime
 
-    times = [bindparam(k, type_=UTCDateTime) for k, v in params.items() if isinstance(v, datetime)]
-    return text(sql).bindparams(*times)
+    typed = [
+        bindparam(k, type_=UTCDateTime() if isinstance(v, datetime) else JSON())
+        for k, v in params.items()
+        if isinstance(v, datetime | dict | list)
+    ]
+    return text(sql).bindparams(*typed)
 
 
 # -- records ----------------------------------------------------------------------------
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def json_value(value: Any) -> Any:
+    """A JSON column as read back: SQLite keeps text, other backends decode it."""
+    return json.loads(value) if isinstance(value, str) else value
 
 
 def _utc(value: Any) -> datetime | None:

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from dispatch.errors import NotFound
 from dispatch.lifecycle import AttemptState, Status
-from dispatch.store.models import AgentSession, Attempt, Event, Task, utcnow
-
-_NO_SYNC = {"synchronize_session": False}
+from dispatch.store import statements as st
+from dispatch.store.direct import on_session
+from dispatch.store.models import AgentSession, Attempt, Event, Task
 
 
 def get_task(session: Session, task_id: int) -> Task:
@@ -59,125 +59,35 @@ def events(session: Session, task_id: int | None = None, limit: int | None = Non
     return list(session.scalars(query))
 
 
-def record_event(
-    session: Session,
-    kind: str,
-    *,
-    task_id: int | None,
-    attempt_id: int | None = None,
-    from_status: str | None = None,
-    to_status: str | None = None,
-    **detail: Any,
-) -> Event:
-    event = Event(
-        task_id=task_id,
-        attempt_id=attempt_id,
-        kind=kind,
-        from_status=from_status,
-        to_status=to_status,
-        at=utcnow(),
-        detail={k: v for k, v in detail.items() if v is not None},
-    )
-    session.add(event)
-    return event
+# The conditional writes are `statements`' SQL text, run inside the caller's transaction.
 
 
-def move_task(
-    session: Session,
-    task_id: int,
-    *,
-    expected: Status,
-    target: Status,
-    attempt_id: int | None = None,
-    fence_attempt: bool = False,
-    **values: Any,
-) -> bool:
-    """Conditional status change; False when another writer got there first (nothing changed).
-
-    With `fence_attempt`, the task must still belong to `attempt_id`: a stale writer
-    whose attempt was reaped or superseded changes nothing.
-    """
-    query = update(Task).where(Task.id == task_id, Task.status == expected.value)
-    if fence_attempt:
-        query = query.where(Task.current_attempt_id == attempt_id)
-    query = query.values(status=target.value, updated_at=utcnow(), **values)
-    return session.execute(query.returning(Task.id), execution_options=_NO_SYNC).first() is not None
+def record_event(session: Session, kind: str, **values: Any) -> None:
+    st.record_event(on_session(session), kind, **values)
 
 
-def release_task(
-    session: Session,
-    task_id: int,
-    *,
-    attempt_id: int | None,
-    target: Status,
-    kind: str,
-    values: dict[str, Any] | None = None,
-    **detail: Any,
-) -> bool:
-    """The task leaves in-progress on behalf of its current attempt: one fenced
-    conditional update and, only if it won, its one event. False: someone else did."""
-    moved = move_task(
-        session,
-        task_id,
-        expected=Status.IN_PROGRESS,
-        target=target,
-        attempt_id=attempt_id,
-        fence_attempt=True,
-        current_attempt_id=None,
-        **(values or {}),
-    )
-    if moved:
-        record_event(
-            session,
-            kind,
-            task_id=task_id,
-            attempt_id=attempt_id,
-            from_status=Status.IN_PROGRESS,
-            to_status=target,
-            **detail,
-        )
-    return moved
+def move_task(session: Session, task_id: int, **values: Any) -> bool:
+    return st.move_task(on_session(session), task_id, **values)
+
+
+def release_task(session: Session, task_id: int, **values: Any) -> bool:
+    return st.release_task(on_session(session), task_id, **values)
 
 
 def close(session: Session, task_id: int) -> bool:
-    """Archive a task unless it already is: the row count says who closed it."""
-    query = (
-        update(Task)
-        .where(Task.id == task_id, Task.closed_at.is_(None))
-        .values(closed_at=utcnow(), updated_at=utcnow())
-        .returning(Task.id)
-    )
-    return session.execute(query, execution_options=_NO_SYNC).first() is not None
+    return st.close_task(on_session(session), task_id)
 
 
 def update_task(session: Session, task_id: int, **values: Any) -> bool:
-    query = update(Task).where(Task.id == task_id).values(updated_at=utcnow(), **values)
-    return session.execute(query.returning(Task.id), execution_options=_NO_SYNC).first() is not None
+    return st.update_task(on_session(session), task_id, **values)
 
 
-def move_attempt(
-    session: Session,
-    attempt_id: int,
-    *,
-    expected: Iterable[AttemptState],
-    target: AttemptState | None = None,
-    **values: Any,
-) -> bool:
-    """Conditional attempt update: only from one of the `expected` states."""
-    states = [s.value for s in expected]
-    query = update(Attempt).where(Attempt.id == attempt_id, Attempt.state.in_(states))
-    if target is not None:
-        values["state"] = target.value
-    query = query.values(**values)
-    return (
-        session.execute(query.returning(Attempt.id), execution_options=_NO_SYNC).first() is not None
-    )
+def move_attempt(session: Session, attempt_id: int, **values: Any) -> bool:
+    return st.move_attempt(on_session(session), attempt_id, **values)
 
 
 def update_attempt(session: Session, attempt_id: int, **values: Any) -> None:
-    session.execute(
-        update(Attempt).where(Attempt.id == attempt_id).values(**values), execution_options=_NO_SYNC
-    )
+    st.update_attempt(on_session(session), attempt_id, **values)
 
 
 def last_attempt_of(session: Session, task_id: int) -> tuple[int | None, int]:

@@ -1,16 +1,20 @@
-"""The hot paths' statements as SQL text — `list`, the sweep's census, the agent wrapper's
-start and heartbeat — run by `direct` without SQLAlchemy where it can (see there why).
+"""The store's statements as SQL text, run by `direct` with or without SQLAlchemy.
+
+Here are the reads of the hot paths — `list`, the sweep's census, the agent wrapper's
+start and heartbeat, and every statement of `dispatch run` — and the conditional writes
+every service makes (moving a task or an attempt, recording an event): `queries` runs
+these same writes inside ORM transactions, so each exists once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any, NamedTuple
 
 from dispatch.errors import NotFound
 from dispatch.lifecycle import AttemptState, Status
-from dispatch.store.direct import Direct, Statement, in_clause, records
+from dispatch.store.direct import Direct, Tx, in_clause, json_value, records, utcnow
 
 
 class TaskSummary(NamedTuple):
@@ -49,8 +53,7 @@ def list_tasks(
     if where:
         sql += " WHERE " + " AND ".join(where)
     sql += " ORDER BY priority DESC, id"
-    [rows] = direct.read([(sql, params)])
-    return records(TaskSummary, rows, _TASK_TIMES)
+    return records(TaskSummary, direct.read(lambda tx: tx.rows(sql, params)), _TASK_TIMES)
 
 
 class AttemptCheck(NamedTuple):
@@ -105,11 +108,15 @@ def census(direct: Direct, task_ids: Sequence[int]) -> Census:
         " LEFT JOIN attempts a ON a.id = t.current_attempt_id"
         " WHERE t.status = :in_progress AND (a.id IS NULL OR a.state = :ended)"
     )
-    statements: list[Statement] = [(live, states), (stuck, states)]
-    if task_ids:
-        clause, params = in_clause("task", task_ids)
-        statements.append((f"SELECT id, repo FROM tasks WHERE id {clause}", params))
-    rows = direct.read(statements)
+    clause, params = in_clause("task", task_ids)
+
+    def read(tx: Tx) -> list[list[Sequence[Any]]]:
+        found = [tx.rows(live, states), tx.rows(stuck, states)]
+        if task_ids:
+            found.append(tx.rows(f"SELECT id, repo FROM tasks WHERE id {clause}", params))
+        return found
+
+    rows = direct.read(read)
     stuck_tasks = [
         StuckTask(
             row[0],
@@ -141,7 +148,7 @@ def wrapper_start(direct: Direct, attempt_id: int) -> WrapperStart:
         " a.session_id, a.resume, t.agent, t.prompt"
         " FROM attempts a JOIN tasks t ON t.id = a.task_id WHERE a.id = :id"
     )
-    [rows] = direct.read([(sql, {"id": attempt_id})])
+    rows = direct.read(lambda tx: tx.rows(sql, {"id": attempt_id}))
     if not rows:
         raise NotFound(f"no attempt {attempt_id}")
     values = list(rows[0])
@@ -149,39 +156,303 @@ def wrapper_start(direct: Direct, attempt_id: int) -> WrapperStart:
     return WrapperStart._make(values)
 
 
-def _move_attempt(attempt_id: int, expected: AttemptState, **values: Any) -> Statement:
-    """One conditional update: it changes the attempt only from the `expected` state."""
-    assignments = ", ".join(f"{column} = :{column}" for column in values)
-    sql = f"UPDATE attempts SET {assignments} WHERE id = :id AND state = :expected"
-    return sql, {**values, "id": attempt_id, "expected": expected.value}
-
-
 def acknowledge(direct: Direct, attempt_id: int, wrapper_pid: int, now: datetime) -> bool:
     """starting -> running: the wrapper's side of the spawn race; False if it lost."""
-    [changed] = direct.write(
-        [
-            _move_attempt(
-                attempt_id,
-                AttemptState.STARTING,
-                state=AttemptState.RUNNING.value,
-                wrapper_pid=wrapper_pid,
-                heartbeat_at=now,
-            )
-        ]
+    return direct.write(
+        lambda tx: move_attempt(
+            tx,
+            attempt_id,
+            expected=[AttemptState.STARTING],
+            target=AttemptState.RUNNING,
+            wrapper_pid=wrapper_pid,
+            heartbeat_at=now,
+        )
     )
-    return changed == 1
 
 
 def record_agent_pid(direct: Direct, attempt_id: int, agent_pid: int) -> bool:
     """False when the attempt stopped being `running` (rolled back while starting)."""
-    statement = _move_attempt(attempt_id, AttemptState.RUNNING, agent_pid=agent_pid)
-    [changed] = direct.write([statement])
-    return changed == 1
+    return direct.write(
+        lambda tx: move_attempt(
+            tx, attempt_id, expected=[AttemptState.RUNNING], agent_pid=agent_pid
+        )
+    )
 
 
 def heartbeat(direct: Direct, attempt_id: int, now: datetime) -> bool:
     """Beat while `running`; whether a cancel was requested (from any host)."""
-    direct.write([_move_attempt(attempt_id, AttemptState.RUNNING, heartbeat_at=now)])
-    sql = "SELECT cancel_requested_at FROM attempts WHERE id = :id"
-    [rows] = direct.read([(sql, {"id": attempt_id})])
-    return bool(rows) and rows[0][0] is not None
+
+    def beat(tx: Tx) -> bool:
+        move_attempt(tx, attempt_id, expected=[AttemptState.RUNNING], heartbeat_at=now)
+        sql = "SELECT cancel_requested_at FROM attempts WHERE id = :id"
+        rows = tx.rows(sql, {"id": attempt_id})
+        return bool(rows) and rows[0][0] is not None
+
+    return direct.write(beat)
+
+
+# -- whole rows ---------------------------------------------------------------------------
+
+
+class TaskRow(NamedTuple):
+    """Every column of a task."""
+
+    id: int
+    title: str
+    prompt: str
+    repo: str
+    agent: str
+    base_ref: str
+    priority: int
+    status: str
+    closed_at: datetime | None
+    last_error: str | None
+    dispatch_failures: int
+    current_attempt_id: int | None
+    branch: str | None
+    worktree: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class AttemptRow(NamedTuple):
+    """Every column of an attempt."""
+
+    id: int
+    task_id: int
+    number: int
+    state: str
+    outcome: str | None
+    exit_code: int | None
+    prior_status: str
+    host: str
+    dispatcher_pid: int | None
+    wrapper_pid: int | None
+    agent_pid: int | None
+    tmux_session: str | None
+    tmux_socket: str | None
+    tmux_target: str | None
+    worktree: str | None
+    branch: str | None
+    base_commit: str | None
+    session_id: str | None
+    resume: bool
+    intent: dict[str, Any]
+    done_signalled_at: datetime | None
+    cancel_requested_at: datetime | None
+    heartbeat_at: datetime | None
+    lease_expires_at: datetime | None
+    started_at: datetime
+    ended_at: datetime | None
+    error: str | None
+    redispatch_of: int | None
+
+
+_TASK_SELECT = f"SELECT {', '.join(TaskRow._fields)} FROM tasks"
+_ATTEMPT_SELECT = f"SELECT {', '.join(AttemptRow._fields)} FROM attempts"
+_ATTEMPT_ROW_TIMES = tuple(name for name in AttemptRow._fields if name.endswith("_at"))
+
+
+def _tasks(tx: Tx, where: str, params: dict[str, Any]) -> list[TaskRow]:
+    return records(TaskRow, tx.rows(f"{_TASK_SELECT} {where}", params), _TASK_TIMES)
+
+
+def _attempts(tx: Tx, where: str, params: dict[str, Any]) -> list[AttemptRow]:
+    found = records(AttemptRow, tx.rows(f"{_ATTEMPT_SELECT} {where}", params), _ATTEMPT_ROW_TIMES)
+    # SQLite keeps booleans as 0 and 1 and JSON as text.
+    return [a._replace(resume=bool(a.resume), intent=json_value(a.intent)) for a in found]
+
+
+def get_task(tx: Tx, task_id: int) -> TaskRow:
+    found = _tasks(tx, "WHERE id = :id", {"id": task_id})
+    if not found:
+        raise NotFound(f"no task {task_id}", hint="`dispatch list --all` shows every task")
+    return found[0]
+
+
+def get_attempt(tx: Tx, attempt_id: int) -> AttemptRow:
+    found = _attempts(tx, "WHERE id = :id", {"id": attempt_id})
+    if not found:
+        raise NotFound(f"no attempt {attempt_id}")
+    return found[0]
+
+
+def attempts_of(tx: Tx, task_id: int) -> list[AttemptRow]:
+    """A task's attempts, oldest first."""
+    return _attempts(tx, "WHERE task_id = :task ORDER BY id", {"task": task_id})
+
+
+def latest_attempt(tx: Tx, task_id: int) -> AttemptRow | None:
+    found = _attempts(tx, "WHERE task_id = :task ORDER BY id DESC LIMIT 1", {"task": task_id})
+    return found[0] if found else None
+
+
+def ready_tasks(tx: Tx, limit: int) -> list[TaskRow]:
+    """Ready tasks in claim order; on PostgreSQL, rows other claimers hold are skipped."""
+    where = "WHERE status = :ready AND closed_at IS NULL ORDER BY priority DESC, id LIMIT :limit"
+    if tx.dialect != "sqlite":  # SQLite's one writer at a time needs no row locks
+        where += " FOR UPDATE SKIP LOCKED"
+    return _tasks(tx, where, {"ready": Status.READY.value, "limit": limit})
+
+
+def count_in_progress(tx: Tx) -> int:
+    sql = "SELECT COUNT(*) FROM tasks WHERE status = :status"
+    return int(tx.rows(sql, {"status": Status.IN_PROGRESS.value})[0][0])
+
+
+def use_agent_session(
+    tx: Tx, key: str, *, task_id: int, agent: str, fresh_id: str, renew: bool
+) -> str:
+    """The session id a task's attempt uses: the stored one, else (or with `renew`) `fresh_id`."""
+    renewing = ", session_id = excluded.session_id" if renew else ""
+    sql = (
+        "INSERT INTO agent_sessions (key, task_id, agent, session_id, created_at, last_used_at)"
+        " VALUES (:key, :task, :agent, :session, :now, :now)"
+        f" ON CONFLICT (key) DO UPDATE SET last_used_at = excluded.last_used_at{renewing}"
+        " RETURNING session_id"
+    )
+    params = {"key": key, "task": task_id, "agent": agent, "session": fresh_id, "now": utcnow()}
+    return str(tx.rows(sql, params)[0][0])
+
+
+# -- writes ---------------------------------------------------------------------------------
+# Column names come from code, never from users; they are checked against the rows' fields
+# all the same, since they are spelled into the SQL.
+
+
+def _assignments(values: dict[str, Any], allowed: Sequence[str]) -> str:
+    unknown = set(values) - set(allowed)
+    if unknown:
+        raise ValueError(f"unknown columns {sorted(unknown)}")
+    return ", ".join(f"{column} = :{column}" for column in values)
+
+
+def insert_attempt(tx: Tx, **values: Any) -> int:
+    """A new attempt row; its id."""
+    _assignments(values, AttemptRow._fields)
+    columns = ", ".join(values)
+    placeholders = ", ".join(f":{column}" for column in values)
+    sql = f"INSERT INTO attempts ({columns}) VALUES ({placeholders}) RETURNING id"
+    return int(tx.rows(sql, values)[0][0])
+
+
+def move_task(
+    tx: Tx,
+    task_id: int,
+    *,
+    expected: Status,
+    target: Status,
+    attempt_id: int | None = None,
+    fence_attempt: bool = False,
+    **values: Any,
+) -> bool:
+    """Conditional status change; False when another writer got there first (nothing changed).
+
+    With `fence_attempt`, the task must still belong to `attempt_id`: a stale writer
+    whose attempt was reaped or superseded changes nothing.
+    """
+    values = {**values, "status": target.value, "updated_at": utcnow()}
+    sql = f"UPDATE tasks SET {_assignments(values, TaskRow._fields)}"
+    sql += " WHERE id = :where_id AND status = :where_status"
+    params = {**values, "where_id": task_id, "where_status": expected.value}
+    if fence_attempt:
+        sql += " AND current_attempt_id = :where_attempt"
+        params["where_attempt"] = attempt_id
+    return tx.change(sql, params) == 1
+
+
+def update_task(tx: Tx, task_id: int, **values: Any) -> bool:
+    values = {**values, "updated_at": utcnow()}
+    sql = f"UPDATE tasks SET {_assignments(values, TaskRow._fields)} WHERE id = :where_id"
+    return tx.change(sql, {**values, "where_id": task_id}) == 1
+
+
+def close_task(tx: Tx, task_id: int) -> bool:
+    """Archive a task unless it already is: the row count says who closed it."""
+    now = utcnow()
+    sql = "UPDATE tasks SET closed_at = :now, updated_at = :now WHERE id = :id"
+    return tx.change(sql + " AND closed_at IS NULL", {"now": now, "id": task_id}) == 1
+
+
+def move_attempt(
+    tx: Tx,
+    attempt_id: int,
+    *,
+    expected: Iterable[AttemptState],
+    target: AttemptState | None = None,
+    **values: Any,
+) -> bool:
+    """Conditional attempt update: only from one of the `expected` states."""
+    if target is not None:
+        values["state"] = target.value
+    clause, states = in_clause("where_state", [s.value for s in expected])
+    sql = f"UPDATE attempts SET {_assignments(values, AttemptRow._fields)}"
+    sql += f" WHERE id = :where_id AND state {clause}"
+    return tx.change(sql, {**values, **states, "where_id": attempt_id}) == 1
+
+
+def update_attempt(tx: Tx, attempt_id: int, **values: Any) -> None:
+    sql = f"UPDATE attempts SET {_assignments(values, AttemptRow._fields)} WHERE id = :where_id"
+    tx.change(sql, {**values, "where_id": attempt_id})
+
+
+def record_event(
+    tx: Tx,
+    kind: str,
+    *,
+    task_id: int | None,
+    attempt_id: int | None = None,
+    from_status: str | None = None,
+    to_status: str | None = None,
+    **detail: Any,
+) -> None:
+    """Append one event (events are never updated or deleted)."""
+    sql = (
+        "INSERT INTO events (task_id, attempt_id, kind, from_status, to_status, at, detail)"
+        " VALUES (:task, :attempt, :kind, :from_status, :to_status, :at, :detail)"
+    )
+    params = {
+        "task": task_id,
+        "attempt": attempt_id,
+        "kind": kind,
+        "from_status": from_status,
+        "to_status": to_status,
+        "at": utcnow(),
+        "detail": {k: v for k, v in detail.items() if v is not None},
+    }
+    tx.change(sql, params)
+
+
+def release_task(
+    tx: Tx,
+    task_id: int,
+    *,
+    attempt_id: int | None,
+    target: Status,
+    kind: str,
+    values: dict[str, Any] | None = None,
+    **detail: Any,
+) -> bool:
+    """The task leaves in-progress on behalf of its current attempt: one fenced
+    conditional update and, only if it won, its one event. False: someone else did."""
+    moved = move_task(
+        tx,
+        task_id,
+        expected=Status.IN_PROGRESS,
+        target=target,
+        attempt_id=attempt_id,
+        fence_attempt=True,
+        current_attempt_id=None,
+        **(values or {}),
+    )
+    if moved:
+        record_event(
+            tx,
+            kind,
+            task_id=task_id,
+            attempt_id=attempt_id,
+            from_status=Status.IN_PROGRESS,
+            to_status=target,
+            **detail,
+        )
+    return moved

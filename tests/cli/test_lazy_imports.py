@@ -108,3 +108,15 @@ def test_the_wrapper_starts_the_agent_without_sqlalchemy(
 
     count = wait_for(lambda: seen.exists() and seen.read_text().strip(), "the agent's probe")
     assert count == "0"
+
+
+def test_run_dispatches_without_sqlalchemy(
+    env: Env, cli: Callable[..., Result], repo: Path
+) -> None:
+    assert cli("add", "busy", "--agent", "shell", "--prompt", "sleep 30", cwd=repo).code == 0
+    code, names, stdout = _run("run", "1", "--json", cwd=env.root)
+    assert code == 0
+    result = json.loads(stdout)
+    assert (result["task"]["status"], result["attempt"]["state"]) == ("in-progress", "running")
+    assert "git" in names  # it did make the worktree
+    assert "sqlalchemy" not in names and "alembic" not in names

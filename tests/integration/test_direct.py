@@ -18,11 +18,14 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy.orm import Session
 
+from dispatch.adapters.tmux import TmuxTerminal
 from dispatch.app import App
-from dispatch.errors import EnvironmentProblem, NotFound
+from dispatch.errors import DispatchFailed, EnvironmentProblem, NotFound
 from dispatch.lifecycle import AttemptState, Status
+from dispatch.services.dispatching import dispatch_task
 from dispatch.services.tasks import add_task
 from dispatch.store import queries as q
+from dispatch.store import statements as st
 from dispatch.store.database import migrations_dir
 from dispatch.store.direct import Direct, SqliteFile, ThroughDatabase, Tx, open_direct, utcnow
 from dispatch.store.models import Attempt
@@ -35,7 +38,15 @@ from dispatch.store.statements import (
     record_agent_pid,
     wrapper_start,
 )
-from tests.conftest import Env
+from tests.conftest import Env, windows
+from tests.faults import (
+    Faulty,
+    assert_rolled_back,
+    branches,
+    events,
+    returns,
+    write_config,
+)
 
 HOSTILE = "$(touch x); `id` ../../etc\n'\"naïve ✓ 日本"
 
@@ -315,3 +326,130 @@ def test_a_failed_write_changes_nothing_and_leaves_no_transaction_open(
     assert (stored.agent_pid, stored.task_id) == (4242, ids["running"])
     assert record_agent_pid(fast, attempt, 8888)  # the connection is usable at once
     assert app.db.read(lambda s: q.get_attempt(s, attempt)).agent_pid == 8888
+
+
+def _orm_values(obj: object, fields: tuple[str, ...]) -> tuple[object, ...]:
+    return tuple(getattr(obj, name) for name in fields)
+
+
+def test_whole_rows_read_what_the_models_read_both_ways(
+    make_app: Callable[..., App], repo: Path
+) -> None:
+    app = make_app()
+    ids = _world(app, repo)
+    intent = {"worktree": HOSTILE, "branch_existed": True, "nested": {"n": [1, None]}}
+    app.db.write(lambda s: q.update_attempt(s, ids["running_attempt"], intent=intent, resume=True))
+    task = app.db.read(lambda s: q.get_task(s, ids["hostile"]))
+    attempt = app.db.read(lambda s: q.get_attempt(s, ids["running_attempt"]))
+
+    for direct in _both(app):
+        got_task = direct.read(lambda tx: st.get_task(tx, ids["hostile"]))
+        got_attempt = direct.read(lambda tx: st.get_attempt(tx, ids["running_attempt"]))
+        assert tuple(got_task) == _orm_values(task, st.TaskRow._fields)
+        assert tuple(got_attempt) == _orm_values(attempt, st.AttemptRow._fields)
+        assert got_attempt.intent == intent and got_attempt.resume is True
+        assert direct.read(lambda tx: st.attempts_of(tx, ids["running"])) == [got_attempt]
+        assert direct.read(lambda tx: st.latest_attempt(tx, ids["hostile"])) is None
+        with pytest.raises(NotFound, match="no task 999"):
+            direct.read(lambda tx: st.get_task(tx, 999))
+        with pytest.raises(NotFound, match="no attempt 999"):
+            direct.read(lambda tx: st.get_attempt(tx, 999))
+
+
+def test_the_shared_writes_land_what_the_models_read_both_ways(
+    make_app: Callable[..., App], repo: Path
+) -> None:
+    app = make_app()
+    app.db.ensure_schema()
+    for direct in _both(app):
+        _claim_like(app, direct, add_task(app, HOSTILE, repo=repo).id)
+
+
+def _claim_like(app: App, direct: Direct, task_id: int) -> None:
+    def claim(tx: Tx) -> tuple[int, str, str, str]:
+        key = f"shell:{task_id}"
+        first = st.use_agent_session(
+            tx, key, task_id=task_id, agent="shell", fresh_id="one", renew=True
+        )  # a new key: the fresh id, whatever `renew` says
+        kept = st.use_agent_session(
+            tx, key, task_id=task_id, agent="shell", fresh_id="two", renew=False
+        )
+        renewed = st.use_agent_session(
+            tx, key, task_id=task_id, agent="shell", fresh_id="three", renew=True
+        )
+        attempt = st.insert_attempt(
+            tx,
+            task_id=task_id,
+            number=1,
+            state=AttemptState.STARTING.value,
+            prior_status=Status.READY.value,
+            host="here",
+            resume=False,
+            intent={"branch": HOSTILE},
+            started_at=utcnow(),
+        )
+        assert st.move_task(
+            tx,
+            task_id,
+            expected=Status.READY,
+            target=Status.IN_PROGRESS,
+            current_attempt_id=attempt,
+        )
+        # Conditional: it is no longer ready.
+        assert not st.move_task(tx, task_id, expected=Status.READY, target=Status.CANCELLED)
+        st.record_event(tx, "claimed", task_id=task_id, attempt_id=attempt, note=HOSTILE, gone=None)
+        return attempt, first, kept, renewed
+
+    attempt_id, first, kept, renewed = direct.write(claim)
+
+    assert (first, kept, renewed) == ("one", "one", "three")
+    stored_task = app.db.read(lambda s: q.get_task(s, task_id))
+    assert (stored_task.status, stored_task.current_attempt_id) == ("in-progress", attempt_id)
+    stored = app.db.read(lambda s: q.get_attempt(s, attempt_id))
+    assert (stored.intent, stored.resume, stored.started_at.tzinfo) == (
+        {"branch": HOSTILE},
+        False,
+        UTC,
+    )
+    event = app.db.read(lambda s: q.events(s, task_id))[-1]
+    assert (event.kind, event.attempt_id, event.detail) == (
+        "claimed",
+        attempt_id,
+        {"note": HOSTILE},
+    )
+    assert direct.write(lambda tx: st.close_task(tx, task_id))
+    assert not direct.write(lambda tx: st.close_task(tx, task_id))  # once only
+
+
+def test_a_column_name_that_is_not_a_column_is_refused(make_app: Callable[..., App]) -> None:
+    app = make_app()
+    app.db.ensure_schema()
+    fast, _ = _both(app)
+    with pytest.raises(ValueError, match="unknown columns"):
+        fast.write(lambda tx: st.update_task(tx, 1, **{"status = 'x', title": "y"}))
+
+
+def test_a_whole_dispatch_and_its_rollback_run_through_database_too(
+    env: Env, make_app: Callable[..., App], repo: Path
+) -> None:
+    """Another backend takes the long way with the same SQL: dispatch, then a failed one."""
+    write_config(env)  # it has the `sleeper` agent
+    app = make_app()
+    for title in ("works", "fails"):
+        add_task(app, title, repo=repo, agent="sleeper")
+    app.direct_ = ThroughDatabase(app.db)
+
+    result = dispatch_task(app, 1)
+
+    assert result is not None
+    assert (result.task.status, result.attempt.state) == ("in-progress", "running")
+    assert [a.id for a in result.attempts] == [result.attempt.id]
+    assert [e["kind"] for e in events(env, 1)] == ["created", "claimed", "dispatched"]
+    failing = make_app(terminal=Faulty(TmuxTerminal(env.socket), spawn=returns("")))
+    failing.direct_ = ThroughDatabase(failing.db)
+    with pytest.raises(DispatchFailed, match="failed at spawn"):
+        dispatch_task(failing, 2)
+    assert_rolled_back(env, 2, "ready", step="spawn")
+    assert [b for b in branches(repo) if b.startswith("dispatch/2-")] == []
+    assert not (env.home / "worktrees" / repo.name / "task-2").exists()
+    assert windows(env) == ["t1"]

@@ -103,6 +103,8 @@ def claim(d: Dispatch) -> bool:
     it did not make (SQLite may hand the same id to the next writer).
     """
     settings = d.app.settings
+    # Resolved before the write lock is taken: everything inside `work` holds it.
+    worktree_root = settings.worktree_root.expanduser().resolve()
 
     def work(tx: Tx) -> _Claimed | None:
         if d.task_id is not None:
@@ -132,7 +134,7 @@ def claim(d: Dispatch) -> bool:
             renew=d.action is Action.CLAIM and previous is not None,
         )
         redispatch_of = d.redispatch_of or (previous.id if previous else None)
-        worktree = worktree_path(settings.worktree_root, task.repo, task.id)
+        worktree = worktree_path(worktree_root, task.repo, task.id)
         branch = task.branch or branch_name(task.id, task.title)
         attempt_id = st.insert_attempt(
             tx,
@@ -178,12 +180,12 @@ _PICK_WINDOW = 20
 def _pick(tx: Tx, d: Dispatch, agents: Mapping[str, object]) -> TaskRow | None:
     """The next ready task `--next` can start. One whose agent profile no longer exists
     is skipped with its `last_error` saying so: it must not block the queue behind it."""
-    for task in st.ready_tasks(tx, len(d.exclude) + _PICK_WINDOW):
-        if task.id in d.exclude:
+    for task_id, agent in st.ready_tasks(tx, len(d.exclude) + _PICK_WINDOW):
+        if task_id in d.exclude:
             continue
-        if task.agent in agents:
-            return task
-        st.update_task(tx, task.id, last_error=f"unknown agent profile {task.agent!r}; skipped")
+        if agent in agents:
+            return st.get_task(tx, task_id)
+        st.update_task(tx, task_id, last_error=f"unknown agent profile {agent!r}; skipped")
     return None
 
 

@@ -26,7 +26,8 @@ def branch_name(task_id: int, title: str) -> str:
 
 
 def worktree_path(root: Path, repo: str, task_id: int) -> Path:
-    return root.expanduser().resolve() / Path(repo).name / f"task-{task_id}"
+    """Where a task's worktree goes; `root` is the resolved `worktree_root`."""
+    return root / Path(repo).name / f"task-{task_id}"
 
 
 def window_name(task_id: int) -> str:

@@ -127,6 +127,8 @@ def configure_sqlite(connection: sqlite3.Connection) -> None:
 
 def _sqlite_value(value: Any) -> Any:
     """A parameter as the models would store it in SQLite."""
+    if value is None or type(value) in _AS_IS:
+        return value
     if isinstance(value, datetime):
         if value.tzinfo is None:
             raise ValueError("naive datetime given to a UTC column")
@@ -136,6 +138,9 @@ def _sqlite_value(value: Any) -> Any:
     if isinstance(value, Enum):
         return value.value
     return value
+
+
+_AS_IS = {int, str, float, bool, bytes}
 
 
 class _SqliteTx:

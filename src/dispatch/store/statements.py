@@ -287,12 +287,14 @@ def latest_attempt(tx: Tx, task_id: int) -> AttemptRow | None:
     return found[0] if found else None
 
 
-def ready_tasks(tx: Tx, limit: int) -> list[TaskRow]:
-    """Ready tasks in claim order; on PostgreSQL, rows other claimers hold are skipped."""
-    where = "WHERE status = :ready AND closed_at IS NULL ORDER BY priority DESC, id LIMIT :limit"
+def ready_tasks(tx: Tx, limit: int) -> list[tuple[int, str]]:
+    """(id, agent) of ready tasks in claim order; on PostgreSQL, rows other claimers hold
+    are skipped."""
+    sql = "SELECT id, agent FROM tasks WHERE status = :ready AND closed_at IS NULL"
+    sql += " ORDER BY priority DESC, id LIMIT :limit"
     if tx.dialect != "sqlite":  # SQLite's one writer at a time needs no row locks
-        where += " FOR UPDATE SKIP LOCKED"
-    return _tasks(tx, where, {"ready": Status.READY.value, "limit": limit})
+        sql += " FOR UPDATE SKIP LOCKED"
+    return [(row[0], row[1]) for row in tx.rows(sql, {"ready": Status.READY.value, "limit": limit})]
 
 
 def count_in_progress(tx: Tx) -> int:

@@ -1,7 +1,8 @@
 """The console script's first stop, and the error funnel every command leaves through.
 
-It imports no CLI framework: `--version` answers at once, and the `agent-exec`
-wrapper — which every `dispatch run` waits for — starts without parsing machinery.
+It imports no CLI framework: `--version` and the top-level `--help` answer at once,
+and the `agent-exec` wrapper — which every `dispatch run` waits for — starts without
+parsing machinery.
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ def main() -> NoReturn:
     args = sys.argv[1:]
     if args == ["--version"]:
         code = _say(f"dispatch {__version__}")
+    elif args in (["--help"], ["-h"]) and _help_fits():
+        from dispatch.cli.help_text import TOP_LEVEL
+
+        sys.stdout.write(TOP_LEVEL)
+        code = 0
     elif len(args) == 2 and args[0] == "agent-exec" and args[1].isdigit():
         code = funnel(lambda: _agent_exec(int(args[1])))
     else:
@@ -30,6 +36,14 @@ def main() -> NoReturn:
     _flush()
     # Interpreter teardown of SQLAlchemy & co. costs ~150 ms: skip it, output is flushed.
     os._exit(code)
+
+
+def _help_fits() -> bool:
+    """Whether typer would render the top-level help exactly as kept in `help_text`: it
+    wraps to the terminal's width, capped at 80 columns."""
+    import shutil
+
+    return shutil.get_terminal_size().columns >= 80
 
 
 def _say(text: str) -> int:

@@ -14,10 +14,11 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import select
+
 from dispatch.app import App
 from dispatch.lifecycle import Status
 from dispatch.services.tasks import add_task
-from dispatch.store import queries as q
 from dispatch.store.direct import utcnow
 from dispatch.store.models import Attempt, Task
 from tests.conftest import Env, tmux
@@ -115,7 +116,7 @@ def seed_attempt(
 
     def work(s: Any) -> int:
         task = s.get(Task, task_id)
-        number = q.last_attempt_of(s, task_id)[1] + 1
+        number = len(s.scalars(select(Attempt).where(Attempt.task_id == task_id)).all()) + 1
         attempt = Attempt(
             task_id=task_id,
             number=number,

@@ -12,10 +12,12 @@ import threading
 from collections.abc import Callable
 from datetime import UTC, timedelta
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 from alembic import command
 from alembic.config import Config
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from dispatch.adapters.tmux import TmuxTerminal
@@ -24,11 +26,10 @@ from dispatch.errors import DispatchFailed, EnvironmentProblem, NotFound
 from dispatch.lifecycle import AttemptState, Status
 from dispatch.services.dispatching import dispatch_task
 from dispatch.services.tasks import add_task
-from dispatch.store import queries as q
 from dispatch.store import statements as st
 from dispatch.store.database import migrations_dir
 from dispatch.store.direct import Direct, SqliteFile, ThroughDatabase, Tx, open_direct, utcnow
-from dispatch.store.models import Attempt
+from dispatch.store.models import Attempt, Event, Task
 from dispatch.store.revisions import HEAD_REVISION, KNOWN_REVISIONS
 from dispatch.store.statements import (
     acknowledge,
@@ -48,11 +49,26 @@ from tests.faults import (
     write_config,
 )
 
+T = TypeVar("T")
 HOSTILE = "$(touch x); `id` ../../etc\n'\"naïve ✓ 日本"
 
 
+def _read(direct: Direct, statement: Callable[..., T], *args: Any) -> T:
+    return direct.read(lambda tx: statement(tx, *args))
+
+
+def _write(direct: Direct, statement: Callable[..., T], *args: Any) -> T:
+    return direct.write(lambda tx: statement(tx, *args))
+
+
+def _set(row: object, **values: object) -> None:
+    """Change a row through the models: what the direct statements must agree with."""
+    for name, value in values.items():
+        setattr(row, name, value)
+
+
 def _attempt(s: Session, task_id: int, state: AttemptState, **values: object) -> int:
-    number = len(q.attempts_of(s, [task_id])[task_id]) + 1
+    number = len(s.scalars(select(Attempt).where(Attempt.task_id == task_id)).all()) + 1
     attempt = Attempt(
         task_id=task_id,
         number=number,
@@ -84,7 +100,7 @@ def _world(app: App, repo: Path) -> dict[str, int]:
     }
 
     def shape(s: Session) -> None:
-        q.update_task(s, ids["closed"], closed_at=utcnow(), last_error="gave up")
+        _set(s.get(Task, ids["closed"]), closed_at=utcnow(), last_error="gave up")
         running = _attempt(
             s,
             ids["running"],
@@ -103,8 +119,10 @@ def _world(app: App, repo: Path) -> dict[str, int]:
         )
         ended = _attempt(s, ids["stuck"], AttemptState.ENDED, error="rollback died")
         for name, attempt in (("running", running), ("starting", starting), ("stuck", ended)):
-            q.update_task(s, ids[name], status=Status.IN_PROGRESS.value, current_attempt_id=attempt)
-        q.update_task(s, ids["orphaned"], status=Status.IN_PROGRESS.value, dispatch_failures=2)
+            _set(
+                s.get(Task, ids[name]), status=Status.IN_PROGRESS.value, current_attempt_id=attempt
+            )
+        _set(s.get(Task, ids["orphaned"]), status=Status.IN_PROGRESS.value, dispatch_failures=2)
         ids.update(running_attempt=running, starting_attempt=starting, ended_attempt=ended)
 
     app.db.write(shape)
@@ -124,18 +142,22 @@ def test_list_reads_the_same_tasks_both_ways(make_app: Callable[..., App], repo:
 
     filters = [((), False), ((), True), (("in-progress",), False), (("ready", "in-progress"), True)]
     for statuses, closed in filters:
-        assert list_tasks(fast, statuses, closed) == list_tasks(through_database, statuses, closed)
+        assert _read(fast, list_tasks, statuses, closed) == _read(
+            through_database, list_tasks, statuses, closed
+        )
 
-    listed = list_tasks(fast)
+    listed = _read(fast, list_tasks)
     # Claim order: priority first, then age; closed tasks only when asked for.
     order = ["urgent", "running", "starting", "hostile", "stuck", "orphaned"]
     assert [t.id for t in listed] == [ids[name] for name in order]
-    assert [t.id for t in list_tasks(fast, (), True)] == [ids["closed"]] + [t.id for t in listed]
-    assert {t.id for t in list_tasks(fast, ["in-progress"])} == {
+    assert [t.id for t in _read(fast, list_tasks, (), True)] == [ids["closed"]] + [
+        t.id for t in listed
+    ]
+    assert {t.id for t in _read(fast, list_tasks, ["in-progress"])} == {
         ids["running"], ids["starting"], ids["stuck"], ids["orphaned"]
     }  # fmt: skip
     hostile = next(t for t in listed if t.id == ids["hostile"])
-    stored = app.db.read(lambda s: q.get_task(s, ids["hostile"]))
+    stored = app.db.read(lambda s: s.get(Task, ids["hostile"]))
     assert hostile.title == HOSTILE  # verbatim, newline and all
     assert (hostile.created_at, hostile.updated_at) == (stored.created_at, stored.updated_at)
     assert hostile.created_at.tzinfo is UTC
@@ -149,9 +171,9 @@ def test_the_census_reads_the_same_snapshot_both_ways(
     fast, through_database = _both(app)
     asked = [ids["running"], ids["closed"], 999]
 
-    seen = census(fast, asked)
+    seen = _read(fast, census, asked)
 
-    assert seen == census(through_database, asked)
+    assert seen == _read(through_database, census, asked)
     assert [a.id for a in seen.live] == [ids["running_attempt"], ids["starting_attempt"]]
     running = seen.live[0]
     assert (running.task_id, running.state, running.agent_pid) == (ids["running"], "running", 4242)
@@ -169,7 +191,7 @@ def test_an_empty_census_asks_for_no_repositories(make_app: Callable[..., App]) 
     app = make_app()
     app.db.ensure_schema()
     fast, through_database = _both(app)
-    assert census(fast, []) == census(through_database, []) == ([], [], {})
+    assert _read(fast, census, []) == _read(through_database, census, []) == ([], [], {})
 
 
 def test_a_missing_database_is_created_by_database_not_by_the_fast_path(
@@ -181,7 +203,7 @@ def test_a_missing_database_is_created_by_database_not_by_the_fast_path(
     reader = app.direct
 
     assert isinstance(reader, ThroughDatabase)
-    assert list_tasks(reader) == []  # migrated on first use, as every command does
+    assert _read(reader, list_tasks) == []  # migrated on first use, as every command does
     assert env.db_path.stat().st_mode & 0o777 == 0o600
 
 
@@ -197,7 +219,7 @@ def test_a_database_not_at_head_goes_through_database(
     reader = make_app().direct
 
     assert isinstance(reader, ThroughDatabase)  # Database migrates it before reading
-    assert list_tasks(reader) == []
+    assert _read(reader, list_tasks) == []
     connection = sqlite3.connect(env.db_path)
     assert connection.execute("SELECT version_num FROM alembic_version").fetchall() == [
         (HEAD_REVISION,)
@@ -233,8 +255,8 @@ def test_the_wrappers_statements_write_what_the_models_read_both_ways(
 
 def _start_and_beat(app: App, direct: Direct, env: Env, task_id: int) -> None:
     attempt = app.db.write(lambda s: _attempt(s, task_id, AttemptState.STARTING))
-    stored = lambda: app.db.read(lambda s: q.get_attempt(s, attempt))  # noqa: E731
-    start = wrapper_start(direct, attempt)
+    stored = lambda: app.db.read(lambda s: s.get(Attempt, attempt))  # noqa: E731
+    start = _read(direct, wrapper_start, attempt)
     assert (start.task_id, start.state, start.prompt, start.resume) == (
         task_id, "starting", HOSTILE, False
     )  # fmt: skip
@@ -242,12 +264,12 @@ def _start_and_beat(app: App, direct: Direct, env: Env, task_id: int) -> None:
     now = utcnow().replace(microsecond=0)
     later = now + timedelta(seconds=2)
 
-    assert acknowledge(direct, attempt, 4321, now)
-    assert not acknowledge(direct, attempt, 9999, now)  # only from `starting`: one winner
-    assert record_agent_pid(direct, attempt, 5555)
-    assert not heartbeat(direct, attempt, now + timedelta(seconds=1))
-    app.db.write(lambda s: q.update_attempt(s, attempt, cancel_requested_at=utcnow()))
-    assert heartbeat(direct, attempt, later)  # a cancel is seen
+    assert _write(direct, acknowledge, attempt, 4321, now)
+    assert not _write(direct, acknowledge, attempt, 9999, now)  # only from `starting`: one winner
+    assert _write(direct, record_agent_pid, attempt, 5555)
+    assert not _write(direct, heartbeat, attempt, now + timedelta(seconds=1))
+    app.db.write(lambda s: _set(s.get(Attempt, attempt), cancel_requested_at=utcnow()))
+    assert _write(direct, heartbeat, attempt, later)  # a cancel is seen
 
     assert (stored().state, stored().wrapper_pid, stored().agent_pid) == ("running", 4321, 5555)
     assert stored().heartbeat_at == later
@@ -256,9 +278,9 @@ def _start_and_beat(app: App, direct: Direct, env: Env, task_id: int) -> None:
     raw.close()
     assert text == later.strftime("%Y-%m-%d %H:%M:%S.000000")
 
-    app.db.write(lambda s: q.update_attempt(s, attempt, state=AttemptState.ENDED.value))
-    assert not record_agent_pid(direct, attempt, 6666)  # fenced once it is not running
-    heartbeat(direct, attempt, later + timedelta(seconds=5))
+    app.db.write(lambda s: _set(s.get(Attempt, attempt), state=AttemptState.ENDED.value))
+    assert not _write(direct, record_agent_pid, attempt, 6666)  # fenced once it is not running
+    _write(direct, heartbeat, attempt, later + timedelta(seconds=5))
     assert (stored().agent_pid, stored().heartbeat_at) == (5555, later)  # nothing landed
 
 
@@ -267,7 +289,7 @@ def test_an_unknown_attempt_is_not_found(make_app: Callable[..., App]) -> None:
     app.db.ensure_schema()
     for direct in _both(app):
         with pytest.raises(NotFound, match="no attempt 999"):
-            wrapper_start(direct, 999)
+            _read(direct, wrapper_start, 999)
 
 
 def test_a_write_waits_for_another_writer_instead_of_failing(
@@ -281,11 +303,11 @@ def test_a_write_waits_for_another_writer_instead_of_failing(
     release = threading.Timer(0.5, lambda: blocker.execute("COMMIT"))
     release.start()
     try:
-        assert record_agent_pid(fast, ids["running_attempt"], 7777)
+        assert _write(fast, record_agent_pid, ids["running_attempt"], 7777)
     finally:
         release.join()
         blocker.close()
-    assert app.db.read(lambda s: q.get_attempt(s, ids["running_attempt"])).agent_pid == 7777
+    assert app.db.read(lambda s: s.get(Attempt, ids["running_attempt"])).agent_pid == 7777
 
 
 def test_a_database_path_with_spaces_unicode_and_hashes_is_read_directly(
@@ -299,7 +321,7 @@ def test_a_database_path_with_spaces_unicode_and_hashes_is_read_directly(
     direct = open_direct(app.settings.database, lambda: app.db)
 
     assert isinstance(direct, SqliteFile)
-    assert [t.id for t in list_tasks(direct)] == [task]
+    assert [t.id for t in _read(direct, list_tasks)] == [task]
     direct.close()
 
 
@@ -322,10 +344,10 @@ def test_a_failed_write_changes_nothing_and_leaves_no_transaction_open(
     with pytest.raises(EnvironmentProblem, match="FOREIGN KEY constraint failed"):
         fast.write(pid_then_orphan)
 
-    stored = app.db.read(lambda s: q.get_attempt(s, attempt))
+    stored = app.db.read(lambda s: s.get(Attempt, attempt))
     assert (stored.agent_pid, stored.task_id) == (4242, ids["running"])
-    assert record_agent_pid(fast, attempt, 8888)  # the connection is usable at once
-    assert app.db.read(lambda s: q.get_attempt(s, attempt)).agent_pid == 8888
+    assert _write(fast, record_agent_pid, attempt, 8888)  # the connection is usable at once
+    assert app.db.read(lambda s: s.get(Attempt, attempt)).agent_pid == 8888
 
 
 def _orm_values(obj: object, fields: tuple[str, ...]) -> tuple[object, ...]:
@@ -338,9 +360,9 @@ def test_whole_rows_read_what_the_models_read_both_ways(
     app = make_app()
     ids = _world(app, repo)
     intent = {"worktree": HOSTILE, "branch_existed": True, "nested": {"n": [1, None]}}
-    app.db.write(lambda s: q.update_attempt(s, ids["running_attempt"], intent=intent, resume=True))
-    task = app.db.read(lambda s: q.get_task(s, ids["hostile"]))
-    attempt = app.db.read(lambda s: q.get_attempt(s, ids["running_attempt"]))
+    app.db.write(lambda s: _set(s.get(Attempt, ids["running_attempt"]), intent=intent, resume=True))
+    task = app.db.read(lambda s: s.get(Task, ids["hostile"]))
+    attempt = app.db.read(lambda s: s.get(Attempt, ids["running_attempt"]))
 
     for direct in _both(app):
         got_task = direct.read(lambda tx: st.get_task(tx, ids["hostile"]))
@@ -403,15 +425,17 @@ def _claim_like(app: App, direct: Direct, task_id: int) -> None:
     attempt_id, first, kept, renewed = direct.write(claim)
 
     assert (first, kept, renewed) == ("one", "one", "three")
-    stored_task = app.db.read(lambda s: q.get_task(s, task_id))
+    stored_task = app.db.read(lambda s: s.get(Task, task_id))
     assert (stored_task.status, stored_task.current_attempt_id) == ("in-progress", attempt_id)
-    stored = app.db.read(lambda s: q.get_attempt(s, attempt_id))
+    stored = app.db.read(lambda s: s.get(Attempt, attempt_id))
     assert (stored.intent, stored.resume, stored.started_at.tzinfo) == (
         {"branch": HOSTILE},
         False,
         UTC,
     )
-    event = app.db.read(lambda s: q.events(s, task_id))[-1]
+    event = app.db.read(
+        lambda s: s.scalars(select(Event).where(Event.task_id == task_id).order_by(Event.id)).all()
+    )[-1]
     assert (event.kind, event.attempt_id, event.detail) == (
         "claimed",
         attempt_id,
@@ -453,3 +477,9 @@ def test_a_whole_dispatch_and_its_rollback_run_through_database_too(
     assert [b for b in branches(repo) if b.startswith("dispatch/2-")] == []
     assert not (env.home / "worktrees" / repo.name / "task-2").exists()
     assert windows(env) == ["t1"]
+
+
+def test_the_row_records_have_every_column_of_the_models() -> None:
+    """A column added to the models must be read by the statements too."""
+    for row, model in ((st.TaskRow, Task), (st.AttemptRow, Attempt), (st.EventRow, Event)):
+        assert set(row._fields) == set(model.__table__.columns.keys()), row.__name__

@@ -13,9 +13,9 @@ import pytest
 from sqlalchemy import event
 
 from dispatch.app import App
-from dispatch.services.agent_exit import finish
 from dispatch.services.dispatching import dispatch_task, redispatch
 from dispatch.services.sweep import sweep
+from dispatch.services.wrapper import finish
 from dispatch.store.direct import utcnow
 from tests.conftest import Env, tmux, windows
 from tests.integration.recovery_helpers import (

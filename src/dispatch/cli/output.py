@@ -14,8 +14,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from dispatch.errors import DispatchError
-    from dispatch.store.models import Attempt, Event, Task
-    from dispatch.store.statements import AttemptRow, TaskRow, TaskSummary
+    from dispatch.store.statements import AttemptRow, EventRow, TaskRow, TaskSummary
 
 
 class Mode:
@@ -28,7 +27,7 @@ def _iso(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat().replace("+00:00", "Z")
 
 
-def attempt_json(a: Attempt | AttemptRow) -> dict[str, Any]:
+def attempt_json(a: AttemptRow) -> dict[str, Any]:
     return {
         "id": a.id,
         "task_id": a.task_id,
@@ -50,7 +49,7 @@ def attempt_json(a: Attempt | AttemptRow) -> dict[str, Any]:
 
 
 def task_json(
-    t: Task | TaskRow | TaskSummary, attempts: Sequence[Attempt | AttemptRow] | None = None
+    t: TaskRow | TaskSummary, attempts: Sequence[AttemptRow] | None = None
 ) -> dict[str, Any]:
     data: dict[str, Any] = {
         "id": t.id,
@@ -72,7 +71,7 @@ def task_json(
     return data
 
 
-def event_json(e: Event) -> dict[str, Any]:
+def event_json(e: EventRow) -> dict[str, Any]:
     return {
         "id": e.id,
         "task_id": e.task_id,
@@ -173,7 +172,7 @@ def task_table(tasks: Iterable[TaskSummary]) -> None:
         notice("no tasks")
 
 
-def task_detail(t: Task, attempts: Sequence[Attempt], events: Sequence[Event]) -> None:
+def task_detail(t: TaskRow, attempts: Sequence[AttemptRow], events: Sequence[EventRow]) -> None:
     from rich.table import Table
 
     console = _console()
@@ -209,7 +208,7 @@ def task_detail(t: Task, attempts: Sequence[Attempt], events: Sequence[Event]) -
     event_table(events, console=console)
 
 
-def event_table(events: Sequence[Event], console: Console | None = None) -> None:
+def event_table(events: Sequence[EventRow], console: Console | None = None) -> None:
     from rich.table import Table
 
     if not events:

@@ -65,7 +65,7 @@ def list_(
     json: bool = JSON,
 ) -> None:
     """List tasks (closed ones only with --all)."""
-    from dispatch.services.listing import list_tasks
+    from dispatch.services.tasks import list_tasks
 
     tasks = list_tasks(_state(ctx), status, include_closed=all_)
     if json:

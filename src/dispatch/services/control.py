@@ -10,16 +10,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy.orm import Session
-
 from dispatch.app import App
 from dispatch.errors import Conflict, NotFound, UsageError
 from dispatch.lifecycle import Action, AttemptState, Outcome, Status, next_status
 from dispatch.services.processes import proc_stat
 from dispatch.services.tasks import TaskView
-from dispatch.store import queries as q
-from dispatch.store.direct import utcnow
-from dispatch.store.models import Attempt, Task
+from dispatch.store import statements as st
+from dispatch.store.direct import Tx, utcnow
+from dispatch.store.statements import AttemptRow, TaskRow
 
 # How long an agent gets to stop after C-c, and then after its window is killed.
 CANCEL_GRACE_SECONDS = 5.0
@@ -30,50 +28,55 @@ KILL_GRACE_SECONDS = 6.0
 FOLLOW_DRAIN_SECONDS = 2.0
 
 
-def _current_attempt(s: Session, task: Task) -> Attempt | None:
+def _current_attempt(tx: Tx, task: TaskRow) -> AttemptRow | None:
     if task.current_attempt_id is None:
         return None
-    return q.get_attempt(s, task.current_attempt_id)
+    return st.get_attempt(tx, task.current_attempt_id)
 
 
 @dataclass
 class _Plan:
-    task: Task
-    attempt: Attempt | None
+    task: TaskRow
+    attempt: AttemptRow | None
     notices: list[str]
 
 
 def cancel_task(app: App, task_id: int, *, reason: str | None = None) -> TaskView:
     """Stop the agent (C-c, grace, kill), attempt and task `cancelled`; idempotent."""
 
-    def request(s: Session) -> _Plan:
-        task = q.get_task(s, task_id)
+    def request(tx: Tx) -> _Plan:
+        task = st.get_task(tx, task_id)
         status = Status(task.status)
         if status is Status.CANCELLED:
             return _Plan(task, None, [f"task {task_id} is already cancelled"])
         if status is Status.READY:
             target = next_status(status, Action.CANCEL, task_id=task_id)
-            if not q.move_task(s, task_id, expected=status, target=target):
+            if not st.move_task(tx, task_id, expected=status, target=target):
                 raise Conflict(f"task {task_id} changed while cancelling it; try again")
-            q.record_event(
-                s, "cancelled", task_id=task_id, from_status=status, to_status=target, reason=reason
+            st.record_event(
+                tx,
+                "cancelled",
+                task_id=task_id,
+                from_status=status,
+                to_status=target,
+                reason=reason,
             )
-            return _Plan(q.get_task(s, task_id), None, [])
+            return _Plan(st.get_task(tx, task_id), None, [])
         next_status(status, Action.CANCEL, task_id=task_id)  # refuses done, failed, ...
-        attempt = _current_attempt(s, task)
+        attempt = _current_attempt(tx, task)
         if attempt is None or attempt.state == AttemptState.STARTING.value:
             raise Conflict(
                 f"task {task_id} is being dispatched right now", hint="try again in a moment"
             )
         if attempt.cancel_requested_at is None:
-            q.update_attempt(s, attempt.id, cancel_requested_at=utcnow())
+            st.update_attempt(tx, attempt.id, cancel_requested_at=utcnow())
             # The wrapper records the cancellation itself; this keeps why it was asked for.
-            q.record_event(
-                s, "cancel-requested", task_id=task_id, attempt_id=attempt.id, reason=reason
+            st.record_event(
+                tx, "cancel-requested", task_id=task_id, attempt_id=attempt.id, reason=reason
             )
         return _Plan(task, attempt, [])
 
-    plan = app.db.write(request)
+    plan = app.direct.write(request)
     if plan.attempt is None:
         return TaskView(plan.task, notices=plan.notices)
     attempt = plan.attempt
@@ -88,7 +91,7 @@ def cancel_task(app: App, task_id: int, *, reason: str | None = None) -> TaskVie
                     _kill_orphaned_agent(attempt)
         return TaskView(_force_cancel(app, attempt.id, reason))
     # Another host's agent: its wrapper sees the request at its next heartbeat.
-    task = app.db.read(lambda s: q.get_task(s, task_id))
+    task = app.direct.read(lambda tx: st.get_task(tx, task_id))
     return TaskView(
         task,
         notices=[
@@ -97,7 +100,7 @@ def cancel_task(app: App, task_id: int, *, reason: str | None = None) -> TaskVie
     )
 
 
-def _kill_orphaned_agent(attempt: Attempt) -> None:
+def _kill_orphaned_agent(attempt: AttemptRow) -> None:
     """The wrapper could not stop its agent (it is stopped or stuck): kill the agent here,
     so the task is not recorded cancelled while the agent still works. Only a process
     whose parent is still this attempt's wrapper is the agent: pids are reused."""
@@ -113,44 +116,44 @@ def _kill_orphaned_agent(attempt: Attempt) -> None:
 def _wait_ended(app: App, attempt_id: int, seconds: float) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        state = app.db.read(lambda s: q.get_attempt(s, attempt_id).state)
+        state = app.direct.read(lambda tx: st.get_attempt(tx, attempt_id).state)
         if state == AttemptState.ENDED.value:
             return True
         time.sleep(0.1)
     return False
 
 
-def _force_cancel(app: App, attempt_id: int, reason: str | None) -> Task:
+def _force_cancel(app: App, attempt_id: int, reason: str | None) -> TaskRow:
     """If the wrapper did not record the cancel itself (it died), record it here."""
 
-    def work(s: Session) -> Task:
-        attempt = q.get_attempt(s, attempt_id)
-        q.move_attempt(
-            s,
+    def work(tx: Tx) -> TaskRow:
+        attempt = st.get_attempt(tx, attempt_id)
+        st.move_attempt(
+            tx,
             attempt_id,
             expected=[AttemptState.RUNNING],
             target=AttemptState.ENDED,
             outcome=Outcome.CANCELLED.value,
             ended_at=utcnow(),
         )
-        task = q.get_task(s, attempt.task_id)
+        task = st.get_task(tx, attempt.task_id)
         if task.status == Status.IN_PROGRESS.value and task.current_attempt_id == attempt_id:
-            q.release_task(
-                s,
+            st.release_task(
+                tx,
                 task.id,
                 attempt_id=attempt_id,
                 target=Status.CANCELLED,
                 kind="cancelled",
                 reason=reason,
             )
-        return q.get_task(s, task.id)
+        return st.get_task(tx, task.id)
 
-    return app.db.write(work)
+    return app.direct.write(work)
 
 
 def close_task(app: App, task_id: int) -> TaskView:
     """Archive a task; a running attempt is cancelled with detail `closed with task`."""
-    task = app.db.read(lambda s: q.get_task(s, task_id))
+    task = app.direct.read(lambda tx: st.get_task(tx, task_id))
     if task.closed_at is not None:
         return TaskView(task, notices=[f"task {task_id} is already closed"])
     cancelled: int | None = None
@@ -158,11 +161,11 @@ def close_task(app: App, task_id: int) -> TaskView:
         cancelled = task.current_attempt_id
         cancel_task(app, task_id, reason="closed with task")
 
-    def work(s: Session) -> TaskView:
-        current = q.get_task(s, task_id)
+    def work(tx: Tx) -> TaskView:
+        current = st.get_task(tx, task_id)
         notices: list[str] = []
         if current.status == Status.IN_PROGRESS.value:
-            attempt = _current_attempt(s, current)
+            attempt = _current_attempt(tx, current)
             remote = attempt is not None and attempt.host != app.settings.host
             if not (remote and attempt is not None and attempt.cancel_requested_at):
                 raise Conflict(
@@ -174,31 +177,31 @@ def close_task(app: App, task_id: int) -> TaskView:
             notices.append(
                 f"task {task_id} closed; its agent on {attempt.host} stops at its next heartbeat"
             )
-        if not q.close(s, task_id):  # conditional: a concurrent close wrote the event
+        if not st.close_task(tx, task_id):  # conditional: a concurrent close wrote the event
             return TaskView(current, notices=[f"task {task_id} is already closed"])
-        q.record_event(
-            s,
+        st.record_event(
+            tx,
             "closed",
             task_id=task_id,
             from_status=current.status,
             to_status=current.status,
             cancelled_attempt=cancelled,
         )
-        return TaskView(q.get_task(s, task_id), notices=notices)
+        return TaskView(st.get_task(tx, task_id), notices=notices)
 
-    return app.db.write(work)
+    return app.direct.write(work)
 
 
-def signal_done(app: App, task_id: int | None, cwd: Path | None = None) -> Attempt:
+def signal_done(app: App, task_id: int | None, cwd: Path | None = None) -> AttemptRow:
     """Record completion evidence; resolves TASK, then DISPATCH_ATTEMPT_ID, then the cwd."""
     env_attempt = os.environ.get("DISPATCH_ATTEMPT_ID")
     here = (cwd or Path.cwd()).resolve()
 
-    def work(s: Session) -> Attempt:
-        attempt: Attempt | None
+    def work(tx: Tx) -> AttemptRow:
+        attempt: AttemptRow | None
         if task_id is not None:
-            task = q.get_task(s, task_id)
-            attempt = _current_attempt(s, task)
+            task = st.get_task(tx, task_id)
+            attempt = _current_attempt(tx, task)
             if attempt is None:
                 raise Conflict(
                     f"task {task_id} is {task.status}; it has no running attempt to mark done"
@@ -206,25 +209,25 @@ def signal_done(app: App, task_id: int | None, cwd: Path | None = None) -> Attem
         elif env_attempt:
             if not env_attempt.isdigit():
                 raise UsageError(f"DISPATCH_ATTEMPT_ID is not an attempt id: {env_attempt!r}")
-            attempt = q.get_attempt(s, int(env_attempt))
+            attempt = st.get_attempt(tx, int(env_attempt))
         else:
-            attempt = _attempt_for_directory(s, here)
+            attempt = _attempt_for_directory(tx, here)
         if attempt.state != AttemptState.RUNNING.value:
             raise Conflict(
                 f"attempt {attempt.id} of task {attempt.task_id} is {attempt.state}, "
                 "not running; there is nothing to mark done"
             )
-        q.update_attempt(s, attempt.id, done_signalled_at=utcnow())
-        q.record_event(s, "done-signalled", task_id=attempt.task_id, attempt_id=attempt.id)
-        return q.get_attempt(s, attempt.id)
+        st.update_attempt(tx, attempt.id, done_signalled_at=utcnow())
+        st.record_event(tx, "done-signalled", task_id=attempt.task_id, attempt_id=attempt.id)
+        return st.get_attempt(tx, attempt.id)
 
-    return app.db.write(work)
+    return app.direct.write(work)
 
 
-def _attempt_for_directory(s: Session, here: Path) -> Attempt:
+def _attempt_for_directory(tx: Tx, here: Path) -> AttemptRow:
     running = [
         a
-        for a in q.live_attempts(s)
+        for a in st.live_attempts(tx)
         if a.worktree and (here == Path(a.worktree) or Path(a.worktree) in here.parents)
     ]
     tasks = {a.task_id for a in running}
@@ -238,12 +241,12 @@ def _attempt_for_directory(s: Session, here: Path) -> Attempt:
     return running[-1]
 
 
-def log_path(app: App, task_id: int, number: int | None) -> tuple[Attempt, Path]:
+def log_path(app: App, task_id: int, number: int | None) -> tuple[AttemptRow, Path]:
     """The attempt's pane log: the newest attempt, or attempt number N of the task."""
 
-    def work(s: Session) -> Attempt:
-        q.get_task(s, task_id)
-        attempts = q.attempts_of(s, [task_id])[task_id]
+    def work(tx: Tx) -> AttemptRow:
+        st.get_task(tx, task_id)
+        attempts = st.attempts_of(tx, task_id)
         if number is not None:
             attempts = [a for a in attempts if a.number == number]
             if not attempts:
@@ -252,17 +255,17 @@ def log_path(app: App, task_id: int, number: int | None) -> tuple[Attempt, Path]
             raise NotFound(f"task {task_id} has not been dispatched yet")
         return attempts[-1]
 
-    attempt = app.db.read(work)
+    attempt = app.direct.read(work)
     return attempt, app.settings.logs_dir / f"attempt-{attempt.id}.log"
 
 
-def follow_log(app: App, attempt: Attempt, path: Path) -> Iterator[bytes]:
+def follow_log(app: App, attempt: AttemptRow, path: Path) -> Iterator[bytes]:
     """Chunks of the log as they are written, until the attempt has ended."""
     position = 0
     drain_until: float | None = None
     while True:
         if drain_until is None:
-            state = app.db.read(lambda s: q.get_attempt(s, attempt.id).state)
+            state = app.direct.read(lambda tx: st.get_attempt(tx, attempt.id).state)
             if state == AttemptState.ENDED.value:
                 # The wrapper still prints its last line after recording the end, and
                 # tmux's pipe delivers it a moment later: read on until its window is gone.
@@ -283,7 +286,7 @@ def follow_log(app: App, attempt: Attempt, path: Path) -> Iterator[bytes]:
         time.sleep(0.2)
 
 
-def _window_open(app: App, attempt: Attempt) -> bool:
+def _window_open(app: App, attempt: AttemptRow) -> bool:
     if attempt.host != app.settings.host or not attempt.tmux_target:
         return False
     return app.terminal.window_exists(attempt.tmux_target.rsplit(":", 1)[-1])
@@ -292,14 +295,14 @@ def _window_open(app: App, attempt: Attempt) -> bool:
 def attach_argv(app: App, task_id: int) -> list[str]:
     """The tmux command that shows the task's window."""
 
-    def work(s: Session) -> Attempt:
-        task = q.get_task(s, task_id)
-        attempt = _current_attempt(s, task)
+    def work(tx: Tx) -> AttemptRow:
+        task = st.get_task(tx, task_id)
+        attempt = _current_attempt(tx, task)
         if attempt is None or attempt.state == AttemptState.ENDED.value or not attempt.tmux_target:
             raise Conflict(f"task {task_id} is {task.status}; it has no window to attach to")
         return attempt
 
-    attempt = app.db.read(work)
+    attempt = app.direct.read(work)
     if attempt.host != app.settings.host:
         raise Conflict(f"task {task_id} runs on {attempt.host}, not here")
     window = attempt.tmux_target.rsplit(":", 1)[-1]  # type: ignore[union-attr]

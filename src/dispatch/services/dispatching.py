@@ -609,7 +609,7 @@ def retryable_task_ids(app: App, statuses: list[str]) -> list[int]:
         if status not in {s.value for s in RETRYABLE}:
             allowed = ", ".join(sorted(s.value for s in RETRYABLE))
             raise UsageError(f"cannot redispatch {status!r} tasks (only {allowed})")
-    return [t.id for t in list_tasks(app.direct, wanted)]
+    return [t.id for t in app.direct.read(lambda tx: list_tasks(tx, wanted))]
 
 
 def redispatch_each(

@@ -1,24 +1,31 @@
-"""The sweep's writes: each reap is one conditional update plus one event.
-
-Only a sweep that found something to reap loads this (and SQLAlchemy with it).
-"""
+"""The sweep's writes: each reap is one conditional update plus one event."""
 
 from __future__ import annotations
 
-from sqlalchemy.orm import Session
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from dispatch.app import App
 from dispatch.errors import DispatchError
 from dispatch.lifecycle import Action, AttemptState, Outcome, Status, next_status
 from dispatch.services.cleanup import remove_created, remove_prompt, roll_back
-from dispatch.services.sweep import Panes, Reap, SweepReport
-from dispatch.store import queries as q
-from dispatch.store.direct import utcnow
-from dispatch.store.models import Attempt
-from dispatch.store.statements import AttemptCheck
+from dispatch.store import statements as st
+from dispatch.store.direct import Tx, utcnow
+from dispatch.store.statements import AttemptCheck, AttemptRow
+
+if TYPE_CHECKING:
+    from dispatch.services.sweep import Panes, SweepReport
 
 # How long a sweep waits for another sweep that is finishing an undo on this host.
 UNDO_LOCK_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class Reap:
+    task_id: int
+    attempt_id: int | None
+    reason: str
+    status: str
 
 
 def reap_running(app: App, attempt: AttemptCheck, reason: str, requeue: bool) -> Reap | None:
@@ -29,9 +36,9 @@ def reap_running(app: App, attempt: AttemptCheck, reason: str, requeue: bool) ->
     else:
         action, outcome = (Action.REQUEUE if requeue else Action.REAP), Outcome.INTERRUPTED
 
-    def work(s: Session) -> Reap | None:
-        if not q.move_attempt(
-            s,
+    def work(tx: Tx) -> Reap | None:
+        if not st.move_attempt(
+            tx,
             attempt.id,
             expected=[AttemptState.RUNNING],
             target=AttemptState.ENDED,
@@ -41,8 +48,8 @@ def reap_running(app: App, attempt: AttemptCheck, reason: str, requeue: bool) ->
         ):
             return None  # another sweep, or the wrapper itself, got there first
         target = next_status(Status.IN_PROGRESS, action, task_id=attempt.task_id)
-        if not q.release_task(
-            s,
+        if not st.release_task(
+            tx,
             attempt.task_id,
             attempt_id=attempt.id,
             target=target,
@@ -53,16 +60,16 @@ def reap_running(app: App, attempt: AttemptCheck, reason: str, requeue: bool) ->
             return None  # a superseded attempt: its end is recorded, the task is not ours
         return Reap(attempt.task_id, attempt.id, reason, target.value)
 
-    return app.db.write(work)
+    return app.direct.write(work)
 
 
 def reap_dispatch(
     app: App, attempt: AttemptCheck, reason: str, panes: Panes, report: SweepReport
 ) -> Reap | None:
     """A dispatcher died mid-saga: fence its attempt, finish its undo, roll back."""
-    won = app.db.write(
-        lambda s: q.move_attempt(
-            s,
+    won = app.direct.write(
+        lambda tx: st.move_attempt(
+            tx,
             attempt.id,
             expected=[AttemptState.STARTING],
             target=AttemptState.ENDED,
@@ -87,10 +94,10 @@ def reap_stuck(
     if attempt is not None:
         return _finish_undo(app, attempt.id, attempt.error or reason, panes, report)
 
-    def work(s: Session) -> Reap | None:
+    def work(tx: Tx) -> Reap | None:
         target = next_status(Status.IN_PROGRESS, Action.REAP, task_id=task_id)
-        if not q.release_task(
-            s,
+        if not st.release_task(
+            tx,
             task_id,
             attempt_id=None,
             target=target,
@@ -101,15 +108,15 @@ def reap_stuck(
             return None
         return Reap(task_id, None, reason, target.value)
 
-    return app.db.write(work)
+    return app.direct.write(work)
 
 
-def _still_to_undo(app: App, attempt_id: int) -> Attempt | None:
+def _still_to_undo(app: App, attempt_id: int) -> AttemptRow | None:
     """The attempt, if its task still waits for this attempt's rollback."""
 
-    def work(s: Session) -> Attempt | None:
-        attempt = q.get_attempt(s, attempt_id)
-        task = q.get_task(s, attempt.task_id)
+    def work(tx: Tx) -> AttemptRow | None:
+        attempt = st.get_attempt(tx, attempt_id)
+        task = st.get_task(tx, attempt.task_id)
         pending = (
             attempt.state == AttemptState.ENDED.value
             and task.status == Status.IN_PROGRESS.value
@@ -117,7 +124,7 @@ def _still_to_undo(app: App, attempt_id: int) -> Attempt | None:
         )
         return attempt if pending else None
 
-    return app.db.read(work)
+    return app.direct.read(work)
 
 
 def _finish_undo(
@@ -155,7 +162,7 @@ def _finish_undo(
     return Reap(attempt.task_id, attempt_id, reason, status.value)
 
 
-def _undo_here(app: App, attempt: Attempt, panes: Panes) -> list[str]:
+def _undo_here(app: App, attempt: AttemptRow, panes: Panes) -> list[str]:
     """Kill the attempt's window, remove its prompt file, worktree and branch it created."""
     problems: list[str] = []
     intent = attempt.intent or {}

@@ -17,17 +17,10 @@ from dispatch.app import App
 from dispatch.lifecycle import Action, AttemptState, Status, next_status
 from dispatch.services.naming import WRAPPER_MARKER
 from dispatch.services.processes import process_alive
+from dispatch.services.reaping import Reap, reap_dispatch, reap_running, reap_stuck
 from dispatch.store.statements import AttemptCheck, census
 
 _TASK_DIR = re.compile(r"task-(\d+)")
-
-
-@dataclass(frozen=True)
-class Reap:
-    task_id: int
-    attempt_id: int | None
-    reason: str
-    status: str
 
 
 @dataclass
@@ -125,17 +118,14 @@ class Panes:
 def sweep(
     app: App, *, dry_run: bool = False, requeue: bool = False, stale_after: float | None = None
 ) -> SweepReport:
-    """Reap what has no live agent; report orphans; change nothing with `dry_run`.
-
-    An idle sweep — the usual one from cron — only reads: it never loads the machinery
-    that reaping writes with.
-    """
+    """Reap what has no live agent; report orphans; change nothing with `dry_run`."""
     settings = app.settings
     stale = timedelta(seconds=settings.stale_after if stale_after is None else stale_after)
     dirs = _task_dirs(settings.worktree_root)
     # The census comes before the listing: a window an attempt had when it was read
     # must show in the listing unless it has really gone since.
-    snap = census(app.direct, sorted({n for _, n in dirs if n is not None}))
+    task_ids = sorted({n for _, n in dirs if n is not None})
+    snap = app.direct.read(lambda tx: census(tx, task_ids))
     panes = Panes.of(app.terminal.list_panes())
     now = datetime.now(UTC)
     report = SweepReport(checked=len(snap.live) + len(snap.stuck))
@@ -148,12 +138,10 @@ def sweep(
             status = _would_be(app, attempt, requeue)
             report.reaped.append(Reap(attempt.task_id, attempt.id, reason, status))
             continue
-        from dispatch.services import reaping
-
         if attempt.state == AttemptState.STARTING.value:
-            reap = reaping.reap_dispatch(app, attempt, reason, panes, report)
+            reap = reap_dispatch(app, attempt, reason, panes, report)
         else:
-            reap = reaping.reap_running(app, attempt, reason, requeue)
+            reap = reap_running(app, attempt, reason, requeue)
         if reap is not None:
             report.reaped.append(reap)
 
@@ -166,9 +154,7 @@ def sweep(
             status = _rollback_status(app, ended) if ended else Status.INTERRUPTED.value
             report.reaped.append(Reap(stuck.id, ended.id if ended else None, reason, status))
             continue
-        from dispatch.services import reaping
-
-        reap = reaping.reap_stuck(app, stuck.id, ended, reason, panes, report)
+        reap = reap_stuck(app, stuck.id, ended, reason, panes, report)
         if reap is not None:
             report.reaped.append(reap)
 

@@ -2,26 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from sqlalchemy.orm import Session
 
 from dispatch.app import App
 from dispatch.errors import Conflict, EnvironmentProblem, UsageError
 from dispatch.lifecycle import Action, Status, next_status
-from dispatch.store import queries as q
-from dispatch.store.direct import utcnow
-from dispatch.store.models import Attempt, Event, Task
+from dispatch.store import statements as st
+from dispatch.store.direct import Tx, utcnow
+from dispatch.store.statements import AttemptRow, EventRow, TaskRow, TaskSummary
 
 
 @dataclass
 class TaskView:
     """A task with what `show` and `run` print alongside it."""
 
-    task: Task
-    attempts: list[Attempt] = field(default_factory=list)
-    events: list[Event] = field(default_factory=list)
+    task: TaskRow
+    attempts: list[AttemptRow] = field(default_factory=list)
+    events: list[EventRow] = field(default_factory=list)
     notices: list[str] = field(default_factory=list)
 
 
@@ -34,7 +33,7 @@ def add_task(
     agent: str | None = None,
     base: str | None = None,
     priority: int = 0,
-) -> Task:
+) -> TaskRow:
     """Create a `ready` task in a git repository (default: the cwd's)."""
     if not title.strip():
         raise UsageError("the title is empty")
@@ -56,9 +55,10 @@ def add_task(
     elif not app.worktrees.ref_exists(top, base):
         raise UsageError(f"base ref {base!r} does not exist in {top}")
 
-    def work(s: Session) -> Task:
+    def work(tx: Tx) -> TaskRow:
         now = utcnow()
-        task = Task(
+        task_id = st.insert_task(
+            tx,
             title=title,
             prompt=title if prompt is None else prompt,
             repo=str(top),
@@ -70,60 +70,70 @@ def add_task(
             created_at=now,
             updated_at=now,
         )
-        s.add(task)
-        s.flush()
-        q.record_event(s, "created", task_id=task.id, to_status=Status.READY.value)
-        return task
+        st.record_event(tx, "created", task_id=task_id, to_status=Status.READY.value)
+        return st.get_task(tx, task_id)
 
-    return app.db.write(work)
+    return app.direct.write(work)
+
+
+def list_tasks(
+    app: App, statuses: Sequence[str] = (), include_closed: bool = False
+) -> list[TaskSummary]:
+    """Tasks as `list` shows them, in the order `run --next` takes them."""
+    valid = {s.value for s in Status}
+    for status in statuses:
+        if status not in valid:
+            raise UsageError(f"unknown status {status!r} (one of: {', '.join(sorted(valid))})")
+    wanted = sorted(set(statuses))
+    return app.direct.read(lambda tx: st.list_tasks(tx, wanted, include_closed))
 
 
 def show_task(app: App, task_id: int) -> TaskView:
-    def work(s: Session) -> TaskView:
-        task = q.get_task(s, task_id)
-        attempts = q.attempts_of(s, [task_id])[task_id]
-        return TaskView(task, attempts, q.events(s, task_id))
+    def work(tx: Tx) -> TaskView:
+        task = st.get_task(tx, task_id)
+        attempts = st.attempts_of(tx, task_id)
+        return TaskView(task, attempts, st.events(tx, task_id))
 
-    return app.db.read(work)
+    return app.direct.read(work)
 
 
-def list_events(app: App, task_id: int | None = None, limit: int | None = None) -> list[Event]:
-    def work(s: Session) -> list[Event]:
+def list_events(app: App, task_id: int | None = None, limit: int | None = None) -> list[EventRow]:
+    def work(tx: Tx) -> list[EventRow]:
         if task_id is not None:
-            q.get_task(s, task_id)
-        return q.events(s, task_id, limit)
+            st.get_task(tx, task_id)
+        return st.events(tx, task_id, limit)
 
-    return app.db.read(work)
+    return app.direct.read(work)
 
 
-def reset_task(app: App, task_id: int) -> Task:
+def reset_task(app: App, task_id: int) -> TaskRow:
     """A failed, incomplete, interrupted or cancelled task back to `ready`."""
 
-    def work(s: Session) -> Task:
-        task = q.get_task(s, task_id)
+    def work(tx: Tx) -> TaskRow:
+        task = st.get_task(tx, task_id)
         current = Status(task.status)
         target = next_status(
             current, Action.RESET, closed=task.closed_at is not None, task_id=task_id
         )
-        if not q.move_task(s, task_id, expected=current, target=target, dispatch_failures=0):
+        if not st.move_task(tx, task_id, expected=current, target=target, dispatch_failures=0):
             raise Conflict(f"task {task_id} changed while resetting it; try again")
-        q.record_event(s, "reset", task_id=task_id, from_status=current, to_status=target)
-        return q.get_task(s, task_id)
+        st.record_event(tx, "reset", task_id=task_id, from_status=current, to_status=target)
+        return st.get_task(tx, task_id)
 
-    return app.db.write(work)
+    return app.direct.write(work)
 
 
 def reopen_task(app: App, task_id: int) -> TaskView:
     """Unarchive a task; it keeps its status. Reopening an open task is a no-op."""
 
-    def work(s: Session) -> TaskView:
-        task = q.get_task(s, task_id)
+    def work(tx: Tx) -> TaskView:
+        task = st.get_task(tx, task_id)
         if task.closed_at is None:
             return TaskView(task, notices=[f"task {task_id} is not closed"])
-        q.update_task(s, task_id, closed_at=None)
-        q.record_event(
-            s, "reopened", task_id=task_id, from_status=task.status, to_status=task.status
+        st.update_task(tx, task_id, closed_at=None)
+        st.record_event(
+            tx, "reopened", task_id=task_id, from_status=task.status, to_status=task.status
         )
-        return TaskView(q.get_task(s, task_id))
+        return TaskView(st.get_task(tx, task_id))
 
-    return app.db.write(work)
+    return app.direct.write(work)

@@ -4,9 +4,8 @@ It acknowledges the spawn, runs the agent's argv (never a shell string), heartbe
 forwards signals, and records the exit and outcome. Its writes to the task are
 fenced: they apply only while its attempt is current and `running`.
 
-Every `dispatch run` waits for its acknowledgement, so everything up to the agent's
-start (and the heartbeats) are single statements that need no SQLAlchemy; the exit is
-recorded through the models (`agent_exit`), loaded once the agent has ended.
+Every `dispatch run` waits for its acknowledgement, so the wrapper imports little and
+its statements run on the standard library's sqlite3 where they can (`store.direct`).
 """
 
 from __future__ import annotations
@@ -19,15 +18,22 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
+from typing import TypeVar
 
 from dispatch.app import App
 from dispatch.errors import DispatchError
-from dispatch.lifecycle import AttemptState, Status
+from dispatch.lifecycle import Action, AttemptState, Completion, Outcome, Status, derive_outcome
+from dispatch.lifecycle import next_status as lifecycle_next
 from dispatch.services.naming import prompt_path
+from dispatch.store import statements as st
+from dispatch.store.direct import Tx, utcnow
 from dispatch.store.statements import (
+    AttemptRow,
+    TaskRow,
     WrapperStart,
     acknowledge,
     heartbeat,
@@ -35,8 +41,11 @@ from dispatch.store.statements import (
     wrapper_start,
 )
 
+T = TypeVar("T")
 # How long an agent may outlive a forwarded SIGTERM or SIGHUP before it is killed.
 KILL_GRACE_SECONDS = 2.0
+# How long the wrapper keeps trying to record an exit when the database is busy.
+RECORD_PATIENCE_SECONDS = 120.0
 
 
 def say(text: str) -> None:
@@ -49,7 +58,7 @@ def say(text: str) -> None:
 def agent_exec(app: App, attempt_id: int) -> int:
     """Run the agent of one attempt; the return value is the wrapper's exit status."""
     settings = app.settings
-    start = wrapper_start(app.direct, attempt_id)
+    start = app.direct.read(lambda tx: wrapper_start(tx, attempt_id))
     if start.state != AttemptState.STARTING.value:
         say(f"attempt {attempt_id} is {start.state}; the agent is not started")
         return 0
@@ -71,20 +80,21 @@ def agent_exec(app: App, attempt_id: int) -> int:
     try:
         argv, worktree = _prepare(app, start)
     except DispatchError as exc:
-        _give_up(app, attempt_id, exc.message)
+        give_up(app, attempt_id, exc.message)
         say(exc.message)
         return 127 if isinstance(exc, _NotFound) else 1
     if received:
-        _give_up(app, attempt_id, f"wrapper interrupted by {_signame(received[0])} before starting")
+        give_up(app, attempt_id, f"wrapper interrupted by {_signame(received[0])} before starting")
         return 128 + received[0]
-    acknowledged = acknowledge(app.direct, attempt_id, os.getpid(), datetime.now(UTC))
+    now = datetime.now(UTC)
+    acknowledged = app.direct.write(lambda tx: acknowledge(tx, attempt_id, os.getpid(), now))
     if not acknowledged:  # the dispatcher gave up first: it decides, we leave quietly
         say(f"attempt {attempt_id} was abandoned by its dispatcher; the agent is not started")
         return 0
     if received:
         # The dispatcher is undoing (or someone closed the window): do not start now.
         code = 128 + received[0]
-        _finish(app, attempt_id, code, interrupted=True)
+        finish(app, attempt_id, code, interrupted=True)
         return code
 
     env = dict(os.environ)
@@ -101,7 +111,7 @@ def agent_exec(app: App, attempt_id: int) -> int:
         # The agent never ran: that is a failed dispatch, which the dispatcher rolls back.
         message = f"cannot start agent command {argv[0]!r}: {exc.strerror or exc}"
         say(message)
-        _give_up(app, attempt_id, message, acknowledged=True)
+        give_up(app, attempt_id, message, acknowledged=True)
         return 127 if isinstance(exc, FileNotFoundError) else 126
     child.append(proc)
     if received:  # arrived while the agent was being started
@@ -110,7 +120,7 @@ def agent_exec(app: App, attempt_id: int) -> int:
     # Ctrl-C in the pane reaches the agent directly (same foreground process group); the
     # wrapper stays to record the exit. Ignored only now, so the agent keeps the default.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    recorded = record_agent_pid(app.direct, attempt_id, proc.pid)
+    recorded = app.direct.write(lambda tx: record_agent_pid(tx, attempt_id, proc.pid))
     if not recorded:
         # Fenced while starting: the dispatcher rolled this attempt back; the agent goes.
         say(f"attempt {attempt_id} was rolled back by its dispatcher; stopping the agent")
@@ -125,7 +135,7 @@ def agent_exec(app: App, attempt_id: int) -> int:
     stop.set()
     beat.join(timeout=5)
     interrupted = any(s in (signal.SIGTERM, signal.SIGHUP) for s in received)
-    status = _finish(app, attempt_id, code, interrupted=interrupted)
+    status = finish(app, attempt_id, code, interrupted=interrupted)
     say(f"agent exited with {code}; task {start.task_id} is {status or 'unchanged (superseded)'}")
     return code
 
@@ -195,9 +205,13 @@ def _heartbeat(
     app: App, attempt_id: int, proc: subprocess.Popen[bytes], stop: threading.Event
 ) -> None:
     """Prove liveness to other hosts' sweeps, and honour a cancel made from another host."""
+
+    def beat(tx: Tx) -> bool:
+        return heartbeat(tx, attempt_id, datetime.now(UTC))
+
     while not stop.wait(app.settings.heartbeat_interval):
         try:
-            cancelled = heartbeat(app.direct, attempt_id, datetime.now(UTC))
+            cancelled = app.direct.write(beat)
         except Exception:  # a missed beat is harmless; the next one retries
             continue
         if cancelled:
@@ -205,13 +219,109 @@ def _heartbeat(
                 proc.terminate()
 
 
-def _give_up(app: App, attempt_id: int, message: str, *, acknowledged: bool = False) -> None:
-    from dispatch.services.agent_exit import give_up
-
-    give_up(app, attempt_id, message, acknowledged=acknowledged)
+# -- how the agent ended, or why it never started ------------------------------------------
 
 
-def _finish(app: App, attempt_id: int, code: int, *, interrupted: bool) -> Status | None:
-    from dispatch.services.agent_exit import finish
+def patiently(work: Callable[[], T]) -> T:
+    """Retry a database write until it lands: an unrecorded exit would leave a lie behind."""
+    deadline = time.monotonic() + RECORD_PATIENCE_SECONDS
+    while True:
+        try:
+            return work()
+        except DispatchError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
-    return finish(app, attempt_id, code, interrupted=interrupted)
+
+def _load(tx: Tx, attempt_id: int) -> tuple[AttemptRow, TaskRow]:
+    attempt = st.get_attempt(tx, attempt_id)
+    return attempt, st.get_task(tx, attempt.task_id)
+
+
+def give_up(app: App, attempt_id: int, message: str, *, acknowledged: bool = False) -> None:
+    """The agent cannot start: end the attempt so the dispatcher rolls back at once.
+
+    The task itself is left to the dispatcher (or, if it died, to the sweep): a failed
+    start is a failed dispatch, not a failed agent.
+    """
+    expected = [AttemptState.RUNNING] if acknowledged else [AttemptState.STARTING]
+    patiently(
+        lambda: app.direct.write(
+            lambda tx: st.move_attempt(
+                tx,
+                attempt_id,
+                expected=expected,
+                target=AttemptState.ENDED,
+                outcome=Outcome.DISPATCH_FAILED.value,
+                ended_at=utcnow(),
+                error=message,
+            )
+        )
+    )
+
+
+def finish(app: App, attempt_id: int, code: int, *, interrupted: bool) -> Status | None:
+    """Record the exit and outcome; change the task only if this attempt still owns it."""
+    attempt, task = patiently(lambda: app.direct.read(lambda tx: _load(tx, attempt_id)))
+    profile = app.settings.agents.get(task.agent)
+    completion = profile.completion if profile else Completion.EXIT
+    ahead = 0
+    if completion is Completion.COMMITS and code == 0 and attempt.branch:
+        try:
+            ahead = app.worktrees.commits_ahead(Path(task.repo), task.base_ref, attempt.branch)
+        except DispatchError as exc:
+            say(f"cannot count commits: {exc.message}")
+    outcome = derive_outcome(
+        code,
+        completion,
+        signalled=attempt.done_signalled_at is not None,
+        commits_ahead=ahead,
+        cancelled=attempt.cancel_requested_at is not None,
+        interrupted=interrupted,
+    )
+    return patiently(lambda: app.direct.write(lambda tx: _record(tx, attempt_id, code, outcome)))
+
+
+def _record(tx: Tx, attempt_id: int, code: int, outcome: Outcome) -> Status | None:
+    now = utcnow()
+    ended = st.move_attempt(
+        tx,
+        attempt_id,
+        expected=[AttemptState.RUNNING],
+        target=AttemptState.ENDED,
+        outcome=outcome.value,
+        exit_code=code,
+        ended_at=now,
+    )
+    attempt = st.get_attempt(tx, attempt_id)
+    task = st.get_task(tx, attempt.task_id)
+    if not ended:
+        # Reaped or superseded: record our own exit, never the task's status.
+        if attempt.exit_code is None:
+            st.update_attempt(tx, attempt_id, exit_code=code)
+        st.record_event(
+            tx,
+            "late-exit",
+            task_id=task.id,
+            attempt_id=attempt_id,
+            exit_code=code,
+            outcome=outcome.value,
+        )
+        return None
+    if task.status != Status.IN_PROGRESS.value or task.current_attempt_id != attempt_id:
+        return None
+    target = lifecycle_next(Status.IN_PROGRESS, Action.FINISH, outcome=outcome, task_id=task.id)
+    error = None if outcome is Outcome.SUCCESS else f"agent {outcome.value} (exit {code})"
+    if not st.release_task(
+        tx,
+        task.id,
+        attempt_id=attempt_id,
+        target=target,
+        kind="finished",
+        values={"last_error": error},
+        exit_code=code,
+        outcome=outcome.value,
+    ):
+        return None
+    return target

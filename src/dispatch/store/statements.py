@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 from dispatch.errors import NotFound
 from dispatch.lifecycle import AttemptState, Status
-from dispatch.store.direct import Direct, Tx, in_clause, json_value, records, utcnow
+from dispatch.store.direct import Tx, in_clause, json_value, records, utcnow
 
 
 class TaskSummary(NamedTuple):
@@ -39,7 +39,7 @@ _TASK_TIMES = ("closed_at", "created_at", "updated_at")
 
 
 def list_tasks(
-    direct: Direct, statuses: Sequence[str] = (), include_closed: bool = False
+    tx: Tx, statuses: Sequence[str] = (), include_closed: bool = False
 ) -> list[TaskSummary]:
     """In the order `run --next` takes them: highest priority first, then oldest."""
     where: list[str] = []
@@ -53,7 +53,7 @@ def list_tasks(
     if where:
         sql += " WHERE " + " AND ".join(where)
     sql += " ORDER BY priority DESC, id"
-    return records(TaskSummary, direct.read(lambda tx: tx.rows(sql, params)), _TASK_TIMES)
+    return records(TaskSummary, tx.rows(sql, params), _TASK_TIMES)
 
 
 class AttemptCheck(NamedTuple):
@@ -96,7 +96,7 @@ class Census(NamedTuple):
     repos: dict[int, str]  # the repository of each asked-for task that exists
 
 
-def census(direct: Direct, task_ids: Sequence[int]) -> Census:
+def census(tx: Tx, task_ids: Sequence[int]) -> Census:
     """Live attempts, stuck tasks and the repositories of `task_ids`, in one snapshot."""
     states = {"ended": AttemptState.ENDED.value, "in_progress": Status.IN_PROGRESS.value}
     live = (
@@ -108,15 +108,10 @@ def census(direct: Direct, task_ids: Sequence[int]) -> Census:
         " LEFT JOIN attempts a ON a.id = t.current_attempt_id"
         " WHERE t.status = :in_progress AND (a.id IS NULL OR a.state = :ended)"
     )
-    clause, params = in_clause("task", task_ids)
-
-    def read(tx: Tx) -> list[list[Sequence[Any]]]:
-        found = [tx.rows(live, states), tx.rows(stuck, states)]
-        if task_ids:
-            found.append(tx.rows(f"SELECT id, repo FROM tasks WHERE id {clause}", params))
-        return found
-
-    rows = direct.read(read)
+    rows = [tx.rows(live, states), tx.rows(stuck, states)]
+    if task_ids:
+        clause, params = in_clause("task", task_ids)
+        rows.append(tx.rows(f"SELECT id, repo FROM tasks WHERE id {clause}", params))
     stuck_tasks = [
         StuckTask(
             row[0],
@@ -142,13 +137,13 @@ class WrapperStart(NamedTuple):
     prompt: str
 
 
-def wrapper_start(direct: Direct, attempt_id: int) -> WrapperStart:
+def wrapper_start(tx: Tx, attempt_id: int) -> WrapperStart:
     sql = (
         "SELECT a.id, a.task_id, a.state, COALESCE(a.worktree, t.worktree), a.branch,"
         " a.session_id, a.resume, t.agent, t.prompt"
         " FROM attempts a JOIN tasks t ON t.id = a.task_id WHERE a.id = :id"
     )
-    rows = direct.read(lambda tx: tx.rows(sql, {"id": attempt_id}))
+    rows = tx.rows(sql, {"id": attempt_id})
     if not rows:
         raise NotFound(f"no attempt {attempt_id}")
     values = list(rows[0])
@@ -156,39 +151,29 @@ def wrapper_start(direct: Direct, attempt_id: int) -> WrapperStart:
     return WrapperStart._make(values)
 
 
-def acknowledge(direct: Direct, attempt_id: int, wrapper_pid: int, now: datetime) -> bool:
+def acknowledge(tx: Tx, attempt_id: int, wrapper_pid: int, now: datetime) -> bool:
     """starting -> running: the wrapper's side of the spawn race; False if it lost."""
-    return direct.write(
-        lambda tx: move_attempt(
-            tx,
-            attempt_id,
-            expected=[AttemptState.STARTING],
-            target=AttemptState.RUNNING,
-            wrapper_pid=wrapper_pid,
-            heartbeat_at=now,
-        )
+    return move_attempt(
+        tx,
+        attempt_id,
+        expected=[AttemptState.STARTING],
+        target=AttemptState.RUNNING,
+        wrapper_pid=wrapper_pid,
+        heartbeat_at=now,
     )
 
 
-def record_agent_pid(direct: Direct, attempt_id: int, agent_pid: int) -> bool:
+def record_agent_pid(tx: Tx, attempt_id: int, agent_pid: int) -> bool:
     """False when the attempt stopped being `running` (rolled back while starting)."""
-    return direct.write(
-        lambda tx: move_attempt(
-            tx, attempt_id, expected=[AttemptState.RUNNING], agent_pid=agent_pid
-        )
-    )
+    return move_attempt(tx, attempt_id, expected=[AttemptState.RUNNING], agent_pid=agent_pid)
 
 
-def heartbeat(direct: Direct, attempt_id: int, now: datetime) -> bool:
+def heartbeat(tx: Tx, attempt_id: int, now: datetime) -> bool:
     """Beat while `running`; whether a cancel was requested (from any host)."""
-
-    def beat(tx: Tx) -> bool:
-        move_attempt(tx, attempt_id, expected=[AttemptState.RUNNING], heartbeat_at=now)
-        sql = "SELECT cancel_requested_at FROM attempts WHERE id = :id"
-        rows = tx.rows(sql, {"id": attempt_id})
-        return bool(rows) and rows[0][0] is not None
-
-    return direct.write(beat)
+    move_attempt(tx, attempt_id, expected=[AttemptState.RUNNING], heartbeat_at=now)
+    sql = "SELECT cancel_requested_at FROM attempts WHERE id = :id"
+    rows = tx.rows(sql, {"id": attempt_id})
+    return bool(rows) and rows[0][0] is not None
 
 
 # -- whole rows ---------------------------------------------------------------------------
@@ -248,6 +233,19 @@ class AttemptRow(NamedTuple):
     redispatch_of: int | None
 
 
+class EventRow(NamedTuple):
+    """An event of the audit log."""
+
+    id: int
+    task_id: int | None
+    attempt_id: int | None
+    kind: str
+    from_status: str | None
+    to_status: str | None
+    at: datetime
+    detail: dict[str, Any]
+
+
 _TASK_SELECT = f"SELECT {', '.join(TaskRow._fields)} FROM tasks"
 _ATTEMPT_SELECT = f"SELECT {', '.join(AttemptRow._fields)} FROM attempts"
 _ATTEMPT_ROW_TIMES = tuple(name for name in AttemptRow._fields if name.endswith("_at"))
@@ -280,6 +278,25 @@ def get_attempt(tx: Tx, attempt_id: int) -> AttemptRow:
 def attempts_of(tx: Tx, task_id: int) -> list[AttemptRow]:
     """A task's attempts, oldest first."""
     return _attempts(tx, "WHERE task_id = :task ORDER BY id", {"task": task_id})
+
+
+def live_attempts(tx: Tx) -> list[AttemptRow]:
+    """Attempts not yet ended, oldest first."""
+    return _attempts(tx, "WHERE state != :ended ORDER BY id", {"ended": AttemptState.ENDED.value})
+
+
+def events(tx: Tx, task_id: int | None = None, limit: int | None = None) -> list[EventRow]:
+    """The audit log (of one task), oldest first; with `limit`, the newest `limit` events."""
+    sql = f"SELECT {', '.join(EventRow._fields)} FROM events"
+    params: dict[str, Any] = {}
+    if task_id is not None:
+        sql += " WHERE task_id = :task"
+        params["task"] = task_id
+    if limit is not None:
+        sql = f"SELECT * FROM ({sql} ORDER BY id DESC LIMIT :limit) AS newest"
+        params["limit"] = limit
+    found = records(EventRow, tx.rows(sql + " ORDER BY id", params), ("at",))
+    return [e._replace(detail=json_value(e.detail)) for e in found]
 
 
 def latest_attempt(tx: Tx, task_id: int) -> AttemptRow | None:
@@ -329,13 +346,22 @@ def _assignments(values: dict[str, Any], allowed: Sequence[str]) -> str:
     return ", ".join(f"{column} = :{column}" for column in values)
 
 
-def insert_attempt(tx: Tx, **values: Any) -> int:
-    """A new attempt row; its id."""
-    _assignments(values, AttemptRow._fields)
+def _insert(tx: Tx, table: str, allowed: Sequence[str], values: dict[str, Any]) -> int:
+    _assignments(values, allowed)
     columns = ", ".join(values)
     placeholders = ", ".join(f":{column}" for column in values)
-    sql = f"INSERT INTO attempts ({columns}) VALUES ({placeholders}) RETURNING id"
+    sql = f"INSERT INTO {table} ({columns}) VALUES ({placeholders}) RETURNING id"
     return int(tx.rows(sql, values)[0][0])
+
+
+def insert_task(tx: Tx, **values: Any) -> int:
+    """A new task row; its id."""
+    return _insert(tx, "tasks", TaskRow._fields, values)
+
+
+def insert_attempt(tx: Tx, **values: Any) -> int:
+    """A new attempt row; its id."""
+    return _insert(tx, "attempts", AttemptRow._fields, values)
 
 
 def move_task(

@@ -184,8 +184,14 @@ def _pick(tx: Tx, d: Dispatch, agents: Mapping[str, object]) -> TaskRow | None:
         if task_id in d.exclude:
             continue
         if agent in agents:
-            return st.get_task(tx, task_id)
-        st.update_task(tx, task_id, last_error=f"unknown agent profile {agent!r}; skipped")
+            task = st.take_if_ready(tx, task_id)
+            if task is not None:
+                return task
+            continue  # another claimer (on another host) holds it: the next one
+        # Conditional: on PostgreSQL another host, whose config has that profile, may
+        # be claiming it right now.
+        error = f"unknown agent profile {agent!r}; skipped"
+        st.move_task(tx, task_id, expected=Status.READY, target=Status.READY, last_error=error)
     return None
 
 

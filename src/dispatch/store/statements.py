@@ -305,13 +305,25 @@ def latest_attempt(tx: Tx, task_id: int) -> AttemptRow | None:
 
 
 def ready_tasks(tx: Tx, limit: int) -> list[tuple[int, str]]:
-    """(id, agent) of ready tasks in claim order; on PostgreSQL, rows other claimers hold
-    are skipped."""
+    """(id, agent) of ready tasks in claim order: candidates, locked by `take_if_ready`."""
     sql = "SELECT id, agent FROM tasks WHERE status = :ready AND closed_at IS NULL"
     sql += " ORDER BY priority DESC, id LIMIT :limit"
-    if tx.dialect != "sqlite":  # SQLite's one writer at a time needs no row locks
-        sql += " FOR UPDATE SKIP LOCKED"
     return [(row[0], row[1]) for row in tx.rows(sql, {"ready": Status.READY.value, "limit": limit})]
+
+
+def take_if_ready(tx: Tx, task_id: int) -> TaskRow | None:
+    """The task, if it is still ready and no other claimer holds it.
+
+    On PostgreSQL the row is locked until the transaction ends, and a row another
+    claimer has locked is skipped: only the one row a claim takes is locked, so that
+    concurrent claimers move on to the next candidate instead of finding nothing.
+    SQLite has one writer at a time and needs no row locks.
+    """
+    where = "WHERE id = :id AND status = :ready AND closed_at IS NULL"
+    if tx.dialect != "sqlite":
+        where += " FOR UPDATE SKIP LOCKED"
+    found = _tasks(tx, where, {"id": task_id, "ready": Status.READY.value})
+    return found[0] if found else None
 
 
 def count_in_progress(tx: Tx) -> int:

@@ -1,0 +1,189 @@
+"""The same code on PostgreSQL (SPEC §7): a private server, started for these tests.
+
+The server runs from a temporary directory on a Unix socket only (no TCP), one
+database per test. Where PostgreSQL or psycopg is not installed, these tests skip;
+`.ci/run` installs both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from uuid import uuid4
+
+import pytest
+from sqlalchemy import inspect
+
+from dispatch.app import App
+from dispatch.services.tasks import add_task
+from dispatch.store import statements as st
+from dispatch.store.direct import ThroughDatabase
+from dispatch.store.models import Base, Task
+from dispatch.store.revisions import HEAD_REVISION
+from tests.conftest import Env, Result, windows
+from tests.faults import wait_for, write_config
+from tests.integration.store_world import HOSTILE, build_world, claim_like, orm_values
+
+pytest.importorskip("psycopg", reason="psycopg is not installed")
+
+
+def _server_binaries() -> Path | None:
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), reverse=True)
+    found = versions[0] if versions else shutil.which("initdb")
+    return Path(found).parent if found else None
+
+
+class Server:
+    """A throwaway PostgreSQL cluster; PostgreSQL refuses to run as root, so as root it
+    runs as the `postgres` user."""
+
+    def __init__(self, binaries: Path) -> None:
+        self.binaries = binaries
+        self.root = Path(tempfile.mkdtemp(prefix="dispatch-pg-"))
+        self.socket_dir = self.root / "socket"
+        self.socket_dir.mkdir()
+        self.user: str | None = None
+        if os.getuid() == 0:
+            self.user = "postgres"
+            owner = pwd.getpwnam(self.user)
+            for path in (self.root, self.socket_dir):
+                os.chown(path, owner.pw_uid, owner.pw_gid)
+
+    def _run(self, *argv: str) -> None:
+        command = [str(self.binaries / argv[0]), *argv[1:]]
+        if self.user is not None:
+            command = ["runuser", "-u", self.user, "--", *command]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr or done.stdout
+
+    def start(self) -> None:
+        data = str(self.root / "data")
+        self._run("initdb", "-D", data, "-A", "trust", "-U", "postgres", "--no-sync")
+        options = f"-k {self.socket_dir} -c listen_addresses='' -c fsync=off"
+        self._run("pg_ctl", "-D", data, "-o", options, "-l", str(self.root / "log"), "-w", "start")
+
+    def stop(self) -> None:
+        self._run("pg_ctl", "-D", str(self.root / "data"), "-m", "immediate", "stop")
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def url(self, database: str) -> str:
+        return f"postgresql+psycopg://postgres@/{database}?host={self.socket_dir}"
+
+    def create_database(self) -> str:
+        name = f"dispatch_{uuid4().hex[:12]}"
+        self._run("createdb", "-h", str(self.socket_dir), "-U", "postgres", name)
+        return self.url(name)
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[Server]:
+    binaries = _server_binaries()
+    if binaries is None:
+        pytest.skip("PostgreSQL is not installed")
+    if os.getuid() == 0:
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root without a `postgres` user to run the server")
+    running = Server(binaries)
+    running.start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def pg(server: Server, env: Env, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh database on the server; this test's dispatch uses it."""
+    url = server.create_database()
+    monkeypatch.setenv("DISPATCH_DB", url)
+    return url
+
+
+def test_the_migrations_build_the_models_schema(pg: str, make_app: Callable[..., App]) -> None:
+    app = make_app()
+    assert app.db.upgrade() == HEAD_REVISION
+    with app.db.engine.connect() as conn:
+        tables = set(inspect(conn).get_table_names())
+        columns = {t: {c["name"] for c in inspect(conn).get_columns(t)} for t in tables}
+    for table in Base.metadata.sorted_tables:
+        assert table.name in tables
+        assert columns[table.name] == set(table.columns.keys()), table.name
+
+
+def test_the_statements_read_and_write_what_the_models_do(
+    pg: str, make_app: Callable[..., App], repo: Path
+) -> None:
+    app = make_app()
+    ids = build_world(app, repo)
+    direct = app.direct
+    assert isinstance(direct, ThroughDatabase)  # not a SQLite file: through the engine
+
+    listed = direct.read(lambda tx: st.list_tasks(tx))
+    assert [t.id for t in listed][:2] == [ids["urgent"], ids["running"]]
+    stored = app.db.read(lambda s: s.get(Task, ids["hostile"]))
+    assert tuple(direct.read(lambda tx: st.get_task(tx, ids["hostile"]))) == orm_values(
+        stored, st.TaskRow._fields
+    )
+    assert stored is not None and stored.title == HOSTILE
+    seen = direct.read(lambda tx: st.census(tx, [ids["running"]]))
+    assert [a.id for a in seen.live] == [ids["running_attempt"], ids["starting_attempt"]]
+    assert {t.id for t in seen.stuck} == {ids["stuck"], ids["orphaned"]}
+    claim_like(app, direct, add_task(app, "claimed here", repo=repo).id)
+
+
+def test_a_task_runs_to_done_and_is_swept_clean(
+    pg: str, env: Env, cli: Callable[..., Result], repo: Path
+) -> None:
+    added = cli("add", "on postgres", "--agent", "shell", "--prompt", "echo hi > out.txt", cwd=repo)
+    assert added.code == 0, added.stderr
+    ran = cli("run", "1", "--json")
+    assert ran.code == 0, ran.stderr
+    assert ran.json()["attempt"]["state"] in {"running", "ended"}
+
+    def status() -> str | None:
+        value: str = cli("show", "1", "--json").json()["status"]
+        return value if value != "in-progress" else None
+
+    assert wait_for(status, "the agent to finish") == "done"
+    worktree = Path(ran.json()["attempt"]["worktree"])
+    assert (worktree / "out.txt").read_text() == "hi\n"
+    kinds = [e["kind"] for e in cli("events", "--json").json()]
+    # A quick agent may finish before `run` records its dispatch: both are there, once.
+    assert sorted(kinds) == ["claimed", "created", "dispatched", "finished"]
+    swept = cli("sweep", "--json")
+    assert swept.code == 0 and swept.json()["reaped"] == []
+
+
+def test_four_run_next_at_once_claim_four_distinct_tasks(
+    pg: str, env: Env, repo: Path, make_app: Callable[..., App]
+) -> None:
+    write_config(env)
+    app = make_app()
+    for n in range(6):
+        add_task(app, f"task {n}", prompt="p", repo=repo, agent="sleeper")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "dispatch", "run", "--next", "--json"],
+            cwd=repo,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    started: list[int] = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 0, stderr
+        started += [item["task"]["id"] for item in json.loads(stdout)]
+    assert sorted(started) == [1, 2, 3, 4]  # SKIP LOCKED: each once, the oldest first
+    assert sorted(windows(env)) == ["t1", "t2", "t3", "t4"]
+    statuses = [t.status for t in app.direct.read(lambda tx: st.list_tasks(tx))]
+    assert sorted(statuses) == ["in-progress"] * 4 + ["ready"] * 2

@@ -16,6 +16,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 from uuid import uuid4
 
 import pytest
@@ -49,18 +50,21 @@ class Server:
         self.root = Path(tempfile.mkdtemp(prefix="dispatch-pg-"))
         self.socket_dir = self.root / "socket"
         self.socket_dir.mkdir()
-        self.user: str | None = None
+        self.owner: pwd.struct_passwd | None = None
         if os.getuid() == 0:
-            self.user = "postgres"
-            owner = pwd.getpwnam(self.user)
+            self.owner = pwd.getpwnam("postgres")
             for path in (self.root, self.socket_dir):
-                os.chown(path, owner.pw_uid, owner.pw_gid)
+                os.chown(path, self.owner.pw_uid, self.owner.pw_gid)
 
     def _run(self, *argv: str) -> None:
         command = [str(self.binaries / argv[0]), *argv[1:]]
-        if self.user is not None:
-            command = ["runuser", "-u", self.user, "--", *command]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        as_user: dict[str, Any] = {}
+        if self.owner is not None:
+            owner = self.owner
+            as_user = {"user": owner.pw_uid, "group": owner.pw_gid, "extra_groups": []}
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=120, cwd=self.root, **as_user
+        )
         assert done.returncode == 0, done.stderr or done.stdout
 
     def start(self) -> None:

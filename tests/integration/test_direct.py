@@ -19,6 +19,7 @@ from alembic.config import Config
 
 from dispatch.adapters.tmux import TmuxTerminal
 from dispatch.app import App
+from dispatch.cli.output import task_json
 from dispatch.errors import DispatchFailed, EnvironmentProblem, NotFound
 from dispatch.lifecycle import AttemptState
 from dispatch.services.dispatching import dispatch_task
@@ -87,8 +88,26 @@ def test_list_reads_the_same_tasks_both_ways(make_app: Callable[..., App], repo:
     hostile = next(t for t in listed if t.id == ids["hostile"])
     stored = app.db.read(lambda s: s.get(Task, ids["hostile"]))
     assert hostile.title == HOSTILE  # verbatim, newline and all
-    assert (hostile.created_at, hostile.updated_at) == (stored.created_at, stored.updated_at)
-    assert hostile.created_at.tzinfo is UTC
+    assert (hostile.created_at, hostile.updated_at) == (
+        stored.created_at.isoformat().replace("+00:00", "Z"),
+        stored.updated_at.isoformat().replace("+00:00", "Z"),
+    )
+
+
+def test_list_gives_every_timestamp_as_show_does(make_app: Callable[..., App], repo: Path) -> None:
+    """`list` renders its timestamps from the stored text; `show` from datetimes."""
+    app = make_app()
+    ids = build_world(app, repo)
+    whole_second = utcnow().replace(microsecond=0)  # isoformat leaves the fraction out
+    app.db.write(lambda s: set_columns(s.get(Task, ids["urgent"]), updated_at=whole_second))
+    for direct in _both(app):
+        for summary in read_with(direct, list_tasks, (), True):
+            row = read_with(direct, st.get_task, summary.id)
+            assert task_json(summary) == task_json(row), summary.id
+    urgent = read_with(app.direct, st.get_task, ids["urgent"])
+    assert task_json(urgent)["updated_at"] == whole_second.strftime("%Y-%m-%dT%H:%M:%SZ")
+    closed = read_with(app.direct, list_tasks, (), True)[0]
+    assert closed.closed_at is not None and closed.closed_at.endswith("Z")
 
 
 def test_the_census_reads_the_same_snapshot_both_ways(

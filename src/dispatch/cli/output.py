@@ -23,8 +23,11 @@ class Mode:
     json = False
 
 
-def _iso(value: datetime | None) -> str | None:
-    return None if value is None else value.isoformat().replace("+00:00", "Z")
+def _iso(value: datetime | str | None) -> str | None:
+    """A timestamp as JSON gives it; `list`'s summaries hold that text already."""
+    if value is None or isinstance(value, str):
+        return value
+    return value.isoformat().replace("+00:00", "Z")
 
 
 def attempt_json(a: AttemptRow) -> dict[str, Any]:

@@ -14,11 +14,11 @@ from typing import Any, NamedTuple
 
 from dispatch.errors import NotFound
 from dispatch.lifecycle import AttemptState, Status
-from dispatch.store.direct import Tx, in_clause, json_value, records, utcnow
+from dispatch.store.direct import Tx, in_clause, iso_utc, json_value, records, utcnow
 
 
 class TaskSummary(NamedTuple):
-    """A task as `list` shows it."""
+    """A task as `list` shows it; its timestamps are already ISO 8601 text (`…Z`)."""
 
     id: int
     title: str
@@ -27,10 +27,10 @@ class TaskSummary(NamedTuple):
     agent: str
     base_ref: str
     priority: int
-    closed_at: datetime | None
+    closed_at: str | None
     last_error: str | None
-    created_at: datetime
-    updated_at: datetime
+    created_at: str
+    updated_at: str
     branch: str | None
     worktree: str | None
 
@@ -53,7 +53,7 @@ def list_tasks(
     if where:
         sql += " WHERE " + " AND ".join(where)
     sql += " ORDER BY priority DESC, id"
-    return records(TaskSummary, tx.rows(sql, params), _TASK_TIMES)
+    return records(TaskSummary, tx.rows(sql, params), _TASK_TIMES, convert=iso_utc)
 
 
 class AttemptCheck(NamedTuple):

@@ -7,10 +7,10 @@ from typing import Any
 
 from dispatch.adapters.protocols import Terminal
 from dispatch.app import App
-from dispatch.lifecycle import Action, AttemptState, Outcome, Status, next_status
+from dispatch.lifecycle import Action, AttemptState, Status, next_status
 from dispatch.services.naming import prompt_path, wrapper_marker
 from dispatch.store import statements as st
-from dispatch.store.direct import Tx, utcnow
+from dispatch.store.direct import Tx
 
 
 def remove_created(app: App, intent: dict[str, Any], *, agent_started: bool) -> list[str]:
@@ -55,13 +55,8 @@ def roll_back(app: App, attempt_id: int, error: str, detail: dict[str, Any]) -> 
 
     def work(tx: Tx) -> Status | None:
         attempt = st.get_attempt(tx, attempt_id)
-        st.move_attempt(
-            tx,
-            attempt_id,
-            expected=[AttemptState.STARTING, AttemptState.RUNNING],
-            target=AttemptState.ENDED,
-            outcome=Outcome.DISPATCH_FAILED.value,
-            ended_at=utcnow(),
+        st.end_failed_dispatch(
+            tx, attempt_id, expected=[AttemptState.STARTING, AttemptState.RUNNING]
         )
         st.update_attempt(tx, attempt_id, error=error, lease_expires_at=None)
         task = st.get_task(tx, attempt.task_id)

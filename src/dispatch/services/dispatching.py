@@ -18,7 +18,7 @@ from typing import Any
 
 from dispatch.app import App
 from dispatch.errors import Conflict, DispatchError, DispatchFailed, NotFound, UsageError
-from dispatch.lifecycle import RETRYABLE, Action, AttemptState, Outcome, Status, next_status
+from dispatch.lifecycle import RETRYABLE, Action, AttemptState, Status, next_status
 from dispatch.services.cleanup import kill_attempt_windows, remove_created, remove_prompt, roll_back
 from dispatch.services.naming import (
     branch_name,
@@ -399,14 +399,7 @@ def _started(attempt: AttemptRow) -> bool:
 
 def _give_up(tx: Tx, attempt_id: int) -> bool:
     """End a still-`starting` attempt; a late wrapper then finds it ended and leaves."""
-    return st.move_attempt(
-        tx,
-        attempt_id,
-        expected=[AttemptState.STARTING],
-        target=AttemptState.ENDED,
-        outcome=Outcome.DISPATCH_FAILED.value,
-        ended_at=utcnow(),
-    )
+    return st.end_failed_dispatch(tx, attempt_id, expected=[AttemptState.STARTING])
 
 
 def record(d: Dispatch) -> bool:
@@ -462,16 +455,8 @@ def fence(d: Dispatch) -> None:
     if d.attempt_id is None:
         return
     attempt_id = d.attempt_id
-    d.app.direct.write(
-        lambda tx: st.move_attempt(
-            tx,
-            attempt_id,
-            expected=[AttemptState.STARTING, AttemptState.RUNNING],
-            target=AttemptState.ENDED,
-            outcome=Outcome.DISPATCH_FAILED.value,
-            ended_at=utcnow(),
-        )
-    )
+    live = [AttemptState.STARTING, AttemptState.RUNNING]
+    d.app.direct.write(lambda tx: st.end_failed_dispatch(tx, attempt_id, expected=live))
 
 
 def _on_failure(d: Dispatch, failure: StepFailed) -> None:

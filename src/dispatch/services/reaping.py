@@ -68,14 +68,8 @@ def reap_dispatch(
 ) -> Reap | None:
     """A dispatcher died mid-saga: fence its attempt, finish its undo, roll back."""
     won = app.direct.write(
-        lambda tx: st.move_attempt(
-            tx,
-            attempt.id,
-            expected=[AttemptState.STARTING],
-            target=AttemptState.ENDED,
-            outcome=Outcome.DISPATCH_FAILED.value,
-            ended_at=utcnow(),
-            error=reason,
+        lambda tx: st.end_failed_dispatch(
+            tx, attempt.id, expected=[AttemptState.STARTING], error=reason
         )
     )
     if not won:

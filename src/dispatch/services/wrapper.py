@@ -248,15 +248,7 @@ def give_up(app: App, attempt_id: int, message: str, *, acknowledged: bool = Fal
     expected = [AttemptState.RUNNING] if acknowledged else [AttemptState.STARTING]
     patiently(
         lambda: app.direct.write(
-            lambda tx: st.move_attempt(
-                tx,
-                attempt_id,
-                expected=expected,
-                target=AttemptState.ENDED,
-                outcome=Outcome.DISPATCH_FAILED.value,
-                ended_at=utcnow(),
-                error=message,
-            )
+            lambda tx: st.end_failed_dispatch(tx, attempt_id, expected=expected, error=message)
         )
     )
 

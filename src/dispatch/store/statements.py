@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any, NamedTuple
 
 from dispatch.errors import NotFound
-from dispatch.lifecycle import AttemptState, Status
+from dispatch.lifecycle import AttemptState, Outcome, Status
 from dispatch.store.direct import Tx, in_clause, iso_utc, json_value, records, utcnow
 
 
@@ -429,6 +429,22 @@ def move_attempt(
     sql = f"UPDATE attempts SET {_assignments(values, AttemptRow._fields)}"
     sql += f" WHERE id = :where_id AND state {clause}"
     return tx.change(sql, {**values, **states, "where_id": attempt_id}) == 1
+
+
+def end_failed_dispatch(
+    tx: Tx, attempt_id: int, *, expected: Iterable[AttemptState], **values: Any
+) -> bool:
+    """The attempt ends as a failed dispatch, only from one of the `expected` states:
+    whoever ends it first — dispatcher, wrapper or sweep — decides, and once."""
+    return move_attempt(
+        tx,
+        attempt_id,
+        expected=expected,
+        target=AttemptState.ENDED,
+        outcome=Outcome.DISPATCH_FAILED.value,
+        ended_at=utcnow(),
+        **values,
+    )
 
 
 def update_attempt(tx: Tx, attempt_id: int, **values: Any) -> None:

@@ -7,7 +7,7 @@ current, statements run on the standard library's sqlite3 with the settings `Dat
 uses. Anything else — another backend, a database to create, migrate or refuse — goes
 through `Database`, which checks the schema first and runs the very same SQL text
 through SQLAlchemy. The SQL is portable, and what it reads or writes is the same
-either way. Inside an ORM transaction, `on_session` runs it on that session.
+either way.
 """
 
 from __future__ import annotations
@@ -213,18 +213,13 @@ class ThroughDatabase:
         self._database = database
 
     def read(self, work: Callable[[Tx], T]) -> T:
-        return self._database.read(lambda s: work(on_session(s)))
+        return self._database.read(lambda s: work(_SessionTx(s)))
 
     def write(self, work: Callable[[Tx], T]) -> T:
-        return self._database.write(lambda s: work(on_session(s)))
+        return self._database.write(lambda s: work(_SessionTx(s)))
 
     def close(self) -> None:
         pass  # the Database is the App's to dispose of
-
-
-def on_session(session: Session) -> Tx:
-    """Run SQL text inside an ORM session's transaction."""
-    return _SessionTx(session)
 
 
 class _SessionTx:
@@ -234,8 +229,6 @@ class _SessionTx:
         self.dialect: str = bind.dialect.name
 
     def _execute(self, sql: str, params: Params | None) -> Any:
-        # Text statements do not autoflush: objects the session holds must land first.
-        self._session.flush()
         values = {k: v.value if isinstance(v, Enum) else v for k, v in (params or {}).items()}
         return self._session.execute(_text(sql, values), values)
 

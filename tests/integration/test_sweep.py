@@ -663,3 +663,23 @@ def test_sql_statements_do_not_grow_with_the_number_of_tasks(
     execute(env, "UPDATE attempts SET state = 'ended'")
     many = _statements_for_sweep(make_app, repo, env, 30)
     assert few == many
+
+
+def test_an_in_progress_task_without_an_attempt_is_reaped_once(
+    make_app, repo: Path, env: Env
+) -> None:
+    """A task left in-progress with no attempt at all (its claim died half-written by
+    hand or by a tool) is put back, once: the fence is `current_attempt_id IS NULL`."""
+    app = make_app()
+    task_id = new_task(app, repo)
+    execute(env, "UPDATE tasks SET status = 'in-progress' WHERE id = ?", task_id)
+
+    first = sweep(app)
+    second = sweep(app)
+
+    assert [(r.task_id, r.attempt_id, r.status) for r in first.reaped] == [
+        (task_id, None, "interrupted")
+    ]
+    assert second.reaped == []
+    assert task_row(env, task_id)["status"] == "interrupted"
+    assert [e["kind"] for e in events_of(env, task_id, "reaped")] == ["reaped"]

@@ -395,7 +395,9 @@ def move_task(
     sql = f"UPDATE tasks SET {_assignments(values, TaskRow._fields)}"
     sql += " WHERE id = :where_id AND status = :where_status"
     params = {**values, "where_id": task_id, "where_status": expected.value}
-    if fence_attempt:
+    if fence_attempt and attempt_id is None:  # a task stuck without an attempt
+        sql += " AND current_attempt_id IS NULL"
+    elif fence_attempt:
         sql += " AND current_attempt_id = :where_attempt"
         params["where_attempt"] = attempt_id
     return tx.change(sql, params) == 1

@@ -8,15 +8,15 @@ import subprocess
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import event
 
 from dispatch.app import App
 from dispatch.services.dispatching import dispatch_task, redispatch
 from dispatch.services.sweep import sweep
 from dispatch.services.wrapper import finish
-from dispatch.store.direct import utcnow
+from dispatch.store.direct import Direct, Tx, utcnow
 from tests.conftest import Env, tmux, windows
 from tests.integration.recovery_helpers import (
     attempt_row,
@@ -644,12 +644,40 @@ def test_one_tmux_listing_per_sweep(make_app, repo: Path, env: Env) -> None:
     assert "list-panes" in calls[0]
 
 
+class _CountingTx:
+    """A transaction that counts the statements run through it."""
+
+    def __init__(self, real: Tx, seen: list[str]) -> None:
+        self.real, self.seen, self.dialect = real, seen, real.dialect
+
+    def rows(self, sql: str, params: Any = None) -> Any:
+        self.seen.append(sql)
+        return self.real.rows(sql, params)
+
+    def change(self, sql: str, params: Any = None) -> int:
+        self.seen.append(sql)
+        return self.real.change(sql, params)
+
+
+class _CountingDirect:
+    def __init__(self, real: Direct, seen: list[str]) -> None:
+        self.real, self.seen = real, seen
+
+    def read(self, work: Callable[[Tx], Any]) -> Any:
+        return self.real.read(lambda tx: work(_CountingTx(tx, self.seen)))
+
+    def write(self, work: Callable[[Tx], Any]) -> Any:
+        return self.real.write(lambda tx: work(_CountingTx(tx, self.seen)))
+
+    def close(self) -> None:
+        self.real.close()
+
+
 def _statements_for_sweep(make_app, repo: Path, env: Env, count: int) -> int:  # type: ignore[no-untyped-def]
     _live_attempts(make_app(), repo, env, count)
     app = make_app()
-    app.db.ensure_schema()
     seen: list[str] = []
-    event.listen(app.db.engine, "before_cursor_execute", lambda *a: seen.append(a[2]))
+    app.direct_ = _CountingDirect(app.direct, seen)
     report = sweep(app)
     assert report.checked == count and report.reaped == []
     return len(seen)
@@ -662,7 +690,7 @@ def test_sql_statements_do_not_grow_with_the_number_of_tasks(
     execute(env, "UPDATE tasks SET status = 'cancelled', current_attempt_id = NULL")
     execute(env, "UPDATE attempts SET state = 'ended'")
     many = _statements_for_sweep(make_app, repo, env, 30)
-    assert few == many
+    assert few == many > 0
 
 
 def test_an_in_progress_task_without_an_attempt_is_reaped_once(

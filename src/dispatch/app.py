@@ -33,7 +33,7 @@ class App:
 
     @property
     def direct(self) -> Direct:
-        """The hot paths' statements, without SQLAlchemy when the database allows it."""
+        """Where services run their statements: without SQLAlchemy when the database allows."""
         if self.direct_ is None:
             from dispatch.store.direct import open_direct
 

@@ -20,7 +20,7 @@ from typing import Any
 from uuid import uuid4
 
 import pytest
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 
 from dispatch.app import App
 from dispatch.services.tasks import add_task
@@ -191,3 +191,25 @@ def test_four_run_next_at_once_claim_four_distinct_tasks(
     assert sorted(windows(env)) == ["t1", "t2", "t3", "t4"]
     statuses = [t.status for t in app.direct.read(lambda tx: st.list_tasks(tx))]
     assert sorted(statuses) == ["in-progress"] * 4 + ["ready"] * 2
+
+
+def test_a_claim_takes_the_next_task_when_another_claimer_holds_the_first(
+    pg: str, make_app: Callable[..., App], repo: Path
+) -> None:
+    app = make_app()
+    ids = [add_task(app, f"task {n}", repo=repo).id for n in range(3)]
+    other = app.db.engine.connect()  # another host's claim, its transaction still open
+    try:
+        other.begin()
+        other.execute(text("SELECT id FROM tasks WHERE id = :id FOR UPDATE"), {"id": ids[0]})
+
+        taken = app.direct.read(lambda tx: st.next_ready(tx))
+        past_two = app.direct.read(lambda tx: st.next_ready(tx, {ids[1]}))
+    finally:
+        other.rollback()
+        other.close()
+
+    assert taken is not None and taken.id == ids[1]  # skipped, not waited for
+    assert past_two is not None and past_two.id == ids[2]
+    first = app.direct.read(lambda tx: st.next_ready(tx))
+    assert first is not None and first.id == ids[0]  # free again: claim order

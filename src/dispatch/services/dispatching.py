@@ -173,25 +173,21 @@ def claim(d: Dispatch) -> bool:
     return True
 
 
-# How many ready tasks one `--next` claim looks at past those it must skip.
+# How many ready tasks with an unknown agent profile one `--next` claim passes over.
 _PICK_WINDOW = 20
 
 
 def _pick(tx: Tx, d: Dispatch, agents: Mapping[str, object]) -> TaskRow | None:
     """The next ready task `--next` can start. One whose agent profile no longer exists
     is skipped with its `last_error` saying so: it must not block the queue behind it."""
-    for task_id, agent in st.ready_tasks(tx, len(d.exclude) + _PICK_WINDOW):
-        if task_id in d.exclude:
-            continue
-        if agent in agents:
-            task = st.take_if_ready(tx, task_id)
-            if task is not None:
-                return task
-            continue  # another claimer (on another host) holds it: the next one
-        # Conditional: on PostgreSQL another host, whose config has that profile, may
-        # be claiming it right now.
-        error = f"unknown agent profile {agent!r}; skipped"
-        st.move_task(tx, task_id, expected=Status.READY, target=Status.READY, last_error=error)
+    skip = set(d.exclude)
+    for _ in range(_PICK_WINDOW + 1):
+        task = st.next_ready(tx, skip)
+        if task is None or task.agent in agents:
+            return task
+        error = f"unknown agent profile {task.agent!r}; skipped"
+        st.update_task(tx, task.id, last_error=error)
+        skip.add(task.id)
     return None
 
 

@@ -1,3 +1,3 @@
-"""Storage: SQLAlchemy models, the engine, migrations and the queries services compose."""
+"""Storage: the statements services run, how they run, the models, migrations and engine."""
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The engine, transactions with bounded retry, and the schema check on first use (SPEC §7).
 
-SQLite specifics (pragmas, BEGIN IMMEDIATE, the migration file lock) stay inside
-this module; everything above it speaks plain SQLAlchemy and runs on PostgreSQL too.
+`direct` runs the store's statements through it whenever the database is not a
+current SQLite file (another backend, or a database to create, migrate or refuse);
+the schema commands (`db`, `doctor`) use it directly.
 """
 
 from __future__ import annotations
@@ -63,8 +64,12 @@ class Database:
                 hint="give a SQLite path or an SQLAlchemy URL with an installed driver",
             ) from None
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        reading: dict[str, Any] = {"dispatch_read": True}
+        if not self.is_sqlite:
+            # One snapshot for a whole read (the sweep's census, `show`), as SQLite gives.
+            reading["isolation_level"] = "REPEATABLE READ"
         self._reader = sessionmaker(
-            self.engine.execution_options(dispatch_read=True), expire_on_commit=False
+            self.engine.execution_options(**reading), expire_on_commit=False
         )
         self._checked = False
 

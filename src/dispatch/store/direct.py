@@ -67,7 +67,8 @@ class Tx(Protocol):
 
 class Direct(Protocol):
     def read(self, work: Callable[[Tx], T]) -> T:
-        """Run `work` in a read transaction: one snapshot, no write lock."""
+        """Run `work` in a read transaction: one snapshot, no write lock (on PostgreSQL,
+        REPEATABLE READ)."""
         ...
 
     def write(self, work: Callable[[Tx], T]) -> T:

@@ -1,14 +1,13 @@
-"""The store's statements as SQL text, run by `direct` with or without SQLAlchemy.
+"""Every statement the services run, as SQL text that SQLite and PostgreSQL both take.
 
-Here are the reads of the hot paths — `list`, the sweep's census, the agent wrapper's
-start and heartbeat, and every statement of `dispatch run` — and the conditional writes
-every service makes (moving a task or an attempt, recording an event): `queries` runs
-these same writes inside ORM transactions, so each exists once.
+Each function runs inside a transaction its caller opened (`App.direct.read` or
+`.write`) and never commits. The insert functions write every column explicitly:
+the models' Python-side defaults apply to ORM inserts only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from datetime import datetime
 from typing import Any, NamedTuple
 
@@ -304,25 +303,24 @@ def latest_attempt(tx: Tx, task_id: int) -> AttemptRow | None:
     return found[0] if found else None
 
 
-def ready_tasks(tx: Tx, limit: int) -> list[tuple[int, str]]:
-    """(id, agent) of ready tasks in claim order: candidates, locked by `take_if_ready`."""
-    sql = "SELECT id, agent FROM tasks WHERE status = :ready AND closed_at IS NULL"
-    sql += " ORDER BY priority DESC, id LIMIT :limit"
-    return [(row[0], row[1]) for row in tx.rows(sql, {"ready": Status.READY.value, "limit": limit})]
+def next_ready(tx: Tx, skip: Collection[int] = ()) -> TaskRow | None:
+    """The first ready task in claim order, other than those in `skip`.
 
-
-def take_if_ready(tx: Tx, task_id: int) -> TaskRow | None:
-    """The task, if it is still ready and no other claimer holds it.
-
-    On PostgreSQL the row is locked until the transaction ends, and a row another
-    claimer has locked is skipped: only the one row a claim takes is locked, so that
-    concurrent claimers move on to the next candidate instead of finding nothing.
-    SQLite has one writer at a time and needs no row locks.
+    On PostgreSQL the row is locked until the transaction ends, and rows other
+    claimers hold are skipped before the limit applies: concurrent claimers, on any
+    number of hosts, each take the next free task instead of waiting or finding
+    nothing. SQLite has one writer at a time and needs no row locks.
     """
-    where = "WHERE id = :id AND status = :ready AND closed_at IS NULL"
+    where = "WHERE status = :ready AND closed_at IS NULL"
+    params: dict[str, Any] = {"ready": Status.READY.value}
+    if skip:
+        clause, skipped = in_clause("skip", sorted(skip))
+        where += f" AND id NOT {clause}"
+        params.update(skipped)
+    where += " ORDER BY priority DESC, id LIMIT 1"
     if tx.dialect != "sqlite":
         where += " FOR UPDATE SKIP LOCKED"
-    found = _tasks(tx, where, {"id": task_id, "ready": Status.READY.value})
+    found = _tasks(tx, where, params)
     return found[0] if found else None
 
 

@@ -146,9 +146,9 @@ def test_a_task_runs_to_done_and_is_swept_clean(
     pg: str, env: Env, cli: Callable[..., Result], repo: Path
 ) -> None:
     added = cli("add", "on postgres", "--agent", "shell", "--prompt", "echo hi > out.txt", cwd=repo)
-    assert added.code == 0, added.stderr
+    assert added.code == 0, (added.stdout, added.stderr)
     ran = cli("run", "1", "--json")
-    assert ran.code == 0, ran.stderr
+    assert ran.code == 0, (ran.stdout, ran.stderr)
     assert ran.json()["attempt"]["state"] in {"running", "ended"}
 
     def status() -> str | None:
@@ -185,7 +185,7 @@ def test_four_run_next_at_once_claim_four_distinct_tasks(
     started: list[int] = []
     for proc in procs:
         stdout, stderr = proc.communicate(timeout=120)
-        assert proc.returncode == 0, stderr
+        assert proc.returncode == 0, (stdout, stderr)
         started += [item["task"]["id"] for item in json.loads(stdout)]
     assert sorted(started) == [1, 2, 3, 4]  # SKIP LOCKED: each once, the oldest first
     assert sorted(windows(env)) == ["t1", "t2", "t3", "t4"]

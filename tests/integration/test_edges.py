@@ -8,6 +8,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from dispatch.services.dispatching import Dispatch, claim
+from dispatch.services.tasks import add_task
 from tests.conftest import Env
 from tests.faults import agent_profile, events, write_config
 from tests.integration.recovery_helpers import rows, running, task_row, wait_for
@@ -118,3 +120,24 @@ def test_run_json_shows_the_task_with_its_attempts(cli, repo: Path, env: Env) ->
     data = again.json()
     assert [a["number"] for a in data["task"]["attempts"]] == [1, 2]
     assert data["task"]["attempts"][-1]["id"] == data["attempt"]["id"]
+
+
+def test_any_number_of_tasks_whose_profile_is_gone_never_block_the_queue(
+    make_app, repo: Path, env: Env
+) -> None:
+    write_config(env, agent_profile("custom", ["true"]))
+    app = make_app()
+    orphans = [add_task(app, f"o{n}", repo=repo, agent="custom").id for n in range(25)]
+    write_config(env)  # the `custom` profile is removed from the config
+    later = make_app()
+    fine = add_task(later, "runnable", repo=repo, agent="sleeper").id
+
+    d = Dispatch(later, None)
+    assert claim(d)
+
+    assert d.task_id == fine  # behind 25 tasks it cannot run
+    marked = [t for t in orphans if task_row(env, t)["last_error"]]
+    assert marked == orphans[:20]  # at most 20 said so per claim
+    assert {task_row(env, t)["status"] for t in orphans} == {"ready"}
+    assert not claim(Dispatch(later, None))  # nothing runnable left
+    assert all("unknown agent profile 'custom'" in task_row(env, t)["last_error"] for t in orphans)

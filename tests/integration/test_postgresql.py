@@ -23,14 +23,22 @@ import pytest
 from sqlalchemy import inspect, text
 
 from dispatch.app import App
+from dispatch.cli.output import task_json
+from dispatch.services.dispatching import Dispatch, claim
 from dispatch.services.tasks import add_task
 from dispatch.store import statements as st
 from dispatch.store.direct import ThroughDatabase
 from dispatch.store.models import Base, Task
 from dispatch.store.revisions import HEAD_REVISION
 from tests.conftest import Env, Result, windows
-from tests.faults import wait_for, write_config
-from tests.integration.store_world import HOSTILE, build_world, claim_like, orm_values
+from tests.faults import agent_profile, wait_for, write_config
+from tests.integration.store_world import (
+    HOSTILE,
+    build_world,
+    claim_like,
+    orm_values,
+    read_with,
+)
 
 pytest.importorskip("psycopg", reason="psycopg is not installed")
 
@@ -139,6 +147,9 @@ def test_the_statements_read_and_write_what_the_models_do(
     seen = direct.read(lambda tx: st.census(tx, [ids["running"]]))
     assert [a.id for a in seen.live] == [ids["running_attempt"], ids["starting_attempt"]]
     assert {t.id for t in seen.stuck} == {ids["stuck"], ids["orphaned"]}
+    # `list` renders timestamps from the datetimes PostgreSQL returns, `show` too.
+    for summary in read_with(direct, st.list_tasks, (), True):
+        assert task_json(summary) == task_json(read_with(direct, st.get_task, summary.id))
     claim_like(app, direct, add_task(app, "claimed here", repo=repo).id)
 
 
@@ -213,3 +224,19 @@ def test_a_claim_takes_the_next_task_when_another_claimer_holds_the_first(
     assert past_two is not None and past_two.id == ids[2]
     first = app.direct.read(lambda tx: st.next_ready(tx))
     assert first is not None and first.id == ids[0]  # free again: claim order
+
+
+def test_a_task_whose_profile_is_gone_is_passed_over_and_marked(
+    pg: str, env: Env, make_app: Callable[..., App], repo: Path
+) -> None:
+    write_config(env, agent_profile("custom", ["true"]))
+    orphan = add_task(make_app(), "orphan", repo=repo, agent="custom").id
+    write_config(env)  # the `custom` profile is removed from the config
+    app = make_app()
+    fine = add_task(app, "runnable", repo=repo, agent="sleeper").id
+
+    d = Dispatch(app, None)
+    assert claim(d) and d.task_id == fine
+    orphan_row = app.direct.read(lambda tx: st.get_task(tx, orphan))
+    assert orphan_row.status == "ready"
+    assert orphan_row.last_error == "unknown agent profile 'custom'; skipped"

@@ -108,14 +108,13 @@ def claim(d: Dispatch) -> bool:
 
     def work(tx: Tx) -> _Claimed | None:
         if d.task_id is not None:
-            task = st.get_task(tx, d.task_id)
+            task: TaskRow | None = st.get_task(tx, d.task_id)
         else:
             if settings.max_running and st.count_in_progress(tx) >= settings.max_running:
                 raise Conflict(f"{settings.max_running} tasks already running (max_running)")
-            picked = _pick(tx, d, settings.agents)
-            if picked is None:
-                return None  # nothing ready: a falsy claim, which `run --next` expects
-            task = picked
+            task = _pick(tx, d, settings.agents)
+        if task is None:
+            return None  # nothing ready: a falsy claim, which `run --next` expects
         current = Status(task.status)
         if current is Status.IN_PROGRESS:
             raise _running_conflict(tx, task)
@@ -173,22 +172,21 @@ def claim(d: Dispatch) -> bool:
     return True
 
 
-# How many ready tasks with an unknown agent profile one `--next` claim passes over.
-_PICK_WINDOW = 20
+# How many tasks whose agent profile is unknown one `--next` claim marks as skipped.
+_MARK_AT_MOST = 20
 
 
 def _pick(tx: Tx, d: Dispatch, agents: Mapping[str, object]) -> TaskRow | None:
-    """The next ready task `--next` can start. One whose agent profile no longer exists
-    is skipped with its `last_error` saying so: it must not block the queue behind it."""
-    skip = set(d.exclude)
-    for _ in range(_PICK_WINDOW + 1):
-        task = st.next_ready(tx, skip)
-        if task is None or task.agent in agents:
-            return task
-        error = f"unknown agent profile {task.agent!r}; skipped"
-        st.update_task(tx, task.id, last_error=error)
-        skip.add(task.id)
-    return None
+    """The next ready task `--next` can start. Ones before it whose agent profile no
+    longer exists are passed over, with their `last_error` saying so: they must not
+    block the queue behind them."""
+    task = st.next_ready(tx, d.exclude)
+    if task is None or task.agent in agents:
+        return task  # the usual case: one statement
+    task = st.next_ready(tx, d.exclude, agents)
+    for task_id, agent in st.ready_without_profile(tx, agents, task, _MARK_AT_MOST):
+        st.update_task(tx, task_id, last_error=f"{st.SKIPPED_PROFILE} {agent!r}; skipped")
+    return task
 
 
 def _running_conflict(tx: Tx, task: TaskRow) -> Conflict:

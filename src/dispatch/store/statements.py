@@ -303,25 +303,60 @@ def latest_attempt(tx: Tx, task_id: int) -> AttemptRow | None:
     return found[0] if found else None
 
 
-def next_ready(tx: Tx, skip: Collection[int] = ()) -> TaskRow | None:
-    """The first ready task in claim order, other than those in `skip`.
+def next_ready(
+    tx: Tx, skip: Collection[int] = (), agents: Collection[str] | None = None
+) -> TaskRow | None:
+    """The first ready task in claim order, other than those in `skip` and, when
+    `agents` is given, one whose agent profile is among them.
 
     On PostgreSQL the row is locked until the transaction ends, and rows other
     claimers hold are skipped before the limit applies: concurrent claimers, on any
     number of hosts, each take the next free task instead of waiting or finding
     nothing. SQLite has one writer at a time and needs no row locks.
     """
-    where = "WHERE status = :ready AND closed_at IS NULL"
-    params: dict[str, Any] = {"ready": Status.READY.value}
+    where, params = _ready_where()
     if skip:
         clause, skipped = in_clause("skip", sorted(skip))
         where += f" AND id NOT {clause}"
         params.update(skipped)
-    where += " ORDER BY priority DESC, id LIMIT 1"
-    if tx.dialect != "sqlite":
-        where += " FOR UPDATE SKIP LOCKED"
-    found = _tasks(tx, where, params)
+    if agents is not None:
+        clause, named = in_clause("agent", sorted(agents))
+        where += f" AND agent {clause}" if agents else " AND 1 = 0"
+        params.update(named)
+    found = _tasks(tx, where + " ORDER BY priority DESC, id LIMIT 1" + _skip_locked(tx), params)
     return found[0] if found else None
+
+
+def ready_without_profile(
+    tx: Tx, agents: Collection[str], before: TaskRow | None, limit: int
+) -> list[tuple[int, str]]:
+    """(id, agent) of ready tasks whose agent profile is not among `agents`, in claim
+    order and ahead of `before` (all of them when None), not yet marked as skipped."""
+    where, params = _ready_where()
+    where += f" AND (last_error IS NULL OR last_error NOT LIKE '{SKIPPED_PROFILE}%')"
+    if agents:
+        clause, named = in_clause("agent", sorted(agents))
+        where += f" AND agent NOT {clause}"
+        params.update(named)
+    if before is not None:
+        where += " AND (priority > :priority OR (priority = :priority AND id < :id))"
+        params.update(priority=before.priority, id=before.id)
+    sql = f"SELECT id, agent FROM tasks {where} ORDER BY priority DESC, id LIMIT :limit"
+    rows = tx.rows(sql + _skip_locked(tx), {**params, "limit": limit})
+    return [(row[0], row[1]) for row in rows]
+
+
+# How `last_error` begins on a task a claim passed over for its agent profile.
+SKIPPED_PROFILE = "unknown agent profile"
+
+
+def _ready_where() -> tuple[str, dict[str, Any]]:
+    return "WHERE status = :ready AND closed_at IS NULL", {"ready": Status.READY.value}
+
+
+def _skip_locked(tx: Tx) -> str:
+    """Rows another claimer holds are passed over, never waited for (PostgreSQL)."""
+    return "" if tx.dialect == "sqlite" else " FOR UPDATE SKIP LOCKED"
 
 
 def count_in_progress(tx: Tx) -> int:

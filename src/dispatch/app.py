@@ -56,6 +56,14 @@ class App:
             self.terminal_ = TmuxTerminal(self.settings.tmux_socket or None)
         return self.terminal_
 
+    def terminal_for(self, socket: str | None) -> Terminal:
+        """The tmux server named `socket`: an attempt's own, whatever this process's setting."""
+        if (socket or "") == (self.settings.tmux_socket or ""):
+            return self.terminal
+        from dispatch.adapters.tmux import TmuxTerminal
+
+        return TmuxTerminal(socket or None)
+
     def close(self) -> None:
         if self.direct_ is not None:
             self.direct_.close()

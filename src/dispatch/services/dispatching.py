@@ -20,6 +20,7 @@ from dispatch.app import App
 from dispatch.errors import Conflict, DispatchError, DispatchFailed, NotFound, UsageError
 from dispatch.lifecycle import RETRYABLE, Action, AttemptState, Status, next_status
 from dispatch.services.cleanup import kill_attempt_windows, remove_created, remove_prompt, roll_back
+from dispatch.services.control import agent_processes
 from dispatch.services.naming import (
     branch_name,
     prompt_path,
@@ -582,9 +583,27 @@ def redispatch(
         task_id, previous = attempt.task_id, attempt.id
     if task_id is None:
         raise NotFound("give a task id or --attempt")
+    _refuse_while_alive(app, task_id)
     result = dispatch_task(app, task_id, action=Action.REDISPATCH, redispatch_of=previous)
     assert result is not None
     return result
+
+
+def _refuse_while_alive(app: App, task_id: int) -> None:
+    """A second agent must never work in the worktree while the last one's processes run."""
+    latest = app.direct.read(lambda tx: st.latest_attempt(tx, task_id))
+    if latest is None or latest.state != AttemptState.ENDED.value:
+        return  # a running attempt is refused by the claim, with its window named
+    if latest.host != app.settings.host:
+        return  # nothing here can see that host's processes
+    alive = agent_processes(app, latest)
+    if alive:
+        pids = " ".join(map(str, sorted(alive)))
+        raise Conflict(
+            f"task {task_id}: processes {pids} of attempt {latest.id} are still running "
+            "in its worktree",
+            hint=f"wait for them to exit, or stop them: kill {pids}",
+        )
 
 
 def retryable_task_ids(app: App, statuses: list[str]) -> list[int]:

@@ -268,6 +268,14 @@ BAD_CONFIGS = [
     ("[agents]\nmy = 3\n", "agents.my", 2, "expected a table"),
     ("agents.my.command = 3\n", "agents.my.command", 1, "non-empty list of strings"),
     ('default_agent = "nope"\n', "default_agent", 1, "no agent profile named 'nope'"),
+    # numbers no clock or wait can use: every run would fail, or wait for ever
+    ("lease_seconds = 1e308\n", "lease_seconds", 1, "at most 3.16224e+07"),
+    ("\nspawn_timeout = nan\n", "spawn_timeout", 2, "got nan"),
+    ("spawn_timeout = inf\n", "spawn_timeout", 1, "got inf"),
+    ("heartbeat_interval = -inf\n", "heartbeat_interval", 1, "got -inf"),
+    ("stale_after = inf\n", "stale_after", 1, "got inf"),
+    ('stale_after = "9999d"\n', "stale_after", 1, "at most"),
+    ("max_running = 99999999999\n", "max_running", 1, "at most"),
 ]
 
 

@@ -171,11 +171,13 @@ def done(ctx: typer.Context, task: int | None = typer.Argument(None), json: bool
     """
     from dispatch.services.control import signal_done
 
-    attempt = signal_done(_app(ctx), task)
+    attempt, recorded = signal_done(_app(ctx), task)
     if json:
         out.emit_json(out.attempt_json(attempt))
-    else:
+    elif recorded:
         out.notice(f"attempt {attempt.id} of task {attempt.task_id} marked done")
+    else:
+        out.notice(f"attempt {attempt.id} of task {attempt.task_id} was already marked done")
 
 
 def logs(

@@ -218,12 +218,15 @@ def close_task(app: App, task_id: int) -> TaskView:
     return app.direct.write(work)
 
 
-def signal_done(app: App, task_id: int | None, cwd: Path | None = None) -> AttemptRow:
-    """Record completion evidence; resolves TASK, then DISPATCH_ATTEMPT_ID, then the cwd."""
+def signal_done(app: App, task_id: int | None, cwd: Path | None = None) -> tuple[AttemptRow, bool]:
+    """Record completion evidence; resolves TASK, then DISPATCH_ATTEMPT_ID, then the cwd.
+
+    Returns the attempt and whether this call recorded it (a second signal changes
+    nothing and makes no event)."""
     env_attempt = os.environ.get("DISPATCH_ATTEMPT_ID")
     here = (cwd or Path.cwd()).resolve()
 
-    def work(tx: Tx) -> AttemptRow:
+    def work(tx: Tx) -> tuple[AttemptRow, bool]:
         attempt: AttemptRow | None
         if task_id is not None:
             task = st.get_task(tx, task_id)
@@ -243,9 +246,11 @@ def signal_done(app: App, task_id: int | None, cwd: Path | None = None) -> Attem
                 f"attempt {attempt.id} of task {attempt.task_id} is {attempt.state}, "
                 "not running; there is nothing to mark done"
             )
+        if attempt.done_signalled_at is not None:
+            return attempt, False
         st.update_attempt(tx, attempt.id, done_signalled_at=utcnow())
         st.record_event(tx, "done-signalled", task_id=attempt.task_id, attempt_id=attempt.id)
-        return st.get_attempt(tx, attempt.id)
+        return st.get_attempt(tx, attempt.id), True
 
     return app.direct.write(work)
 

@@ -591,7 +591,11 @@ def redispatch(
 
 def _refuse_while_alive(app: App, task_id: int) -> None:
     """A second agent must never work in the worktree while the last one's processes run."""
-    latest = app.direct.read(lambda tx: st.latest_attempt(tx, task_id))
+    def work(tx: Tx) -> AttemptRow | None:
+        st.get_task(tx, task_id)  # an unknown task is refused as such
+        return st.latest_attempt(tx, task_id)
+
+    latest = app.direct.read(work)
     if latest is None or latest.state != AttemptState.ENDED.value:
         return  # a running attempt is refused by the claim, with its window named
     if latest.host != app.settings.host:

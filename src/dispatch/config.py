@@ -74,6 +74,8 @@ class Settings:
     heartbeat_interval: float = 15.0
     stale_after: float = 600.0
     tmux_socket: str = ""
+    # Reads (list, show, run --next, the monitor) write nothing, not even a reap.
+    no_reap: bool = False
     tmux_session: str = "dispatch"
     host: str = ""
     agents: Mapping[str, AgentProfile] = field(default_factory=lambda: dict(BUILTIN_AGENTS))
@@ -182,7 +184,7 @@ def load_settings(
     if "DISPATCH_TMUX_SOCKET" in env:
         settings = replace(settings, tmux_socket=env["DISPATCH_TMUX_SOCKET"])
     host = env.get("DISPATCH_HOST") or socket.gethostname()
-    return replace(settings, host=host)
+    return replace(settings, host=host, no_reap=env.get("DISPATCH_NO_REAP", "") not in ("", "0"))
 
 
 def _read_config(path: Path) -> str:

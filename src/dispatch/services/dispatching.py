@@ -29,6 +29,7 @@ from dispatch.services.naming import (
     wrapper_argv,
 )
 from dispatch.services.saga import NO_WORK, Saga, Step, StepFailed, describe, signals_interrupt
+from dispatch.services.sweep import reconcile
 from dispatch.store import statements as st
 from dispatch.store.direct import Tx, utcnow
 from dispatch.store.statements import AttemptRow, TaskRow, list_tasks
@@ -543,12 +544,14 @@ class RunNext:
         return [r for r in self.results if isinstance(r, DispatchResult)]
 
 
-def run_next(app: App, limit: int) -> RunNext:
+def run_next(app: App, limit: int, *, reap: bool = True) -> RunNext:
     """Dispatch up to `limit` of the highest-priority ready tasks, within max_running.
 
     A task whose dispatch fails is not tried again in the same run: a broken task must
     not use up its whole failure allowance at once, nor block the tasks behind it.
     """
+    if reap:
+        reconcile(app)  # a dead agent's task must not count against max_running
     run = RunNext()
     tried: set[int] = set()
     while len(run.results) < limit:

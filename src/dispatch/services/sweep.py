@@ -17,7 +17,7 @@ from dispatch.lifecycle import Action, AttemptState, Status, next_status
 from dispatch.services.panes import Panes, attempt_of, window_of
 from dispatch.services.processes import process_alive
 from dispatch.services.reaping import Reap, reap_dispatch, reap_running, reap_stuck
-from dispatch.store.statements import AttemptCheck, census
+from dispatch.store.statements import AttemptCheck, census, live_here
 
 _TASK_DIR = re.compile(r"task-(\d+)")
 
@@ -116,6 +116,32 @@ def sweep(
     report.orphan_windows = _orphan_windows(app, panes, snap.live)
     report.orphan_worktrees = _orphan_dirs(dirs, snap.repos)
     return report
+
+
+def reconcile(app: App) -> list[Reap]:
+    """Apply the sweep's verdict to this host's live attempts, so that a read is true when
+    it is made: one indexed query, and one tmux listing only when there is any."""
+    if app.settings.no_reap:
+        return []
+    live = app.direct.read(lambda tx: live_here(tx, app.settings.host))
+    if not live:
+        return []
+    panes = Panes.of(app.terminal.list_panes())
+    now = datetime.now(UTC)
+    stale = timedelta(seconds=app.settings.stale_after)
+    scratch = SweepReport()  # what a reap could not clean up is the sweep's to report
+    reaped: list[Reap] = []
+    for attempt in live:
+        reason = _verdict(app, attempt, panes, now, stale)
+        if reason is None:
+            continue
+        if attempt.state == AttemptState.STARTING.value:
+            reap = reap_dispatch(app, attempt, reason, panes, scratch)
+        else:
+            reap = reap_running(app, attempt, reason, False)
+        if reap is not None:
+            reaped.append(reap)
+    return reaped
 
 
 def _judged_by_tmux(app: App, attempt: AttemptCheck) -> bool:

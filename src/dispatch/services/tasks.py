@@ -9,6 +9,7 @@ from pathlib import Path
 from dispatch.app import App
 from dispatch.errors import Conflict, EnvironmentProblem, UsageError
 from dispatch.lifecycle import Action, Status, next_status
+from dispatch.services.sweep import reconcile
 from dispatch.store import statements as st
 from dispatch.store.direct import Tx, utcnow
 from dispatch.store.statements import AttemptRow, EventRow, TaskRow, TaskSummary
@@ -89,18 +90,24 @@ def add_task(
 
 
 def list_tasks(
-    app: App, statuses: Sequence[str] = (), include_closed: bool = False
+    app: App, statuses: Sequence[str] = (), include_closed: bool = False, *, reap: bool = True
 ) -> list[TaskSummary]:
-    """Tasks as `list` shows them, in the order `run --next` takes them."""
+    """Tasks as `list` shows them, in the order `run --next` takes them, true when read."""
     valid = {s.value for s in Status}
     for status in statuses:
         if status not in valid:
             raise UsageError(f"unknown status {status!r} (one of: {', '.join(sorted(valid))})")
     wanted = sorted(set(statuses))
+    if reap:
+        reconcile(app)
     return app.direct.read(lambda tx: st.list_tasks(tx, wanted, include_closed))
 
 
-def show_task(app: App, task_id: int) -> TaskView:
+def show_task(app: App, task_id: int, *, reap: bool = True) -> TaskView:
+    """A task with its attempts and events, true when read (this host's dead agents reaped)."""
+    if reap:
+        reconcile(app)
+
     def work(tx: Tx) -> TaskView:
         task = st.get_task(tx, task_id)
         attempts = st.attempts_of(tx, task_id)

@@ -122,6 +122,21 @@ def census(tx: Tx, task_ids: Sequence[int]) -> Census:
     return Census(records(AttemptCheck, rows[0], _ATTEMPT_TIMES), stuck_tasks, repos)
 
 
+def live_here(tx: Tx, host: str) -> list[AttemptCheck]:
+    """This host's attempts not yet ended: what a read reconciles first (by the state index)."""
+    sql = (
+        f"SELECT {_ATTEMPT_COLUMNS}, t.dispatch_failures FROM attempts a"
+        " JOIN tasks t ON t.id = a.task_id"
+        " WHERE a.state IN (:starting, :running) AND a.host = :host ORDER BY a.id"
+    )
+    params = {
+        "starting": AttemptState.STARTING.value,
+        "running": AttemptState.RUNNING.value,
+        "host": host,
+    }
+    return records(AttemptCheck, tx.rows(sql, params), _ATTEMPT_TIMES)
+
+
 class WrapperStart(NamedTuple):
     """What the agent wrapper needs to start its attempt's agent."""
 

@@ -89,3 +89,27 @@ def test_a_live_agent_is_left_alone_by_a_read(cli, make_app, repo: Path, env: En
 
     assert [t["status"] for t in listed.json()] == ["in-progress"]
     assert events_of(env, task_id, "reaped") == []
+
+
+def test_a_database_deleted_under_a_running_agent_is_refused_not_recreated(
+    cli, make_app, repo: Path, env: Env
+) -> None:
+    app = make_app()
+    task_id = new_task(app, repo, "sleep 30")
+    dispatch_task(app, task_id)
+    attempt = wait_for(lambda: running(env, task_id), "the agent to start")
+    app.close()
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{env.db_path}{suffix}").unlink(missing_ok=True)
+
+    for args in (("list",), ("doctor",), ("add", "another")):
+        done = cli(*args, cwd=repo)
+        assert done.code == 7, (args, done.stderr)
+        said = done.stdout + done.stderr  # doctor lists its checks on stdout
+        assert f"database {env.db_path} is missing, but agents" in said
+        assert str(attempt["agent_pid"]) in said
+    assert not env.db_path.exists()
+
+    os.kill(attempt["agent_pid"], 9)
+    wait_for(lambda: f"t{task_id}" not in windows(env), "the window to close")
+    assert cli("list", "--json").json() == []  # nothing runs against it any more: a new one

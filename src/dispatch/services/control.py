@@ -8,12 +8,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from dispatch.adapters.processes import attempt_marker, attempt_processes, stop_processes
 from dispatch.adapters.protocols import Pane
 from dispatch.app import App
 from dispatch.errors import Conflict, NotFound, ToolFailed, UsageError
 from dispatch.lifecycle import Action, AttemptState, Outcome, Status, next_status
 from dispatch.services.panes import Panes
-from dispatch.services.processes import attempt_marker, attempt_processes, stop_processes
 from dispatch.services.tasks import TaskView
 from dispatch.store import statements as st
 from dispatch.store.direct import Tx, utcnow

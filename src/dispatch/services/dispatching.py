@@ -16,6 +16,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from dispatch.adapters.protocols import Worktrees
 from dispatch.app import App
 from dispatch.errors import Conflict, DispatchError, DispatchFailed, NotFound, UsageError
 from dispatch.lifecycle import RETRYABLE, Action, AttemptState, Status, next_status
@@ -237,6 +238,7 @@ def make_worktree(d: Dispatch) -> bool:
     if worktree_existed:
         if not git.is_worktree(repo, d.worktree):
             raise DispatchError(f"{d.worktree} exists and is not a worktree of {repo}")
+        _check_on_branch(git, d.worktree, d.branch, exists=branch_existed)
         if git.has_changes(d.worktree):
             d.warnings.append(f"worktree {d.worktree} has uncommitted changes; they are kept")
         return True
@@ -247,6 +249,24 @@ def make_worktree(d: Dispatch) -> bool:
     if not (d.worktree.is_dir() and git.is_worktree(repo, d.worktree)):
         raise DispatchError(f"git reported worktree {d.worktree} made, but it is not there")
     return True
+
+
+def _check_on_branch(git: Worktrees, worktree: Path, branch: str, *, exists: bool) -> None:
+    """A reused worktree must be on the task's branch: on a detached HEAD, or on a branch
+    that was deleted, the agent's commits would belong to no branch (and `completion =
+    "commits"` could never be met). Refused, not repaired: which commit is right is the
+    user's call."""
+    head = git.head_ref(worktree)
+    if exists and head == branch:
+        return
+    if not exists:
+        state = f"its branch {branch} was deleted"
+        fix = f"`git -C {worktree} switch -c {branch}`"
+    else:
+        state = f"it is on {head}, not on {branch}"
+        fix = f"`git -C {worktree} switch {branch}`"
+    # The hint goes in the message: a failed step reports its error's message alone.
+    raise DispatchError(f"worktree {worktree}: {state} ({fix}, then redispatch)")
 
 
 def undo_worktree(d: Dispatch) -> None:
@@ -594,6 +614,7 @@ def redispatch(
 
 def _refuse_while_alive(app: App, task_id: int) -> None:
     """A second agent must never work in the worktree while the last one's processes run."""
+
     def work(tx: Tx) -> AttemptRow | None:
         st.get_task(tx, task_id)  # an unknown task is refused as such
         return st.latest_attempt(tx, task_id)

@@ -12,10 +12,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from dispatch.adapters.processes import process_alive
 from dispatch.app import App
 from dispatch.lifecycle import Action, AttemptState, Status, next_status
 from dispatch.services.panes import Panes, attempt_of, window_of
-from dispatch.services.processes import process_alive
 from dispatch.services.reaping import Reap, reap_dispatch, reap_running, reap_stuck
 from dispatch.store.statements import AttemptCheck, census, live_here
 

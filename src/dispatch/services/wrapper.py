@@ -25,12 +25,12 @@ from pathlib import Path
 from types import FrameType
 from typing import TypeVar
 
+from dispatch.adapters.processes import attempt_marker, attempt_processes, stop_processes
 from dispatch.app import App
 from dispatch.errors import DispatchError
 from dispatch.lifecycle import Action, AttemptState, Completion, Outcome, Status, derive_outcome
 from dispatch.lifecycle import next_status as lifecycle_next
 from dispatch.services.naming import prompt_path
-from dispatch.services.processes import attempt_marker, attempt_processes, stop_processes
 from dispatch.store import statements as st
 from dispatch.store.direct import Tx, utcnow
 from dispatch.store.statements import (

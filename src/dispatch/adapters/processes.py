@@ -1,4 +1,5 @@
-"""What /proc says about a process: whether a recorded pid is still the process it was."""
+"""Processes by pid: what /proc says about them, and stopping them (SIGINT, SIGTERM,
+SIGKILL). The one place dispatch signals a process it did not start itself."""
 
 from __future__ import annotations
 

@@ -84,7 +84,7 @@ def _refuse_if_replaced(url: str) -> None:
     from dispatch.errors import EnvironmentProblem
 
     marker = (b"\0DISPATCH_ATTEMPT_ID=", f"\0DISPATCH_DB={url}\0".encode())
-    agents = attempt_processes(None, marker)
+    agents = attempt_processes(marker)
     if agents:
         pids = " ".join(map(str, sorted(agents)))
         raise EnvironmentProblem(

@@ -435,12 +435,32 @@ def test_gitpython_is_loaded_quietly_and_the_environment_restored(tmp_path: Path
         [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env
     )
 
-    # git is missing from PATH even at import time: our error, not GitPython's ImportError.
+    # git is missing from PATH: our error, not GitPython's ImportError.
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == [
         "problem: git cannot be run: git was not found",
         "refresh: None",
     ]
+
+
+def test_version_and_dirtiness_come_from_gitpython(
+    worktrees: GitWorktrees, git_repo: Path, run_git: GitRunner
+) -> None:
+    assert worktrees.version() == run_git(git_repo, "version").split()[-1]
+    assert not worktrees.has_changes(git_repo)
+    (git_repo / ".gitignore").write_text("ignored.txt\n")
+    run_git(git_repo, "add", ".gitignore")
+    run_git(git_repo, "commit", "-q", "-m", "ignore")
+    (git_repo / "ignored.txt").write_text("x")
+    assert not worktrees.has_changes(git_repo)  # ignored files are no work
+    (git_repo / "new.txt").write_text("x")
+    assert worktrees.has_changes(git_repo)  # untracked
+    (git_repo / "new.txt").unlink()
+    (git_repo / "README.md").write_text("changed\n")
+    assert worktrees.has_changes(git_repo)  # modified
+    run_git(git_repo, "add", "README.md")
+    (git_repo / "README.md").write_text("hello\n")
+    assert worktrees.has_changes(git_repo)  # staged, then changed back in the tree
 
 
 HALF_ADDED_SHIM = """#!/bin/sh

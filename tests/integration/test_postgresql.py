@@ -95,7 +95,7 @@ class Server:
 
 
 @pytest.fixture(scope="session")
-def server() -> Iterator[Server]:
+def pg_server() -> Iterator[Server]:
     binaries = _server_binaries()
     if binaries is None:
         pytest.skip("PostgreSQL is not installed")
@@ -111,9 +111,9 @@ def server() -> Iterator[Server]:
 
 
 @pytest.fixture
-def pg(server: Server, env: Env, monkeypatch: pytest.MonkeyPatch) -> str:
+def pg(pg_server: Server, env: Env, monkeypatch: pytest.MonkeyPatch) -> str:
     """A fresh database on the server; this test's dispatch uses it."""
-    url = server.create_database()
+    url = pg_server.create_database()
     monkeypatch.setenv("DISPATCH_DB", url)
     return url
 

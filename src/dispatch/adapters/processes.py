@@ -62,27 +62,30 @@ def process_alive(pid: int | None, started_before: datetime | None) -> bool:
     return started_before is None or stat.started <= started_before + _START_SLACK
 
 
-def _live_stat_fields(pid: int) -> tuple[str, int] | None:
-    """(state, process group) of a process, None if it is gone."""
+def _state(pid: int) -> str | None:
+    """A process's state letter ("R", "S", "Z"...), None if it is gone."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    rest = stat[stat.rfind(")") + 2 :].split()
-    return rest[0], int(rest[2])
+    return stat[stat.rfind(")") + 2 :].split(maxsplit=1)[0]
 
 
 def attempt_processes(
-    group: int | None, marker: Sequence[bytes], *, exclude: Iterable[int] = ()
+    marker: Sequence[bytes], *, group: int | None = None, exclude: Iterable[int] = ()
 ) -> set[int]:
-    """Live processes working for one attempt: the members of its agent's process group,
-    and any process whose environment holds every entry of `marker` (the attempt's own
-    variables), which finds the agent's descendants even when they left the group."""
+    """Live processes working for one attempt: those whose environment holds every entry
+    of `marker` (the variables the wrapper gives its agent, which every descendant
+    inherits, whatever process group or session it moves to).
+
+    By environment rather than by process group: a recorded group id outlives its
+    processes, and on a busy machine its number soon belongs to someone else's. Only
+    where there is no /proc to read is the agent's `group` asked about instead."""
     skip = {os.getpid(), *exclude}
     found: set[int] = set()
     try:
         entries = os.listdir("/proc")
-    except OSError:  # no /proc: only the group can be asked about
+    except OSError:
         if group and _group_exists(group):
             found.add(group)
         return found
@@ -90,18 +93,11 @@ def attempt_processes(
         if not name.isdigit() or int(name) in skip:
             continue
         pid = int(name)
-        fields = _live_stat_fields(pid)
-        if fields is None or fields[0] in ("Z", "X"):
-            continue
-        if group and fields[1] == group:
-            found.add(pid)
-            continue
         try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes()
+            environ = b"\0" + Path(f"/proc/{pid}/environ").read_bytes()
         except OSError:  # another user's process, or gone: not ours to judge
             continue
-        environ = b"\0" + environ
-        if all(entry in environ for entry in marker):
+        if all(entry in environ for entry in marker) and _state(pid) not in (None, "Z", "X"):
             found.add(pid)
     return found
 
@@ -134,20 +130,16 @@ _POLL_SECONDS = 0.1
 
 def stop_processes(
     find: Callable[[], set[int]],
-    group: int | None,
     *,
     grace: float,
     signals: Sequence[signal.Signals] = ESCALATION,
 ) -> set[int]:
-    """Send each signal in turn to the group and to every process `find` returns, giving
-    each `grace` seconds to work; return what still runs after the last (empty: stopped)."""
+    """Send each signal in turn to every process `find` returns, giving each `grace`
+    seconds to work; return what still runs after the last (empty: all stopped)."""
     for signum in signals:
         pids = find()
         if not pids:
             return pids
-        if group:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(group, signum)
         for pid in pids:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signum)

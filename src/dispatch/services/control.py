@@ -107,7 +107,7 @@ def agent_processes(app: App, attempt: AttemptRow) -> set[int]:
     carrying the attempt's variables (the wrapper itself is not one of them)."""
     marker = attempt_marker(attempt.id, app.settings.database)
     exclude = [attempt.wrapper_pid] if attempt.wrapper_pid else []
-    return attempt_processes(attempt.agent_pid, marker, exclude=exclude)
+    return attempt_processes(marker, group=attempt.agent_pid, exclude=exclude)
 
 
 def find_pane(app: App, attempt: AttemptRow) -> Pane | None:
@@ -134,9 +134,7 @@ def _stop_here(app: App, attempt: AttemptRow) -> set[int]:
             terminal.kill_window(pane.window_id)  # SIGHUP: the wrapper stops its agent
             _wait_ended(app, attempt.id, KILL_GRACE_SECONDS)
     current = app.direct.read(lambda tx: st.get_attempt(tx, attempt.id))
-    return stop_processes(
-        lambda: agent_processes(app, current), current.agent_pid, grace=STOP_GRACE_SECONDS
-    )
+    return stop_processes(lambda: agent_processes(app, current), grace=STOP_GRACE_SECONDS)
 
 
 def _wait_ended(app: App, attempt_id: int, seconds: float) -> bool:

@@ -72,9 +72,12 @@ def agent_exec(app: App, attempt_id: int) -> int:
 
     def forward(signum: int, _frame: FrameType | None) -> None:
         received.append(signum)
-        for proc in child:  # the agent leads its own group: the signal reaches all of it
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signum)
+        for proc in child:
+            # The agent leads its own group: the signal reaches all of it. Only while the
+            # agent is not yet reaped: after that its number may name a stranger's group.
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signum)
 
     # Installed before the acknowledgement: a hangup from the dispatcher's undo must not
     # be lost between acknowledging and starting the agent.
@@ -136,7 +139,7 @@ def agent_exec(app: App, attempt_id: int) -> int:
     marker = attempt_marker(attempt_id, settings.database)
 
     def agent_processes() -> set[int]:
-        return attempt_processes(proc.pid, marker)
+        return attempt_processes(marker, group=proc.pid)
 
     cancelled = threading.Event()
     recorded = app.direct.write(lambda tx: record_agent_pid(tx, attempt_id, proc.pid))
@@ -152,7 +155,7 @@ def agent_exec(app: App, attempt_id: int) -> int:
     code = _wait(proc, received, cancelled, agent_processes)
     # Whatever the agent left running (background jobs, servers, workers) goes with it:
     # nothing may work on a task once its attempt is recorded as ended.
-    left = stop_processes(agent_processes, proc.pid, grace=LEFTOVER_GRACE_SECONDS)
+    left = stop_processes(agent_processes, grace=LEFTOVER_GRACE_SECONDS)
     if left:
         say(f"processes {', '.join(map(str, sorted(left)))} of the agent would not stop")
     if tty is not None:
@@ -247,7 +250,7 @@ def _wait(
         except subprocess.TimeoutExpired:
             if cancelled.is_set() and not stopping:
                 stopping = True
-                stop_processes(agent_processes, proc.pid, grace=KILL_GRACE_SECONDS)
+                stop_processes(agent_processes, grace=KILL_GRACE_SECONDS)
                 continue
             if not received:
                 continue
@@ -255,7 +258,7 @@ def _wait(
             if signalled_at is None:
                 signalled_at = now
             elif now - signalled_at > KILL_GRACE_SECONDS:
-                stop_processes(agent_processes, proc.pid, grace=0, signals=(signal.SIGKILL,))
+                stop_processes(agent_processes, grace=0, signals=(signal.SIGKILL,))
     return 128 - code if code < 0 else code  # killed by signal N: the shell's 128+N
 
 

@@ -72,6 +72,7 @@ class Settings:
     spawn_timeout: float = 10.0
     heartbeat_interval: float = 15.0
     stale_after: float = 600.0
+    gc_after: float = 7 * 86400.0
     tmux_socket: str = ""
     tmux_session: str = "dispatch"
     host: str = ""
@@ -223,6 +224,7 @@ _SCALARS: dict[str, tuple[type | tuple[type, ...], str]] = {
     "spawn_timeout": ((int, float), "a number of seconds > 0"),
     "heartbeat_interval": ((int, float), "a number of seconds > 0"),
     "stale_after": ((str, int, float), "a duration such as 10m"),
+    "gc_after": ((str, int, float), "a duration such as 7d"),
 }
 
 
@@ -275,6 +277,7 @@ def _from_mapping(raw: Mapping[str, Any], text: str, path: Path, home: Path) -> 
         spawn_timeout=float(values.get("spawn_timeout", 10)),
         heartbeat_interval=float(values.get("heartbeat_interval", 15)),
         stale_after=float(values.get("stale_after", 600)),
+        gc_after=float(values.get("gc_after", 7 * 86400)),
         tmux_socket=tmux.get("socket", ""),
         tmux_session=tmux.get("session", "dispatch"),
         agents=agents,
@@ -291,7 +294,7 @@ def _scalar(key: str, value: Any, fail: Fail) -> Any:
         or (key in ("lease_seconds", "spawn_timeout", "heartbeat_interval") and number <= 0)
     ):
         raise fail((key,), f"expected {expected}, got {value!r}")
-    if key == "stale_after":
+    if key in ("stale_after", "gc_after"):
         try:
             return parse_duration(number)
         except ValueError as exc:

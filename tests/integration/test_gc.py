@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -87,8 +88,6 @@ def worktree_of(env: Env, task_id: int) -> Path:
 def gc_json(capsys: Any, *args: str) -> dict[str, Any]:
     code, out, err = run_cli(capsys, "gc", "--json", *args)
     assert code == 0, err
-    import json
-
     result: dict[str, Any] = json.loads(out)
     return result
 
@@ -115,9 +114,7 @@ def test_gc_then_restore_gives_back_every_byte_and_the_same_status(
 
     result = gc_json(capsys, "--older-than", "0s")
 
-    attempt_id = task_row(env, task_id)["current_attempt_id"] or events(env, task_id)[-1][
-        "attempt_id"
-    ]
+    (attempt_id,) = [e["attempt_id"] for e in events(env, task_id, "dispatched")]
     ref = f"refs/dispatch/wip/{task_id}-{attempt_id}"
     assert result["removed"] == [
         {"task_id": task_id, "worktree": str(path), "snapshot": ref, "bytes": result["freed_bytes"]}
@@ -320,8 +317,8 @@ def test_orphans_are_snapshotted_in_their_own_repository_then_removed(
     git(project, "worktree", "add", "-q", "-b", "lost", str(orphan))
     (orphan / "unsaved.txt").write_text("someone's work\n")
 
-    code, out, _ = run_cli(capsys, "sweep", "--json")
-    assert str(orphan) in __import__("json").loads(out)["orphan_worktrees"]
+    out = run_cli(capsys, "sweep", "--json")[1]
+    assert str(orphan) in json.loads(out)["orphan_worktrees"]
     result = gc_json(capsys, "--older-than", "0s", "--orphans")
 
     assert result["removed"] == [
@@ -361,7 +358,7 @@ def test_restore_refuses_clearly(make_app: Any, env: Env, project: Path, capsys:
 
     assert run_cli(capsys, "restore", "4242")[0] == 4
     code, out, _ = run_cli(capsys, "restore", str(running), "--json")
-    assert code == 3 and __import__("json").loads(out)["error"]["kind"] == "conflict"
+    assert code == 3 and json.loads(out)["error"]["kind"] == "conflict"
     code, _, err = run_cli(capsys, "restore", str(done))
     assert code == 0 and "nothing to do" in err
 
@@ -451,9 +448,7 @@ def test_two_gcs_at_once_remove_each_worktree_once(
     outputs = [p.communicate(timeout=60) for p in (first, second)]
     assert (first.returncode, second.returncode) == (0, 0), outputs
 
-    removed = [
-        r["task_id"] for out, _ in outputs for r in __import__("json").loads(out)["removed"]
-    ]
+    removed = [r["task_id"] for out, _ in outputs for r in json.loads(out)["removed"]]
     assert sorted(removed) == tasks
     for task_id in tasks:
         assert len([e for e in events(env, task_id, "gc") if "worktree" in e["detail"]]) == 1

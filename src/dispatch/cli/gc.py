@@ -33,7 +33,7 @@ def gc(
     dry_run: bool = typer.Option(False, "--dry-run", help="Report what would go; change nothing."),
     json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Remove the worktrees of finished tasks, saving uncommitted work first.
+    """Reclaim finished tasks' worktrees, saving their work first.
 
     Done and closed tasks (with --include-failed, failed ones too) unchanged for
     --older-than. Anything uncommitted is saved first as a commit at
@@ -67,7 +67,7 @@ def restore(
     task: int = typer.Argument(..., help="Task id."),
     json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Bring back a task's collected worktree, uncommitted work included."""
+    """Bring back a collected worktree, uncommitted work too."""
     from dispatch.cli.main import state
     from dispatch.services.restore import restore as restore_service
 

@@ -473,3 +473,72 @@ def test_gc_racing_a_redispatch_never_takes_the_worktree_from_the_attempt(
         path = worktree_of(env, task_id)
         assert (path / "seen.txt").exists() and (path / "new" / "work.txt").exists()
         assert str(path) in worktree_list(project)
+
+
+FAILING_GIT = """#!/bin/sh
+case "$*" in *update-ref*) echo "fatal: cannot lock ref (simulated)" >&2; exit 128 ;; esac
+exec "{real}" "$@"
+"""
+
+
+def test_a_snapshot_that_cannot_be_written_keeps_the_worktree(
+    make_app: Any, env: Env, project: Path, tmp_path: Path, cli: Any
+) -> None:
+    task_id = finished(make_app, env, project, DIRTY)
+    path = worktree_of(env, task_id)
+    before = files(path)
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "git").write_text(FAILING_GIT.format(real=shutil.which("git")))
+    (shim / "git").chmod(0o755)
+
+    result = cli(
+        "gc", "--older-than", "0s", "--json",
+        extra_env={"PATH": f"{shim}{os.pathsep}{os.environ['PATH']}"},
+    )  # fmt: skip
+
+    assert result.code == 0, result.stderr
+    assert result.json()["removed"] == []
+    (kept,) = result.json()["kept"]
+    assert kept["task_id"] == task_id and "cannot lock ref" in kept["reason"]
+    assert files(path) == before and events(env, task_id, "gc") == []
+
+
+def test_a_worktree_holding_another_repository_is_left_alone(
+    make_app: Any, env: Env, project: Path, capsys: Any
+) -> None:
+    task_id = finished(make_app, env, project, "git init -q vendored && echo x > vendored/x")
+    path = worktree_of(env, task_id)
+
+    result = gc_json(capsys, "--older-than", "0s")
+
+    assert result["removed"] == [] and "holds git repositories" in result["kept"][0]["reason"]
+    assert (path / "vendored" / "x").exists()
+
+
+def test_run_after_a_reset_restores_a_collected_worktree_first(
+    make_app: Any, env: Env, project: Path, capsys: Any
+) -> None:
+    task_id = finished(make_app, env, project, RESUMES)
+    gc_json(capsys, "--older-than", "0s", "--include-failed")
+    assert run_cli(capsys, "reset", str(task_id))[0] == 0
+
+    assert run_cli(capsys, "run", str(task_id))[0] == 0
+
+    assert wait_for(lambda: settled(env, task_id), "the run to end") == "done"
+    assert (worktree_of(env, task_id) / "seen.txt").exists()
+
+
+def test_the_table_says_what_went_and_what_stayed(
+    make_app: Any, env: Env, project: Path, capsys: Any
+) -> None:
+    gone = finished(make_app, env, project, DIRTY)
+    stays = finished(make_app, env, project, "echo x > x && git add x && git commit -qm x")
+    assert run_cli(capsys, "close", str(stays))[0] == 0
+
+    code, out, err = run_cli(capsys, "gc", "--older-than", "0s", "--branches")
+
+    assert code == 0
+    assert str(worktree_of(env, gone)) in out and f"refs/dispatch/wip/{gone}-" in out
+    assert "not merged into main" in out and "kept" in out
+    assert "removed 2 worktree(s), kept 1" in err

@@ -22,7 +22,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from dispatch.adapters.git import _load_gitpython
 from dispatch.errors import EnvironmentProblem, ToolFailed
@@ -186,10 +186,18 @@ class Snapshots:
                 _git(repo, "update-index", "-q", "--refresh")
 
 
-def disk_usage(path: Path) -> tuple[int, float]:
-    """Bytes a directory tree holds on disk (as `du` counts them) and its newest mtime."""
-    total, newest = 0, 0.0
+class Usage(NamedTuple):
+    bytes: int  # on disk, as `du` counts them
+    newest: float  # the newest mtime in the tree
+    nested: list[str]  # git repositories inside it (submodules, clones): not in a snapshot
+
+
+def disk_usage(path: Path) -> Usage:
+    """What a worktree holds on disk, one walk over it."""
+    total, newest, nested = 0, 0.0, []
     for root, dirs, files in os.walk(path):
+        if root != str(path) and (".git" in dirs or ".git" in files):
+            nested.append(root)
         for name in dirs + files:
             try:
                 info = os.lstat(os.path.join(root, name))
@@ -197,4 +205,4 @@ def disk_usage(path: Path) -> tuple[int, float]:
                 continue
             total += getattr(info, "st_blocks", 0) * 512 or info.st_size
             newest = max(newest, info.st_mtime)
-    return total, newest
+    return Usage(total, newest, nested)

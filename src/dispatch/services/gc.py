@@ -174,10 +174,10 @@ class Collector:
         if not _inside(path, self.root):
             self._keep(c.id, f"worktree {path} is outside worktree_root {self.root}; not touched")
             return
-        if self.options.dry_run:
-            self._plan_task(c, path)
-            return
         try:
+            if self.options.dry_run:
+                self._plan_task(c, path)
+                return
             with task_guard(self.app, c.id, timeout=GUARD_SECONDS):
                 reason = self.app.direct.read(lambda tx: _in_use(tx, c, path))
                 if reason is not None:
@@ -186,10 +186,12 @@ class Collector:
                 self._remove_task_worktree(c, path, repo)
                 if self.options.branches:
                     self._remove_branch(c, path, repo)
-        except DispatchError as exc:
-            self._keep(c.id, f"not collected: {exc.message}")
         except TimeoutError:
             self._keep(c.id, "a dispatch or another gc is using it; left for the next gc")
+        except Exception as exc:
+            # Whatever failed, nothing was removed before its snapshot was written; one
+            # broken repository must not stop the rest of a cron run.
+            self._keep(c.id, f"not collected: {_describe(exc)}")
 
     def _plan_task(self, c: GcCandidate, path: Path) -> None:
         """What a real run would do, from reads alone."""
@@ -206,9 +208,13 @@ class Collector:
             if why is not None:
                 self._keep(c.id, why)
                 return
+            usage = disk_usage(path)
+            if usage.nested:
+                self._keep(c.id, _nested(path, usage.nested))
+                return
             dirty = self.snapshots.is_dirty(path)
             ref = snapshot_ref(c.id, c.attempt_id) if dirty else None
-            self.report.removed.append(Removed(c.id, str(path), ref, disk_usage(path)[0]))
+            self.report.removed.append(Removed(c.id, str(path), ref, usage.bytes))
         if self.options.branches:
             self._plan_branch(c, Path(c.repo))
 
@@ -241,7 +247,11 @@ class Collector:
         if why is not None:
             self._keep(c.id, why)
             return
-        size = disk_usage(path)[0]
+        usage = disk_usage(path)
+        if usage.nested:
+            self._keep(c.id, _nested(path, usage.nested))
+            return
+        size = usage.bytes
         ref = commit = None
         if self.snapshots.is_dirty(path):
             saved = self.snapshots.save(path, snapshot_ref(c.id, c.attempt_id), _message(c))
@@ -331,9 +341,12 @@ class Collector:
         if main is None:
             self._keep(None, f"orphan {path} is not a git worktree; left alone")
             return
-        size, newest = disk_usage(path)
+        size, newest, nested = disk_usage(path)
         if newest >= before:
             return  # changed recently: maybe someone's work in progress
+        if nested:
+            self._keep(None, _nested(path, nested))
+            return
         if self.options.dry_run:
             dirty = self.snapshots.is_dirty(path)
             ref = orphan_ref(path.name) if dirty else None
@@ -342,10 +355,10 @@ class Collector:
         try:
             with path_guard(self.app, str(path), timeout=GUARD_SECONDS):
                 self._remove_orphan(path, main, size)
-        except DispatchError as exc:
-            self._keep(None, f"orphan {path} not collected: {exc.message}")
         except TimeoutError:
             self._keep(None, f"orphan {path} is being collected by another gc")
+        except Exception as exc:  # as for tasks: the next orphan all the same
+            self._keep(None, f"orphan {path} not collected: {_describe(exc)}")
 
     def _remove_orphan(self, path: Path, main: Path, size: int) -> None:
         if not os.path.lexists(path):
@@ -397,6 +410,16 @@ def _in_use(tx: Tx, c: GcCandidate, path: Path) -> str | None:
         if task_id == c.id or _same(Path(worktree), path):
             return f"worktree {path} is used by a running attempt of task {task_id}"
     return None
+
+
+def _describe(exc: Exception) -> str:
+    return exc.message if isinstance(exc, DispatchError) else f"{type(exc).__name__}: {exc}"
+
+
+def _nested(path: Path, nested: list[str]) -> str:
+    # A snapshot records a nested repository as a commit id, never its files or their
+    # changes: removing the worktree would delete them.
+    return f"worktree {path} holds git repositories ({nested[0]}); left alone"
 
 
 def _same(a: str | Path, b: str | Path) -> bool:

@@ -172,7 +172,10 @@ class Collector:
     def task(self, c: GcCandidate) -> None:
         path, repo = Path(c.worktree), Path(c.repo)
         if not _inside(path, self.root):
-            self._keep(c.id, f"worktree {path} is outside worktree_root {self.root}; not touched")
+            if os.path.lexists(path):  # one that is gone is nothing to report
+                self._keep(
+                    c.id, f"worktree {path} is outside worktree_root {self.root}; not touched"
+                )
             return
         try:
             if self.options.dry_run:

@@ -7,6 +7,10 @@ import os
 import shutil
 import stat
 import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -542,3 +546,65 @@ def test_the_table_says_what_went_and_what_stayed(
     assert str(worktree_of(env, gone)) in out and f"refs/dispatch/wip/{gone}-" in out
     assert "not merged into main" in out and "kept" in out
     assert "removed 2 worktree(s), kept 1" in err
+
+
+def test_a_redispatch_claimed_while_gc_removes_waits_for_it_and_restores_the_work(
+    make_app: Any, env: Env, project: Path
+) -> None:
+    from dispatch.adapters.git import GitWorktrees
+    from dispatch.services.dispatching import redispatch
+    from dispatch.services.gc import GcOptions, collect
+    from tests.faults import Faulty
+
+    task_id = finished(make_app, env, project, RESUMES)
+    outcome: list[Any] = []
+
+    def claim_meanwhile(real: Any, repo: Path, path: Path) -> None:
+        # gc has checked the task and is removing its worktree: a redispatch claims it now.
+        worker = threading.Thread(target=lambda: outcome.append(redispatch(make_app(), task_id)))
+        worker.start()
+        wait_for(lambda: task_row(env, task_id)["status"] == "in-progress", "the claim")
+        time.sleep(0.3)  # long enough for the dispatch to reach the worktree step
+        real(repo, path)
+        outcome.append(worker)
+
+    real_git = GitWorktrees(make_app().settings.locks_dir)
+    app = make_app(worktrees=Faulty(real_git, remove=claim_meanwhile))
+
+    report = collect(app, GcOptions(0, include_failed=True))
+
+    assert [r.task_id for r in report.removed] == [task_id]
+    outcome[0].join(timeout=30)
+    assert wait_for(lambda: settled(env, task_id), "the redispatch to end") == "done"
+    assert (worktree_of(env, task_id) / "seen.txt").exists()  # it found its work
+    kinds = [e["kind"] for e in events(env, task_id) if e["kind"] in ("gc", "restored")]
+    assert kinds == ["gc", "restored"]
+
+
+def test_gc_that_finds_a_claim_made_after_it_looked_keeps_the_worktree(
+    make_app: Any, env: Env, project: Path
+) -> None:
+    from dispatch.services.dispatching import redispatch
+    from dispatch.services.gc import GcOptions, collect
+
+    task_id = finished(make_app, env, project, RESUMES)
+    path = worktree_of(env, task_id)
+    workers: list[threading.Thread] = []
+
+    @contextmanager
+    def claim_after_the_candidates_are_read(_total: int) -> Iterator[Callable[[], None]]:
+        worker = threading.Thread(target=lambda: redispatch(make_app(), task_id))
+        worker.start()
+        workers.append(worker)
+        wait_for(lambda: task_row(env, task_id)["status"] == "in-progress", "the claim")
+        yield lambda: None
+
+    report = collect(
+        make_app(), GcOptions(0, include_failed=True), claim_after_the_candidates_are_read
+    )
+
+    workers[0].join(timeout=30)
+    assert report.removed == []
+    assert [k.task_id for k in report.kept] == [task_id]
+    assert wait_for(lambda: settled(env, task_id), "the redispatch to end") == "done"
+    assert (path / "seen.txt").exists() and events(env, task_id, "gc") == []

@@ -11,8 +11,8 @@ from datetime import datetime
 from typing import NamedTuple
 
 from dispatch.lifecycle import Status
-from dispatch.store.direct import Tx, in_clause, records
-from dispatch.store.statements import EventRow, events
+from dispatch.store.direct import Tx, in_clause, json_value, records
+from dispatch.store.statements import EventRow
 
 # The event kinds a worktree's life after its task ended is told by.
 GC, RESTORED = "gc", "restored"
@@ -50,11 +50,19 @@ def gc_candidates(tx: Tx, statuses: Sequence[str], before: datetime) -> list[GcC
 
 def last_collection(tx: Tx, task_id: int) -> EventRow | None:
     """The task's latest worktree removal by gc or restore, or None: the removal
-    (kind `gc` with a `worktree` in its detail) says the worktree is collected."""
-    found: list[EventRow] = events(tx, task_id)
-    for event in reversed(found):
-        if event.kind == RESTORED or (event.kind == GC and "worktree" in event.detail):
-            return EventRow(*event)
+    (kind `gc` with a `worktree` in its detail) says the worktree is collected.
+
+    Only these kinds are read, newest first: a redispatch asks this of a task that may
+    have thousands of events."""
+    clause, params = in_clause("kind", [GC, RESTORED])
+    sql = (
+        f"SELECT {', '.join(EventRow._fields)} FROM events"
+        f" WHERE task_id = :task AND kind {clause} ORDER BY id DESC LIMIT 50"
+    )
+    for event in records(EventRow, tx.rows(sql, {**params, "task": task_id}), ("at",)):
+        detail = json_value(event.detail) or {}
+        if event.kind == RESTORED or (event.kind == GC and "worktree" in detail):
+            return EventRow(*event[:-1], detail)
     return None
 
 

@@ -608,3 +608,21 @@ def test_gc_that_finds_a_claim_made_after_it_looked_keeps_the_worktree(
     assert [k.task_id for k in report.kept] == [task_id]
     assert wait_for(lambda: settled(env, task_id), "the redispatch to end") == "done"
     assert (path / "seen.txt").exists() and events(env, task_id, "gc") == []
+
+
+def test_a_snapshot_needs_neither_an_identity_nor_a_signing_key(
+    make_app: Any, env: Env, project: Path, capsys: Any, git: Any, monkeypatch: Any
+) -> None:
+    task_id = finished(make_app, env, project, "echo x > work.txt")
+    git(project, "config", "commit.gpgsign", "true")
+    git(project, "config", "gpg.program", "false")  # signing would fail
+    for who in ("AUTHOR", "COMMITTER"):
+        for what in ("NAME", "EMAIL"):
+            monkeypatch.delenv(f"GIT_{who}_{what}")
+    monkeypatch.setenv("EMAIL", "")
+
+    result = gc_json(capsys, "--older-than", "0s")
+
+    assert [r["task_id"] for r in result["removed"]] == [task_id], result
+    ref = result["removed"][0]["snapshot"]
+    assert git_out(project, "show", f"{ref}:work.txt") == "x\n"

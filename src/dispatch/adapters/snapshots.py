@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 WIP_PREFIX = "refs/dispatch/wip/"
 # Used only where the user has no identity configured: a snapshot must not fail for that.
 _IDENTITY = {"name": "dispatch", "email": "dispatch@localhost"}
+# A snapshot is made from cron too: never wait for a signing key's passphrase.
+_COMMIT_TREE = ("commit-tree", "--no-gpg-sign")
 
 
 @dataclass(frozen=True)
@@ -134,11 +136,10 @@ class Snapshots:
             parents = ["-p", head]
             staged = self._index_tree(repo, Path(tmp) / "staged")
             if staged is not None and staged != _git(repo, "rev-parse", f"{head}^{{tree}}"):
-                index = _git(
-                    repo, "commit-tree", "-p", head, "-m", f"index of {message}", staged, env=env
-                )
+                note = f"index of {message}"
+                index = _git(repo, *_COMMIT_TREE, "-p", head, "-m", note, staged, env=env)
                 parents += ["-p", index]
-            commit = _git(repo, "commit-tree", *parents, "-m", message, tree, env=env)
+            commit = _git(repo, *_COMMIT_TREE, *parents, "-m", message, tree, env=env)
             _git(repo, "update-ref", "--create-reflog", "-m", message, ref, commit)
             return Snapshot(ref, commit, head)
 

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import NamedTuple
 
-from dispatch.lifecycle import Status
+from dispatch.lifecycle import AttemptState, Status
 from dispatch.store.direct import Tx, in_clause, json_value, records
 from dispatch.store.statements import EventRow
 
@@ -74,6 +74,7 @@ def live_worktrees(tx: Tx) -> dict[str, int]:
     """Worktree path -> task id of every attempt not ended: never to be collected."""
     sql = (
         "SELECT a.worktree, a.task_id FROM attempts a"
-        " WHERE a.state != 'ended' AND a.worktree IS NOT NULL"
+        " WHERE a.state != :ended AND a.worktree IS NOT NULL"
     )
-    return {str(path): int(task_id) for path, task_id in tx.rows(sql)}
+    rows = tx.rows(sql, {"ended": AttemptState.ENDED.value})
+    return {str(path): int(task_id) for path, task_id in rows}

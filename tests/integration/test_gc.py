@@ -656,3 +656,25 @@ def test_a_gc_killed_at_any_moment_then_run_again_loses_nothing(
         assert files(path) == {k: v for k, v in before_files.items() if k != "build.log"}
         assert status(path) == before_status, delay
         execute(env, "UPDATE tasks SET updated_at = ? WHERE id = ?", hours_ago(0), task_id)
+
+
+def test_read_only_directories_are_deleted_too(
+    make_app: Any, env: Env, project: Path, capsys: Any
+) -> None:
+    # Go and some package managers leave their caches read-only. (As root the mode
+    # bits do not bind; the symlink out of the worktree must be left alone either way.)
+    task_id = finished(make_app, env, project, "mkdir -p cache/mod && echo x > cache/mod/f")
+    path = worktree_of(env, task_id)
+    (path / "cache" / "mod").chmod(0o555)
+    (path / "cache").chmod(0o555)
+    outside = env.root / "precious.txt"
+    outside.write_text("mine\n")
+    outside.chmod(0o400)
+    (path / "link").symlink_to(outside)
+
+    code, out, err = run_cli(capsys, "gc", "--older-than", "0s", "--json")
+
+    assert code == 0 and "warning" not in err
+    assert json.loads(out)["removed"][0]["task_id"] == task_id
+    assert not path.exists() and not list(path.parent.glob(".gc-trash-*"))
+    assert stat.S_IMODE(outside.stat().st_mode) == 0o400 and outside.read_text() == "mine\n"

@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import stat
+import sys
 import uuid
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -144,10 +146,11 @@ def _finish_trash(root: Path, report: GcReport) -> None:
 
 
 def _delete(path: Path, report: GcReport) -> None:
-    """rmtree, where a concurrent gc finishing the same leftover is no error."""
+    """rmtree, also of read-only directories (module caches make them); a concurrent gc
+    finishing the same leftover is no error."""
     for _ in range(3):
         try:
-            shutil.rmtree(path)
+            _rmtree(path)
             return
         except FileNotFoundError:
             if not os.path.lexists(path):
@@ -155,6 +158,21 @@ def _delete(path: Path, report: GcReport) -> None:
         except OSError as exc:
             report.problems.append(f"cannot delete {path}: {exc}; the next gc tries again")
             return
+
+
+def _rmtree(path: Path) -> None:
+    def writable_then_retry(function: Callable[[str], object], name: str, _exc: object) -> None:
+        # The directory holding the entry, and the entry when it is an unreadable
+        # directory: never through a symlink, which could point anywhere.
+        for target in (os.path.dirname(name), name):
+            if os.path.isdir(target) and not os.path.islink(target):
+                os.chmod(target, os.stat(target).st_mode | stat.S_IRWXU)
+        function(name)
+
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=writable_then_retry)
+    else:  # onerror is deprecated from 3.12 on
+        shutil.rmtree(path, onerror=writable_then_retry)
 
 
 @dataclass

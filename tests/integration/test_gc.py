@@ -678,3 +678,37 @@ def test_read_only_directories_are_deleted_too(
     assert json.loads(out)["removed"][0]["task_id"] == task_id
     assert not path.exists() and not list(path.parent.glob(".gc-trash-*"))
     assert stat.S_IMODE(outside.stat().st_mode) == 0o400 and outside.read_text() == "mine\n"
+
+
+@pytest.mark.parametrize(
+    "trigger,when",
+    [
+        ("worktree add", "after"),  # the worktree made, no snapshot applied yet
+        ("read-tree --reset -u", "after"),  # files applied, the index not yet put back
+        ("update-index", "before"),  # all applied, the event not yet written
+    ],
+)
+def test_a_restore_killed_at_each_step_is_finished_by_the_next(
+    make_app: Any, env: Env, project: Path, tmp_path: Path, cli: Any, trigger: str, when: str
+) -> None:
+    task_id = finished(make_app, env, project, DIRTY)
+    path = worktree_of(env, task_id)
+    before_files, before_status = files(path), status(path)
+    assert cli("gc", "--older-than", "0s").code == 0
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "git").write_text(SHIM.format(trigger=trigger, when=when, real=shutil.which("git")))
+    (shim / "git").chmod(0o755)
+
+    killed = cli("restore", str(task_id), extra_env={"PATH": f"{shim}:{os.environ['PATH']}"})
+    assert killed.code == -9, (killed.stdout, killed.stderr)
+    assert events(env, task_id, "restored") == []
+
+    again = cli("restore", str(task_id))
+
+    assert again.code == 0, again.stderr
+    assert files(path) == {k: v for k, v in before_files.items() if k != "build.log"}
+    assert status(path) == before_status
+    assert len(events(env, task_id, "restored")) == 1
+    # What the half-restored worktree held was saved before the snapshot went on again.
+    assert ("-unrestored " in refs(project)) == (trigger != "worktree add")

@@ -108,6 +108,12 @@ class Snapshots:
         with _open(worktree) as repo:
             return (Path(repo.git_dir) / "locked").exists()
 
+    def clear_stale_index_lock(self, worktree: Path) -> None:
+        """Remove the `index.lock` a git killed mid-write left behind; the caller makes
+        sure no git is at work in this worktree (it holds the task's guard)."""
+        with _open(worktree) as repo:
+            (Path(repo.git_dir) / "index.lock").unlink(missing_ok=True)
+
     def main_worktree(self, path: Path) -> Path | None:
         """The repository a worktree directory belongs to (its main work tree), or None
         when the directory is not itself the top of a git worktree."""

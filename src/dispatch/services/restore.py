@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from dispatch.adapters.snapshots import Snapshots
+from dispatch.adapters.snapshots import WIP_PREFIX, Snapshots
 from dispatch.app import App
 from dispatch.errors import Conflict, DispatchError
 from dispatch.lifecycle import Status
@@ -67,14 +67,15 @@ def _restore(app: App, task: TaskRow, attempt_id: int | None = None) -> Restored
     detail = last.detail if last is not None and collected else {}
     commit, ref = detail.get("commit"), detail.get("ref")
     if registered and path.is_dir():
-        # A restore that was killed after making the worktree: apply the snapshot onto
-        # it, unless someone has changed it since (then it is theirs to sort out).
-        if commit and snapshots.is_dirty(path):
-            raise Conflict(
-                f"worktree {path} exists with changes, and the snapshot {ref} ({commit}) "
-                "was never applied to it",
-                hint=f"apply it yourself: git -C {path} read-tree --reset -u {commit}",
-            )
+        # A restore killed after making the worktree, maybe half way through applying
+        # the snapshot: apply it again. Whatever the worktree holds now is saved first,
+        # under a ref of its own, in case someone worked in it meanwhile.
+        if commit:
+            snapshots.clear_stale_index_lock(path)
+            if snapshots.is_dirty(path):
+                message = f"dispatch restore: task {task.id}, before re-applying {commit}"
+                side = f"{ref or f'{WIP_PREFIX}{task.id}'}-unrestored"
+                snapshots.save(path, side, message)
     else:
         if path.exists():
             raise Conflict(

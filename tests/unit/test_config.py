@@ -253,6 +253,8 @@ BAD_CONFIGS = [
     ('\nstale_after = "10x"\n', "stale_after", 2, "not a duration"),
     ('gc_after = "7x"\n', "gc_after", 1, "not a duration"),
     ("gc_after = -1\n", "gc_after", 1, "a duration such as 7d"),
+    ("gc_after = 1e9\n", "gc_after", 1, "at most"),
+    ('gc_after = "9999d"\n', "gc_after", 1, "at most"),
     ("database = 5\n", "database", 1, "expected a database URL"),
     ("# tmux\n[tmux]\nsocket = 3\n", "tmux.socket", 3, "expected a name"),
     ('[tmux]\nsession = "a:b"\n', "tmux.session", 2, "expected a name"),
@@ -273,6 +275,14 @@ BAD_CONFIGS = [
     ("[agents]\nmy = 3\n", "agents.my", 2, "expected a table"),
     ("agents.my.command = 3\n", "agents.my.command", 1, "non-empty list of strings"),
     ('default_agent = "nope"\n', "default_agent", 1, "no agent profile named 'nope'"),
+    # numbers no clock or wait can use: every run would fail, or wait for ever
+    ("lease_seconds = 1e308\n", "lease_seconds", 1, "at most 3.16224e+07"),
+    ("\nspawn_timeout = nan\n", "spawn_timeout", 2, "got nan"),
+    ("spawn_timeout = inf\n", "spawn_timeout", 1, "got inf"),
+    ("heartbeat_interval = -inf\n", "heartbeat_interval", 1, "got -inf"),
+    ("stale_after = inf\n", "stale_after", 1, "got inf"),
+    ('stale_after = "9999d"\n', "stale_after", 1, "at most"),
+    ("max_running = 99999999999\n", "max_running", 1, "at most"),
 ]
 
 

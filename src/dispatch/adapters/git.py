@@ -10,10 +10,13 @@ run the command against the wrong repository.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import threading
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,6 +24,7 @@ from typing import TYPE_CHECKING
 from dispatch.errors import EnvironmentProblem, ToolFailed
 
 if TYPE_CHECKING:
+    from filelock import BaseFileLock
     from git import Git, GitCommandNotFound
 
 _import_lock = threading.Lock()
@@ -34,6 +38,15 @@ _UNUSABLE_REPO = {
     "fatal: this operation must be run in a work tree": "is a git repository without a work tree",
     "fatal: detected dubious ownership": "is a git repository owned by another user",
 }
+
+
+# How often, and how far apart, a listing that met a half-made worktree is tried again.
+_LIST_RETRIES = 50
+_LIST_RETRY_SECONDS = 0.1
+
+
+def _half_added(stderr: str) -> bool:
+    return "fatal: failed to read" in stderr and "worktrees/" in stderr
 
 
 def _load_gitpython() -> tuple[type[Git], type[GitCommandNotFound]]:
@@ -91,6 +104,9 @@ class GitWorktrees:
     def __init__(self, lock_dir: Path) -> None:
         self.lock_dir = lock_dir
         self.calls: list[list[str]] = []
+        self._locks: dict[Path, BaseFileLock] = {}
+        self._lock_paths: dict[str, Path] = {}
+        self._guard = threading.Lock()
 
     def _run(self, repo: Path | None, *args: str, check: bool = True) -> _Result:
         """Run git (in repo when given); the one place that maps failures to domain errors."""
@@ -147,8 +163,9 @@ class GitWorktrees:
         return result.returncode == 0
 
     def _entries(self, repo: Path) -> list[_Entry]:
+        with self._locked(repo):
+            out = self._listing(repo)
         # -z keeps paths with newlines intact; records end with an empty field.
-        out = self._run(repo, "worktree", "list", "--porcelain", "-z").stdout
         entries: list[_Entry] = []
         fields: dict[str, str] = {}
         for field in out.split("\0"):
@@ -168,6 +185,37 @@ class GitWorktrees:
             fields = {}
         return entries
 
+    def _listing(self, repo: Path) -> str:
+        """`git worktree list`, which git 2.39 fails while another process is half way
+        through `git worktree add` on the repository ("failed to read .git/worktrees/
+        NAME/commondir"): our own adds hold the lock, a user's may not, so retry that."""
+        for _ in range(_LIST_RETRIES):
+            listed = self._run(repo, "worktree", "list", "--porcelain", "-z", check=False)
+            if listed.returncode == 0 or not _half_added(listed.stderr):
+                break
+            time.sleep(_LIST_RETRY_SECONDS)
+        if listed.returncode != 0:
+            raise ToolFailed(listed.argv, listed.returncode, listed.stderr)
+        return listed.stdout
+
+    @contextlib.contextmanager
+    def _locked(self, repo: Path) -> Iterator[None]:
+        """The per-repository lock every change to, and every look at, its worktrees takes.
+
+        Reentrant in a thread (one lock object per repository), so a removal may look at
+        the list while it holds the lock. flock is released when its holder dies, so
+        waiting without a timeout only waits for a live git; Ctrl-C still interrupts."""
+        from filelock import FileLock
+
+        path = self._lock_path(repo)
+        with self._guard:
+            lock = self._locks.get(path)
+            if lock is None:
+                self.lock_dir.mkdir(parents=True, exist_ok=True)
+                lock = self._locks[path] = FileLock(str(path))
+        with lock:
+            yield
+
     def _entry(self, repo: Path, path: Path) -> tuple[int, _Entry] | None:
         for index, entry in enumerate(self._entries(repo)):
             if _same_path(entry.path, path):
@@ -185,11 +233,15 @@ class GitWorktrees:
     def _lock_path(self, repo: Path) -> Path:
         # Keyed on the common dir so that a repository reached through any of its
         # worktrees, or through a symlink, takes the same lock.
-        common = self._run(
-            repo, "rev-parse", "--path-format=absolute", "--git-common-dir"
-        ).stdout.strip()
-        digest = hashlib.sha256(os.path.realpath(common).encode()).hexdigest()[:20]
-        return self.lock_dir / f"git-worktree-{digest}.lock"
+        key = os.path.realpath(repo)
+        found = self._lock_paths.get(key)
+        if found is None:
+            common = self._run(
+                repo, "rev-parse", "--path-format=absolute", "--git-common-dir"
+            ).stdout.strip()
+            digest = hashlib.sha256(os.path.realpath(common).encode()).hexdigest()[:20]
+            found = self._lock_paths[key] = self.lock_dir / f"git-worktree-{digest}.lock"
+        return found
 
     def add(self, repo: Path, path: Path, branch: str, base: str, *, new_branch: bool) -> bool:
         """`git worktree add` under a per-repository lock; True only if it verifiably did it.
@@ -198,22 +250,16 @@ class GitWorktrees:
         `branch` is checked out and `base` is unused. A non-zero exit raises
         ToolFailed even though git may already have made the branch and worktree.
         """
-        from filelock import FileLock
-
         path = _absolute(path)
-        lock_path = self._lock_path(repo)
-        self.lock_dir.mkdir(parents=True, exist_ok=True)
-        path.parent.mkdir(parents=True, exist_ok=True)
         if new_branch:
             # --no-track: setting up tracking writes .git/config, which parallel adds race on.
             args = ["worktree", "add", "--no-track", "-b", branch, "--", str(path), base]
         else:
             args = ["worktree", "add", "--", str(path), branch]
-        # flock is released when its holder dies, so waiting without a timeout can
-        # only wait for a live git; the wait stays interruptible by Ctrl-C.
-        with FileLock(str(lock_path)):
+        with self._locked(repo):
+            path.parent.mkdir(parents=True, exist_ok=True)
             self._run(repo, *args)
-        found = self._entry(repo, path)
+            found = self._entry(repo, path)
         return found is not None and found[1].branch == f"refs/heads/{branch}"
 
     def remove(self, repo: Path, path: Path) -> None:
@@ -222,7 +268,10 @@ class GitWorktrees:
         Callers decide whether the work in it may be discarded; a path that is not
         a registered worktree is left alone, whatever it holds.
         """
-        path = _absolute(path)
+        with self._locked(repo):
+            self._remove(repo, _absolute(path))
+
+    def _remove(self, repo: Path, path: Path) -> None:
         found = self._entry(repo, path)
         if found is None:
             return

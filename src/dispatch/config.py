@@ -73,6 +73,7 @@ class Settings:
     spawn_timeout: float = 10.0
     heartbeat_interval: float = 15.0
     stale_after: float = 600.0
+    gc_after: float = 7 * 86400.0
     tmux_socket: str = ""
     # Reads (list, show, run --next, the monitor) write nothing, not even a reap.
     no_reap: bool = False
@@ -226,6 +227,7 @@ _SCALARS: dict[str, tuple[type | tuple[type, ...], str]] = {
     "spawn_timeout": ((int, float), "a number of seconds > 0"),
     "heartbeat_interval": ((int, float), "a number of seconds > 0"),
     "stale_after": ((str, int, float), "a duration such as 10m"),
+    "gc_after": ((str, int, float), "a duration such as 7d"),
 }
 
 
@@ -278,6 +280,7 @@ def _from_mapping(raw: Mapping[str, Any], text: str, path: Path, home: Path) -> 
         spawn_timeout=float(values.get("spawn_timeout", 10)),
         heartbeat_interval=float(values.get("heartbeat_interval", 15)),
         stale_after=float(values.get("stale_after", 600)),
+        gc_after=float(values.get("gc_after", 7 * 86400)),
         tmux_socket=tmux.get("socket", ""),
         tmux_session=tmux.get("session", "dispatch"),
         agents=agents,
@@ -290,20 +293,24 @@ _MAX_SECONDS = 366 * 86400.0
 _MAX_COUNT = 2**31 - 1
 
 
+# Keys given as durations (`10m`, `7d`) or as a number of seconds.
+_DURATIONS = ("stale_after", "gc_after")
+
+
 def _scalar(key: str, value: Any, fail: Fail) -> Any:
     kinds, expected = _SCALARS[key]
-    seconds = key in ("lease_seconds", "spawn_timeout", "heartbeat_interval", "stale_after")
+    seconds = key in ("lease_seconds", "spawn_timeout", "heartbeat_interval", *_DURATIONS)
     if isinstance(value, bool) or not isinstance(value, kinds):
         raise fail((key,), f"expected {expected}, got {value!r}")
     number: Any = value
     if isinstance(value, int | float):
         limit = _MAX_SECONDS if seconds else _MAX_COUNT
-        positive = seconds and key != "stale_after"
+        positive = seconds and key not in _DURATIONS
         if not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
             raise fail((key,), f"expected {expected}, got {value!r}")
         if value > limit:
             raise fail((key,), f"expected {expected}, at most {limit:g}; got {value!r}")
-    if key == "stale_after":
+    if key in _DURATIONS:
         try:
             number = parse_duration(number)
         except ValueError as exc:

@@ -27,6 +27,8 @@ COMMANDS = [
     ["close"],
     ["reopen"],
     ["sweep"],
+    ["gc"],
+    ["restore"],
     ["attach"],
     ["logs"],
     ["events"],

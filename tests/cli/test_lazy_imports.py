@@ -154,3 +154,18 @@ def test_run_dispatches_without_sqlalchemy(
     assert (result["task"]["status"], result["attempt"]["state"]) == ("in-progress", "running")
     assert Path(result["attempt"]["worktree"]).is_dir()  # it did make the worktree
     assert not names & HEAVY, sorted(names & HEAVY)
+
+
+def test_gc_reads_repositories_with_gitpython_and_only_when_there_is_a_worktree(
+    env: Env, cli: Callable[..., Result], repo: Path
+) -> None:
+    code, names, stdout = _run("gc", "--dry-run", "--json", cwd=env.root)
+    assert code == 0 and json.loads(stdout)["removed"] == []
+    assert "git" not in names and "libtmux" not in names  # nothing to look at
+
+    assert cli("add", "quick", "--agent", "shell", "--prompt", "true", cwd=repo).code == 0
+    assert cli("run", "1").code == 0
+    wait_for(lambda: cli("show", "1", "--json").json()["status"] == "done", "the task to end")
+    code, names, stdout = _run("gc", "--dry-run", "--older-than", "0s", "--json", cwd=env.root)
+    assert code == 0 and [r["task_id"] for r in json.loads(stdout)["removed"]] == [1]
+    assert "git" in names and "libtmux" not in names

@@ -50,7 +50,8 @@ def _half_added(stderr: str) -> bool:
 
 
 def gitpython() -> Any:
-    """The `git` (GitPython) module, imported such that a missing binary is our error."""
+    """The `git` (GitPython) module, imported such that a missing binary is our error
+    (once: Python keeps the module, and with it GitPython's one `git version`)."""
     previous = os.environ.get("GIT_PYTHON_REFRESH")
     # GitPython probes the git binary at import time and, unless told to be quiet,
     # raises ImportError when it is missing; the callers report that plainly instead.

@@ -32,6 +32,8 @@ Commands:
   logs        Print an attempt's pane log, also after its window is gone.
   attach      Switch to (inside tmux) or attach to the task's window.
   sweep       Reap tasks left in-progress without a live agent.
+  gc          Reclaim finished tasks' worktrees, saving their work first.
+  restore     Bring back a collected worktree, uncommitted work too.
   doctor      Check that everything dispatch needs works.
   db          Database migrations.
 """

@@ -91,6 +91,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "logs": ("dispatching", "logs"),
     "attach": ("dispatching", "attach"),
     "sweep": ("sweep", "sweep"),
+    "gc": ("gc", "gc"),
+    "restore": ("gc", "restore"),
     "doctor": ("db", "doctor"),
     "db": ("db", "db_app"),
     "agent-exec": ("dispatching", "agent_exec"),

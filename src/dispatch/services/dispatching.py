@@ -216,6 +216,21 @@ def _write_intent(d: Dispatch, columns: dict[str, Any] | None = None, **intent: 
 
 def make_worktree(d: Dispatch) -> bool:
     """Create (or, for a redispatch, reuse) the task's branch and worktree."""
+    assert d.task
+    if d.task.worktree is None:
+        return _make_worktree(d)  # a first dispatch: there is nothing gc could have taken
+    # `dispatch gc` may be collecting this worktree right now, or may have: under its
+    # guard, bring back what it collected first, so the agent finds its work.
+    from dispatch.services.guards import task_guard
+    from dispatch.services.restore import restore_collected
+
+    with task_guard(d.app, d.task.id):
+        if restore_collected(d.app, d.task, d.attempt_id):
+            d.warnings.append(f"worktree {d.task.worktree} had been collected; restored it")
+        return _make_worktree(d)
+
+
+def _make_worktree(d: Dispatch) -> bool:
     assert d.task and d.worktree and d.branch
     git, repo = d.app.worktrees, Path(d.task.repo)
     branch_existed = git.branch_exists(repo, d.branch)

@@ -120,9 +120,7 @@ def test_ids_too_large_for_any_database_are_unknown(
     assert missing in _one_line(done)
 
 
-def test_bad_task_inputs_are_refused_and_nothing_is_added(
-    run: Cli, repo: Path, env: Env
-) -> None:
+def test_bad_task_inputs_are_refused_and_nothing_is_added(run: Cli, repo: Path, env: Env) -> None:
     prompt = env.root / "nul.md"
     prompt.write_bytes(b"first half\0second half")
     file = repo / "README.md"

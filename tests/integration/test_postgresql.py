@@ -27,7 +27,7 @@ from dispatch.cli.output import task_json
 from dispatch.services.dispatching import Dispatch, claim
 from dispatch.services.tasks import add_task
 from dispatch.store import statements as st
-from dispatch.store.direct import ThroughDatabase
+from dispatch.store.direct import ThroughDatabase, Tx
 from dispatch.store.models import Base, Task
 from dispatch.store.revisions import HEAD_REVISION
 from tests.conftest import Env, Result, windows
@@ -270,3 +270,39 @@ def test_gc_and_restore_on_postgresql(
     assert (worktree / "README.md").read_text() == "hello\nmore\n"
     kinds = [e["kind"] for e in cli("events", "--task", "1", "--json").json()]
     assert kinds[-2:] == ["gc", "restored"]
+
+
+def test_two_writers_that_deadlock_both_land(
+    pg: str, make_app: Callable[..., App], repo: Path
+) -> None:
+    """Rows locked in opposite orders (the dispatcher's record, a quick agent's exit):
+    PostgreSQL aborts one writer with a deadlock, and its transaction is run again."""
+    import threading
+
+    app = make_app()
+    first, second = (add_task(app, name, repo=repo).id for name in ("first", "second"))
+    both_hold_one = threading.Barrier(2, timeout=10)
+    tries: list[str] = []
+
+    def writer(name: str, order: tuple[int, int]) -> None:
+        def work(tx: Tx) -> None:
+            tries.append(name)
+            tx.change("UPDATE tasks SET priority = priority + 1 WHERE id = :id", {"id": order[0]})
+            if tries.count(name) == 1:
+                both_hold_one.wait()  # each holds one row and now asks for the other's
+            tx.change("UPDATE tasks SET priority = priority + 1 WHERE id = :id", {"id": order[1]})
+
+        make_app().direct.write(work)
+
+    threads = [
+        threading.Thread(target=writer, args=("a", (first, second))),
+        threading.Thread(target=writer, args=("b", (second, first))),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+
+    assert len(tries) == 3  # one of the two ran again after the deadlock
+    priorities = app.direct.read(lambda tx: [st.get_task(tx, t).priority for t in (first, second)])
+    assert priorities == [2, 2]  # both writers' changes, each once

@@ -45,8 +45,19 @@ WRITE_PATIENCE_SECONDS = 30.0
 _SQLITE_TIME = "%Y-%m-%d %H:%M:%S.%f"
 
 
+# PostgreSQL's "try the transaction again" codes: a deadlock between two writers that
+# lock the same rows in another order (the dispatcher's record and a quick agent's exit),
+# and a serialisation failure. The whole transaction is what is retried.
+_RETRY_SQLSTATES = frozenset({"40P01", "40001"})
+
+
 def is_locked(exc: BaseException) -> bool:
-    message = str(getattr(exc, "orig", exc)).lower()
+    """Whether the write lost a race it may simply run again (SQLite busy, PostgreSQL
+    deadlock or serialisation failure)."""
+    orig = getattr(exc, "orig", exc)
+    if getattr(orig, "sqlstate", None) in _RETRY_SQLSTATES:
+        return True
+    message = str(orig).lower()
     return "database is locked" in message or "database is busy" in message
 
 

@@ -252,6 +252,18 @@ class GitWorktrees:
         """Whether path is registered as a worktree of repo."""
         return self._entry(repo, _absolute(path)) is not None
 
+    def branch_holder(self, repo: Path, branch: str) -> Path | None:
+        """The worktree that has branch checked out (git lets only one), or None."""
+        for entry in self._entries(repo):
+            if entry.branch == f"refs/heads/{branch}":
+                return Path(entry.path)
+        return None
+
+    def branch_tip(self, repo: Path, branch: str) -> str:
+        """The commit id the local branch points at."""
+        verify = ["rev-parse", "--verify", "--end-of-options"]
+        return self._run(repo, *verify, f"refs/heads/{branch}^{{commit}}").stdout.strip()
+
     def _lock_path(self, repo: Path) -> Path:
         # Keyed on the common dir so that a repository reached through any of its
         # worktrees, or through a symlink, takes the same lock.

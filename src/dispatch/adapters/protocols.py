@@ -81,6 +81,14 @@ class Worktrees(Protocol):
         """Whether path is registered as a worktree of repo."""
         ...
 
+    def branch_holder(self, repo: Path, branch: str) -> Path | None:
+        """The worktree that has branch checked out, or None."""
+        ...
+
+    def branch_tip(self, repo: Path, branch: str) -> str:
+        """The commit id the local branch points at."""
+        ...
+
     def add(self, repo: Path, path: Path, branch: str, base: str, *, new_branch: bool) -> bool:
         """`git worktree add` (per-repository lock, --no-track); True when it did the work."""
         ...

@@ -241,23 +241,33 @@ def _make_worktree(d: Dispatch) -> bool:
         git.remove(repo, d.worktree)
         registered = False
     worktree_existed = registered or d.worktree.exists()
+    start, moved = d.task.base_ref, None
+    if not worktree_existed:
+        moved = _branch_for_this_host(d, git, repo, branch_existed=branch_existed)
+    if moved is not None:
+        start = moved["commit"]
+        branch_existed = git.branch_exists(repo, d.branch)
     _write_intent(
         d,
+        {"branch": d.branch} if moved is not None else None,
         repo=str(repo),
-        base=d.task.base_ref,
+        # What the branch started from: an undo keeps it only for commits made since.
+        base=start,
         branch=d.branch,
         branch_existed=branch_existed,
         worktree=str(d.worktree),
         worktree_existed=worktree_existed,
     )
+    if moved is not None:
+        _record_branched(d, moved)
     if worktree_existed:
         if not git.is_worktree(repo, d.worktree):
             raise DispatchError(f"{d.worktree} exists and is not a worktree of {repo}")
-        _check_on_branch(git, d.worktree, d.branch, exists=branch_existed)
+        _check_on_branch(git, repo, d.worktree, d.branch, exists=branch_existed)
         if git.has_changes(d.worktree):
             d.warnings.append(f"worktree {d.worktree} has uncommitted changes; they are kept")
         return True
-    if not git.add(repo, d.worktree, d.branch, d.task.base_ref, new_branch=not branch_existed):
+    if not git.add(repo, d.worktree, d.branch, start, new_branch=not branch_existed):
         return False
     # Trust what is there, not what the adapter said: a spawn into a missing directory
     # would otherwise fail later, or worse, start the agent somewhere else.
@@ -266,7 +276,73 @@ def _make_worktree(d: Dispatch) -> bool:
     return True
 
 
-def _check_on_branch(git: Worktrees, worktree: Path, branch: str, *, exists: bool) -> None:
+def _previous_host(d: Dispatch) -> str | None:
+    """The host of the task's attempt before this one (None on a first dispatch)."""
+    assert d.task and d.attempt_id is not None
+    task_id, attempt_id = d.task.id, d.attempt_id
+
+    def work(tx: Tx) -> str | None:
+        earlier = [a for a in st.attempts_of(tx, task_id) if a.id < attempt_id]
+        return earlier[-1].host if earlier else None
+
+    return d.app.direct.read(work)
+
+
+def _branch_for_this_host(
+    d: Dispatch, git: Worktrees, repo: Path, *, branch_existed: bool
+) -> dict[str, Any] | None:
+    """SPEC §10: the branch a task moved from another host works on here, or None when
+    the task's branch can simply be checked out (or made) as on its own host.
+
+    The other host's worktree is never touched: it is that host's to keep or collect.
+    Where the branch is checked out there (a shared repository), this attempt works on
+    a new branch from its tip; where this host's repository lacks it (a clone of its
+    own), the branch starts from `base_ref` here.
+    """
+    assert d.task and d.branch and d.worktree
+    if d.task.branch is None:
+        return None  # a first dispatch: nothing ran anywhere else
+    previous = _previous_host(d)
+    if previous is None or previous == d.app.settings.host:
+        return None
+    held = git.branch_holder(repo, d.branch) if branch_existed else None
+    if not branch_existed:
+        reason = f"branch {d.branch} is not in this host's repository {repo}"
+        start, commit = d.task.base_ref, d.task.base_ref
+    elif held is None:
+        return None  # the branch is free: this host checks it out, as its own host would
+    else:
+        reason = f"branch {d.branch} is checked out at {held} (host {previous})"
+        start, commit = d.branch, git.branch_tip(repo, d.branch)
+        d.branch = f"{branch_name(d.task.id, d.task.title)}-{_attempt(d).number}"
+        holder = git.branch_holder(repo, d.branch)
+        if holder is not None:
+            raise DispatchError(
+                f"{reason}, and its successor {d.branch} is checked out at {holder}"
+            )
+    d.warnings.append(f"{reason}; working on {d.branch} from {start}")
+    return {
+        "reason": reason,
+        "branch": d.branch,
+        "started_from": start,
+        "commit": commit,
+        "from_host": previous,
+        "host": d.app.settings.host,
+    }
+
+
+def _record_branched(d: Dispatch, moved: dict[str, Any]) -> None:
+    """The event that says which branch the task now works on, and why."""
+    assert d.task and d.attempt_id is not None
+    task_id, attempt_id = d.task.id, d.attempt_id
+    d.app.direct.write(
+        lambda tx: st.record_event(tx, "branched", task_id=task_id, attempt_id=attempt_id, **moved)
+    )
+
+
+def _check_on_branch(
+    git: Worktrees, repo: Path, worktree: Path, branch: str, *, exists: bool
+) -> None:
     """A reused worktree must be on the task's branch: on a detached HEAD, or on a branch
     that was deleted, the agent's commits would belong to no branch (and `completion =
     "commits"` could never be met). Refused, not repaired: which commit is right is the
@@ -274,6 +350,15 @@ def _check_on_branch(git: Worktrees, worktree: Path, branch: str, *, exists: boo
     head = git.head_ref(worktree)
     if exists and head == branch:
         return
+    holder = git.branch_holder(repo, branch) if exists else None
+    if holder is not None:
+        # Another host's worktree of a shared repository, most likely: this one cannot
+        # take the branch; without it, the attempt starts a new branch from its tip.
+        raise DispatchError(
+            f"worktree {worktree}: it is on {head}, and the task's branch {branch} is "
+            f"checked out at {holder} (`git worktree remove {worktree}` once its work is "
+            "safe, then redispatch: a new branch starts from that branch's tip)"
+        )
     if not exists:
         state = f"its branch {branch} was deleted"
         fix = f"`git -C {worktree} switch -c {branch}`"

@@ -18,6 +18,8 @@ from libtmux.exc import LibTmuxException
 
 from dispatch.app import App
 from dispatch.config import load_settings
+from tests.postgres import Server as PostgresServer
+from tests.postgres import start_server
 
 # Resolved once: a test may put a failing `tmux` shim first on PATH, teardown must not use it.
 TMUX = shutil.which("tmux") or "tmux"
@@ -170,3 +172,21 @@ def windows(env: Env) -> list[str]:
         return [str(w.window_name) for w in env.tmux_server.windows]
     except LibTmuxException:  # the server went away between the two calls
         return []
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PostgresServer]:
+    """One private PostgreSQL server for the whole run, started when first asked for."""
+    running = start_server()
+    if isinstance(running, str):
+        pytest.skip(running)
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def pg(pg_server: PostgresServer, env: Env, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh database on the server; this test's dispatch uses it."""
+    url = pg_server.create_database()
+    monkeypatch.setenv("DISPATCH_DB", url)
+    return url

@@ -8,16 +8,10 @@ database per test. Where PostgreSQL or psycopg is not installed, these tests ski
 from __future__ import annotations
 
 import json
-import os
-import pwd
-import shutil
 import subprocess
 import sys
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-from uuid import uuid4
 
 import pytest
 from sqlalchemy import inspect, text
@@ -41,81 +35,6 @@ from tests.integration.store_world import (
 )
 
 pytest.importorskip("psycopg", reason="psycopg is not installed")
-
-
-def _server_binaries() -> Path | None:
-    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), reverse=True)
-    found = versions[0] if versions else shutil.which("initdb")
-    return Path(found).parent if found else None
-
-
-class Server:
-    """A throwaway PostgreSQL cluster; PostgreSQL refuses to run as root, so as root it
-    runs as the `postgres` user."""
-
-    def __init__(self, binaries: Path) -> None:
-        self.binaries = binaries
-        self.root = Path(tempfile.mkdtemp(prefix="dispatch-pg-"))
-        self.socket_dir = self.root / "socket"
-        self.socket_dir.mkdir()
-        self.owner: pwd.struct_passwd | None = None
-        if os.getuid() == 0:
-            self.owner = pwd.getpwnam("postgres")
-            for path in (self.root, self.socket_dir):
-                os.chown(path, self.owner.pw_uid, self.owner.pw_gid)
-
-    def _run(self, *argv: str) -> None:
-        command = [str(self.binaries / argv[0]), *argv[1:]]
-        as_user: dict[str, Any] = {}
-        if self.owner is not None:
-            owner = self.owner
-            as_user = {"user": owner.pw_uid, "group": owner.pw_gid, "extra_groups": []}
-        done = subprocess.run(
-            command, capture_output=True, text=True, timeout=120, cwd=self.root, **as_user
-        )
-        assert done.returncode == 0, done.stderr or done.stdout
-
-    def start(self) -> None:
-        data = str(self.root / "data")
-        self._run("initdb", "-D", data, "-A", "trust", "-U", "postgres", "--no-sync")
-        options = f"-k {self.socket_dir} -c listen_addresses='' -c fsync=off"
-        self._run("pg_ctl", "-D", data, "-o", options, "-l", str(self.root / "log"), "-w", "start")
-
-    def stop(self) -> None:
-        self._run("pg_ctl", "-D", str(self.root / "data"), "-m", "immediate", "stop")
-        shutil.rmtree(self.root, ignore_errors=True)
-
-    def url(self, database: str) -> str:
-        return f"postgresql+psycopg://postgres@/{database}?host={self.socket_dir}"
-
-    def create_database(self) -> str:
-        name = f"dispatch_{uuid4().hex[:12]}"
-        self._run("createdb", "-h", str(self.socket_dir), "-U", "postgres", name)
-        return self.url(name)
-
-
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[Server]:
-    binaries = _server_binaries()
-    if binaries is None:
-        pytest.skip("PostgreSQL is not installed")
-    if os.getuid() == 0:
-        try:
-            pwd.getpwnam("postgres")
-        except KeyError:
-            pytest.skip("running as root without a `postgres` user to run the server")
-    running = Server(binaries)
-    running.start()
-    yield running
-    running.stop()
-
-
-@pytest.fixture
-def pg(pg_server: Server, env: Env, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A fresh database on the server; this test's dispatch uses it."""
-    url = pg_server.create_database()
-    monkeypatch.setenv("DISPATCH_DB", url)
-    return url
 
 
 def test_the_migrations_build_the_models_schema(pg: str, make_app: Callable[..., App]) -> None:

@@ -180,16 +180,20 @@ _MARK_AT_MOST = 20
 
 
 def _pick(tx: Tx, d: Dispatch, agents: Mapping[str, object]) -> TaskRow | None:
-    """The next ready task `--next` can start. Ones before it whose agent profile no
-    longer exists are passed over, with their `last_error` saying so: they must not
-    block the queue behind them."""
-    task = st.next_ready(tx, d.exclude)
-    if task is None or task.agent in agents:
-        return task  # the usual case: one statement
-    task = st.next_ready(tx, d.exclude, agents)
-    for task_id, agent in st.ready_without_profile(tx, agents, task, _MARK_AT_MOST):
-        st.update_task(tx, task_id, last_error=f"{st.SKIPPED_PROFILE} {agent!r}; skipped")
-    return task
+    """The next ready task `--next` can start on this host (SPEC §10). Ones before it
+    whose agent profile no longer exists are passed over, with their `last_error`
+    saying so; ones whose repository is not on this host are passed over silently (it
+    may be on another host): neither must block the queue behind them."""
+    absent: set[str] = set()
+    while True:
+        task = st.next_ready(tx, d.exclude, absent_repos=absent)
+        if task is not None and task.agent not in agents:
+            task = st.next_ready(tx, d.exclude, agents, absent)
+            for task_id, agent in st.ready_without_profile(tx, agents, task, _MARK_AT_MOST):
+                st.update_task(tx, task_id, last_error=f"{st.SKIPPED_PROFILE} {agent!r}; skipped")
+        if task is None or os.path.isdir(task.repo):
+            return task  # the usual case: one statement
+        absent.add(task.repo)  # one more statement per repository missing here
 
 
 def _running_conflict(tx: Tx, task: TaskRow) -> Conflict:

@@ -324,10 +324,14 @@ def latest_attempt(tx: Tx, task_id: int) -> AttemptRow | None:
 
 
 def next_ready(
-    tx: Tx, skip: Collection[int] = (), agents: Collection[str] | None = None
+    tx: Tx,
+    skip: Collection[int] = (),
+    agents: Collection[str] | None = None,
+    absent_repos: Collection[str] = (),
 ) -> TaskRow | None:
-    """The first ready task in claim order, other than those in `skip` and, when
-    `agents` is given, one whose agent profile is among them.
+    """The first ready task in claim order, other than those in `skip` or in a
+    repository of `absent_repos` and, when `agents` is given, one whose agent profile
+    is among them.
 
     On PostgreSQL the row is locked until the transaction ends, and rows other
     claimers hold are skipped before the limit applies: concurrent claimers, on any
@@ -339,6 +343,10 @@ def next_ready(
         clause, skipped = in_clause("skip", sorted(skip))
         where += f" AND id NOT {clause}"
         params.update(skipped)
+    if absent_repos:
+        clause, repos = in_clause("absent", sorted(absent_repos))
+        where += f" AND repo NOT {clause}"
+        params.update(repos)
     if agents is not None:
         clause, named = in_clause("agent", sorted(agents))
         where += f" AND agent {clause}" if agents else " AND 1 = 0"

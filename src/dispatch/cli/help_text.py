@@ -12,10 +12,13 @@ Usage: dispatch [OPTIONS] COMMAND [ARGS]...
   Run coding agents on tasks, each in its own git worktree and tmux window.
 
 Options:
-  --db URL_OR_PATH  Database URL or SQLite file (env DISPATCH_DB).
-  --config PATH     Config file (env DISPATCH_CONFIG).
-  --version         Show the version and exit.
-  -h, --help        Show this message and exit.
+  --db URL_OR_PATH      Database URL or SQLite file (env DISPATCH_DB).
+  --config PATH         Config file (env DISPATCH_CONFIG).
+  --version             Show the version and exit.
+  --install-completion  Install completion for the current shell.
+  --show-completion     Show completion for the current shell, to copy it or
+                        customize the installation.
+  -h, --help            Show this message and exit.
 
 Commands:
   add         Create a ready task and print its id.

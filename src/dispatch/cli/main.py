@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -37,7 +38,6 @@ class State:
 _SETTINGS = dict(
     name="dispatch",
     help="Run coding agents on tasks, each in its own git worktree and tmux window.",
-    add_completion=False,
     pretty_exceptions_enable=False,
     # Plain help: rich's help renderer (and the markdown parser it pulls in) would more
     # than double the start-up time of `dispatch --help`.
@@ -98,6 +98,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "agent-exec": ("dispatching", "agent_exec"),
 }
 _HIDDEN = {"agent-exec"}
+# How the shell asks `dispatch` for completions (click's `_<PROG>_COMPLETE`).
+COMPLETE_VAR = "_DISPATCH_COMPLETE"
+_COMPLETION_OPTIONS = {"--install-completion", "--show-completion"}
 # What typer returns, without a word, when a Ctrl-C interrupted the command.
 TYPER_INTERRUPTED = 130
 _GLOBAL_WITH_VALUE = {"--db", "--config"}
@@ -116,19 +119,28 @@ def _command_of(args: list[str]) -> str | None:
     return None
 
 
-def build(command: str | None = None) -> typer.Typer:
-    """The CLI with just `command` when it is known, else with every command (help, typos)."""
+def build(command: str | None = None, *, completing: bool = False) -> typer.Typer:
+    """The CLI with just `command` when it is known, else with every command (help, typos).
+
+    Shell completion (`--install-completion`, `--show-completion`, and the shell asking
+    through `_DISPATCH_COMPLETE`) gets the whole CLI with every command's parameters;
+    everything else is spared the cost of typer's completion machinery."""
     import importlib
 
-    cli = typer.Typer(**_SETTINGS)  # type: ignore[arg-type]
+    add_completion = completing or command not in COMMANDS
+    cli = typer.Typer(**{**_SETTINGS, "add_completion": add_completion})  # type: ignore[arg-type]
     cli.callback(invoke_without_command=True)(_global)
+    if completing and COMPLETE_VAR in os.environ:
+        for name, (module, attribute) in COMMANDS.items():
+            _register(
+                cli, name, getattr(importlib.import_module(f"dispatch.cli.{module}"), attribute)
+            )
+        return cli
     if command in COMMANDS:
         module, attribute = COMMANDS[command]
-        target = getattr(importlib.import_module(f"dispatch.cli.{module}"), attribute)
-        if isinstance(target, typer.Typer):
-            cli.add_typer(target, name=command)
-        else:
-            cli.command(command, hidden=command in _HIDDEN)(target)
+        _register(
+            cli, command, getattr(importlib.import_module(f"dispatch.cli.{module}"), attribute)
+        )
         return cli
     # No command, or an unknown one: only the list of commands is shown, so each is a
     # stand-in with its help and no parameters (typer would build every parameter).
@@ -137,6 +149,13 @@ def build(command: str | None = None) -> typer.Typer:
         summary = target.info.help if isinstance(target, typer.Typer) else target.__doc__
         cli.command(name, help=summary, hidden=name in _HIDDEN)(_stand_in)
     return cli
+
+
+def _register(cli: typer.Typer, name: str, target: Any) -> None:
+    if isinstance(target, typer.Typer):
+        cli.add_typer(target, name=name)
+    else:
+        cli.command(name, hidden=name in _HIDDEN)(target)
 
 
 def _stand_in() -> None:
@@ -157,7 +176,8 @@ def run(args: list[str]) -> int:
     Mode.json = "--json" in args
 
     def work() -> int:
-        cli = build(_command_of(args))
+        completing = COMPLETE_VAR in os.environ or bool(_COMPLETION_OPTIONS & set(args))
+        cli = build(_command_of(args), completing=completing)
         python_interrupts()
         try:
             result = cli(args=args, prog_name="dispatch", standalone_mode=False)

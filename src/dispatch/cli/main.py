@@ -4,35 +4,17 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import typer
 
 from dispatch import __version__
-from dispatch.cli.entry import funnel, python_interrupts
-from dispatch.cli.output import Mode
+from dispatch.cli.context import Invocation, invocation
+from dispatch.cli.funnel import funnel, python_interrupts
 from dispatch.errors import DispatchError, UsageError
 
 if TYPE_CHECKING:
-    from dispatch.app import App
-
-
-@dataclass
-class State:
-    """Global options, turned into an App on first use."""
-
-    db: str | None = None
-    config: str | None = None
-    app: App | None = field(default=None, repr=False)
-
-    def get_app(self) -> App:
-        if self.app is None:
-            from dispatch.app import App
-            from dispatch.config import load_settings
-
-            self.app = App(load_settings(config=self.config, db=self.db))
-        return self.app
+    pass
 
 
 _SETTINGS = dict(
@@ -64,14 +46,10 @@ def _global(
         False, "--version", callback=_version, is_eager=True, help="Show the version and exit."
     ),
 ) -> None:
-    global _current
-    ctx.obj = _current = State(db=db, config=config)
+    invocation(ctx).db, invocation(ctx).config = db, config
     if ctx.invoked_subcommand is None:  # no command: the usage says it all, as a usage error
         sys.stdout.write(ctx.get_help() + "\n")
         raise typer.Exit(2)
-
-
-_current: State | None = None
 
 
 # Command name -> (module, function), in help order. Only the command being run is
@@ -97,7 +75,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "db": ("db", "db_app"),
     "agent-exec": ("dispatching", "agent_exec"),
 }
-_HIDDEN = {"agent-exec"}
+HIDDEN = {"agent-exec"}
 # How the shell asks `dispatch` for completions (click's `_<PROG>_COMPLETE`).
 COMPLETE_VAR = "_DISPATCH_COMPLETE"
 _COMPLETION_OPTIONS = {"--install-completion", "--show-completion"}
@@ -147,7 +125,7 @@ def build(command: str | None = None, *, completing: bool = False) -> typer.Type
     for name, (module, attribute) in COMMANDS.items():
         target = getattr(importlib.import_module(f"dispatch.cli.{module}"), attribute)
         summary = target.info.help if isinstance(target, typer.Typer) else target.__doc__
-        cli.command(name, help=summary, hidden=name in _HIDDEN)(_stand_in)
+        cli.command(name, help=summary, hidden=name in HIDDEN)(_stand_in)
     return cli
 
 
@@ -155,32 +133,24 @@ def _register(cli: typer.Typer, name: str, target: Any) -> None:
     if isinstance(target, typer.Typer):
         cli.add_typer(target, name=name)
     else:
-        cli.command(name, hidden=name in _HIDDEN)(target)
+        cli.command(name, hidden=name in HIDDEN)(target)
 
 
 def _stand_in() -> None:
     """Never run: a command is registered for real when it is the one invoked."""
 
 
-def state(ctx: typer.Context) -> State:
-    root = ctx.find_root()
-    if not isinstance(root.obj, State):
-        root.obj = State()
-    return root.obj
-
-
 def run(args: list[str]) -> int:
     """Parse and run one command; errors leave through the funnel as one line and a code."""
-    global _current
-    _current = None
-    Mode.json = "--json" in args
+    # Known before parsing, so that a usage error is JSON too when JSON was asked for.
+    this = Invocation(json="--json" in args)
 
     def work() -> int:
         completing = COMPLETE_VAR in os.environ or bool(_COMPLETION_OPTIONS & set(args))
         cli = build(_command_of(args), completing=completing)
         python_interrupts()
         try:
-            result = cli(args=args, prog_name="dispatch", standalone_mode=False)
+            result = cli(args=args, prog_name="dispatch", standalone_mode=False, obj=this)
         except typer.Exit as exc:
             return exc.exit_code
         except typer.Abort:
@@ -194,10 +164,9 @@ def run(args: list[str]) -> int:
         return result if isinstance(result, int) else 0
 
     try:
-        return funnel(work)
+        return funnel(work, json=this.json)
     finally:
-        if _current is not None and _current.app is not None:
-            _current.app.close()
+        this.close()
 
 
 def _help_hint(exc: Exception) -> str | None:

@@ -19,12 +19,6 @@ if TYPE_CHECKING:
     from dispatch.store.statements import AttemptRow, EventRow, TaskRow, TaskSummary
 
 
-class Mode:
-    """Whether this invocation asked for JSON; the error funnel reads it too."""
-
-    json = False
-
-
 def _iso(value: datetime | str | None) -> str | None:
     """A timestamp as JSON gives it; `list`'s summaries hold that text already."""
     if value is None or isinstance(value, str):
@@ -106,8 +100,9 @@ def notice(text: str) -> None:
     sys.stderr.flush()
 
 
-def error(exc: DispatchError) -> None:
-    if Mode.json:
+def error(exc: DispatchError, *, json: bool = False) -> None:
+    """One error: a line on stderr, or with --json the error object on stdout."""
+    if json:
         emit_json({"error": {"code": exc.exit_code, "kind": exc.kind, "message": exc.message}})
         return
     text = f"dispatch: error: {exc.message}"

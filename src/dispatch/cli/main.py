@@ -91,6 +91,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "logs": ("dispatching", "logs"),
     "attach": ("dispatching", "attach"),
     "sweep": ("sweep", "sweep"),
+    "serve": ("serve", "serve"),
     "doctor": ("db", "doctor"),
     "db": ("db", "db_app"),
     "agent-exec": ("dispatching", "agent_exec"),

@@ -81,12 +81,11 @@ def show(
 ) -> None:
     """Show a task, its attempts and its event timeline."""
     from dispatch.services.tasks import show_task
+    from dispatch.shapes import task_detail_json
 
     view = show_task(_state(ctx), task)
     if json:
-        data = out.task_json(view.task, view.attempts)
-        data["events"] = [out.event_json(e) for e in view.events]
-        out.emit_json(data)
+        out.emit_json(task_detail_json(view))
     else:
         out.task_detail(view.task, view.attempts, view.events)
 

@@ -547,3 +547,26 @@ def release_task(
             **detail,
         )
     return moved
+
+
+def latest_attempts(tx: Tx) -> dict[int, AttemptRow]:
+    """Each task's newest attempt, by task id: one statement whatever the number of tasks."""
+    found = _attempts(tx, "WHERE id IN (SELECT MAX(id) FROM attempts GROUP BY task_id)", {})
+    return {a.task_id: a for a in found}
+
+
+def events_after(
+    tx: Tx, after: int, task_id: int | None = None, limit: int = 1000
+) -> list[EventRow]:
+    """Events newer than `after`, oldest first: a range read on the primary key."""
+    sql = f"SELECT {', '.join(EventRow._fields)} FROM events WHERE id > :after"
+    params: dict[str, Any] = {"after": after, "limit": limit}
+    if task_id is not None:
+        sql += " AND task_id = :task"
+        params["task"] = task_id
+    found = records(EventRow, tx.rows(sql + " ORDER BY id LIMIT :limit", params), ("at",))
+    return [e._replace(detail=json_value(e.detail)) for e in found]
+
+
+def last_event_id(tx: Tx) -> int:
+    return int(tx.rows("SELECT COALESCE(MAX(id), 0) FROM events")[0][0])

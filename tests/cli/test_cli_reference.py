@@ -27,6 +27,7 @@ COMMANDS = [
     ["close"],
     ["reopen"],
     ["sweep"],
+    ["serve"],
     ["attach"],
     ["logs"],
     ["events"],

@@ -140,3 +140,27 @@ def test_run_dispatches_without_sqlalchemy(
     assert (result["task"]["status"], result["attempt"]["state"]) == ("in-progress", "running")
     assert "git" in names  # it did make the worktree
     assert "sqlalchemy" not in names and "alembic" not in names
+
+
+WEB = {"starlette", "uvicorn", "anyio", "h11"}
+
+
+def test_only_serve_imports_the_web_server(
+    env: Env, cli: Callable[..., Result], repo: Path
+) -> None:
+    assert cli("add", "busy", "--agent", "shell", "--prompt", "sleep 30", cwd=repo).code == 0
+    for args, cwd in (
+        (["--version"], env.root),
+        (["--help"], env.root),
+        (["list", "--json"], env.root),
+        (["run", "1", "--json"], env.root),
+        (["sweep", "--json"], env.root),
+        (["add", "other"], repo),
+    ):
+        code, names = _imported(*args, cwd=cwd)
+        assert code == 0, args
+        assert not names & WEB, (args, sorted(names & WEB))
+    # The probe sees them when they are imported: `serve` with a port that cannot be had.
+    code, names = _imported("serve", "--port", "1", "--host", "192.0.2.1", cwd=env.root)
+    assert code == 7
+    assert {"starlette", "uvicorn"} <= names

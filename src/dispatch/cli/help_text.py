@@ -32,6 +32,7 @@ Commands:
   logs        Print an attempt's pane log, also after its window is gone.
   attach      Switch to (inside tmux) or attach to the task's window.
   sweep       Reap tasks left in-progress without a live agent.
+  serve       Serve the monitor: a web page and JSON API over every task.
   doctor      Check that everything dispatch needs works.
   db          Database migrations.
 """

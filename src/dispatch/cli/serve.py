@@ -18,7 +18,7 @@ def serve(
     open_: bool = typer.Option(False, "--open", help="Open the page in a browser."),
     new_token: bool = typer.Option(False, "--new-token", help="Replace the kept token."),
 ) -> None:
-    """Serve the monitor: every task on one page, recovery in one click.
+    """Serve the monitor: a web page and JSON API over every task.
 
     Prints the page's URL, with the access token in its fragment, as the first line;
     runs until Ctrl-C or SIGTERM. The token is kept in $DISPATCH_HOME/serve-token.

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Env, Result
-from tests.faults import attempts, wait_status
+from tests.conftest import Env, Result, windows
+from tests.faults import agent_profile, attempts, wait_for, wait_status, write_config
 from tests.integration.monitor import Server, serving
 
 playwright_api = pytest.importorskip(
@@ -213,17 +213,21 @@ def test_the_task_page(page: Page, serve: Serve, cli: Cli, repo: Path, env: Env)
     expect(bar.get_by_role("button", name="Reset")).to_be_enabled()
 
 
-@pytest.mark.skipif(
-    not os.environ.get("DISPATCH_SCREENSHOT"),
-    reason="DISPATCH_SCREENSHOT=PATH makes docs/monitor.png",
-)
+# Read before the suite's fixtures clear every DISPATCH_* variable.
+SCREENSHOT = os.environ.get("DISPATCH_SCREENSHOT")
+
+
+@pytest.mark.skipif(not SCREENSHOT, reason="DISPATCH_SCREENSHOT=PATH makes docs/monitor.png")
 def test_screenshot(browser: Any, serve: Serve, cli: Cli, repo: Path, env: Env) -> None:
     """Not a check: the picture in docs/monitor.md, with tasks in each status."""
+    write_config(env, agent_profile("reviewer", ["sh", "-c", "exit 0"], completion="signal"))
     _failed_once(cli, repo, env, "Fix flaky login test")
     _add(cli, repo, "Port the CLI to the new config loader", "exit 0")
     assert cli("run", "2").code == 0
     for title in ("Add retries to the uploader", "Profile the nightly import"):
         assert cli("run", str(_add(cli, repo, title, "sleep 300"))).code == 0
+    unfinished = cli("add", "Review the API docs", "--agent", "reviewer", cwd=repo)
+    assert cli("run", unfinished.stdout.strip()).code == 0
     _add(cli, repo, "Write the release notes", "true")
     _add(cli, repo, "Split the settings page", "true")
     cancelled = _add(cli, repo, "Try a new diff renderer", "sleep 300")
@@ -231,9 +235,10 @@ def test_screenshot(browser: Any, serve: Serve, cli: Cli, repo: Path, env: Env) 
     assert cli("cancel", str(cancelled)).code == 0
     interrupted = _add(cli, repo, "Migrate CI to the new runners", "sleep 300")
     assert cli("run", str(interrupted)).code == 0
-    wrapper = attempts(env, interrupted)[-1]["wrapper_pid"]
-    os.kill(wrapper, 9)
-    wait_status(env, interrupted)
+    os.kill(attempts(env, interrupted)[-1]["wrapper_pid"], 9)
+    wait_for(lambda: f"t{interrupted}" not in windows(env), "the window to close")
+    assert cli("sweep").code == 0
+    assert wait_status(env, interrupted) == "interrupted"
     server = serve()
     for scheme in ("light", "dark"):
         context = browser.new_context(viewport={"width": 1280, "height": 520}, color_scheme=scheme)
@@ -241,8 +246,14 @@ def test_screenshot(browser: Any, serve: Serve, cli: Cli, repo: Path, env: Env) 
         _open(shot, server)
         expect(shot.locator("#tasks tbody tr")).to_have_count(9)
         shot.wait_for_timeout(500)
-        target = Path(os.environ["DISPATCH_SCREENSHOT"])
+        target = Path(str(SCREENSHOT))
         if scheme == "dark":
             target = target.with_name(target.stem + "-dark" + target.suffix)
         shot.screenshot(path=str(target))
+        if scheme == "light":
+            _open(shot, server, "/tasks/1")
+            expect(shot.locator("#log")).to_contain_text("first try")
+            shot.locator("#diff summary").first.click()
+            shot.wait_for_timeout(500)
+            shot.screenshot(path=str(target.with_name(target.stem + "-task" + target.suffix)))
         context.close()

@@ -19,9 +19,10 @@ function say(text) {
   $("message").hidden = !text;
 }
 
-function td(text) {
+function td(text, className = "") {
   const cell = document.createElement("td");
   cell.textContent = text ?? "–";
+  if (className) cell.className = className;
   return cell;
 }
 
@@ -47,8 +48,8 @@ function renderAttempts(attempts) {
   const rows = attempts.slice().reverse().map((a) => {
     const tr = document.createElement("tr");
     tr.append(
-      td(String(a.number)), td(String(a.id)), td(a.state), td(a.outcome),
-      td(a.exit_code === null ? null : String(a.exit_code)), td(a.host), td(a.tmux_target),
+      td(String(a.number), "num"), td(String(a.id), "num"), td(a.state), td(a.outcome),
+      td(a.exit_code === null ? null : String(a.exit_code), "num"), td(a.host), td(a.tmux_target),
       td(a.started_at), td(a.error),
     );
     return tr;

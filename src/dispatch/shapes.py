@@ -9,7 +9,13 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from dispatch.services.dispatching import DispatchResult
     from dispatch.services.tasks import TaskView
-    from dispatch.store.statements import AttemptRow, EventRow, TaskRow, TaskSummary
+    from dispatch.store.statements import (
+        AttemptRow,
+        AttemptSummary,
+        EventRow,
+        TaskRow,
+        TaskSummary,
+    )
 
 
 def iso(value: datetime | str | None) -> str | None:
@@ -19,7 +25,7 @@ def iso(value: datetime | str | None) -> str | None:
     return value.isoformat().replace("+00:00", "Z")
 
 
-def attempt_json(a: AttemptRow) -> dict[str, Any]:
+def attempt_json(a: AttemptRow | AttemptSummary) -> dict[str, Any]:
     return {
         "id": a.id,
         "task_id": a.task_id,

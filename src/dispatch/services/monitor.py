@@ -13,13 +13,13 @@ from dispatch.services.control import log_path
 from dispatch.services.tasks import list_tasks
 from dispatch.store import statements as st
 from dispatch.store.direct import Tx
-from dispatch.store.statements import AttemptRow, EventRow, TaskSummary
+from dispatch.store.statements import AttemptSummary, EventRow, TaskSummary
 
 
 @dataclass(frozen=True)
 class BoardRow:
     task: TaskSummary
-    attempt: AttemptRow | None
+    attempt: AttemptSummary | None
 
 
 def board(app: App, statuses: Sequence[str] = (), include_closed: bool = False) -> list[BoardRow]:

@@ -169,6 +169,10 @@ def test_rows_follow_changes_made_from_the_cli(
     expect(row.locator(".status")).to_have_text("cancelled")
     expect(row.get_by_role("button", name="Re-dispatch")).to_be_enabled()
 
+    assert cli("close", str(task_id)).code == 0
+    expect(row).to_have_count(0)  # archived: off the table, as off `dispatch list`
+    expect(_row(page, 1)).to_contain_text("already here")
+
 
 def test_filters(page: Page, serve: Serve, cli: Cli, repo: Path, env: Env) -> None:
     failed = _failed_once(cli, repo, env, "broken build")

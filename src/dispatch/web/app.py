@@ -79,6 +79,7 @@ def create(
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        await feed.prime()
         background = [asyncio.create_task(feed.run())]
         if sweep_every > 0:
             background.append(asyncio.create_task(_sweep_every(app, sweep_every)))

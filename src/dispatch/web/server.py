@@ -92,6 +92,9 @@ def serve(
             f"dispatch: warning: serving on {host}, not a loopback address: anyone who can "
             "reach it and has the token can run and cancel agents\n"
         )
+    # The database is opened (created, migrated or refused) here, where a problem is one
+    # line and exit 7, not a traceback from inside the server's start-up.
+    monitor.last_event_id(app)
     token = load_or_create(app.settings.home, renew=new_token)
     sock = bind(host, port)
     real_port = sock.getsockname()[1]

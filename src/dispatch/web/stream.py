@@ -43,9 +43,13 @@ class Feed:
         self._wake = asyncio.Event()
         self._closed = False
 
+    async def prime(self) -> None:
+        """Start from the newest event: awaited before the first request is served, so a
+        stream opened without `Last-Event-ID` never replays the whole log."""
+        self._seen = await run_in_threadpool(self._last_id)
+
     async def run(self) -> None:
         """Poll while anyone listens; until `close`."""
-        self._seen = await run_in_threadpool(self._last_id)
         while not self._closed:
             if not self._clients:
                 self._wake.clear()

@@ -63,7 +63,8 @@ export class TaskTable {
       const data = await get(`/api/tasks/${id}`);
       if (this.busy.has(id)) return void this.busy.set(id, true);
       const { attempts, events, ...task } = data;
-      this.put({ ...task, attempt: latest(attempts) });
+      if (task.closed) this.remove(id); // the table shows open tasks, as `dispatch list`
+      else this.put({ ...task, attempt: latest(attempts) });
     } catch (err) {
       if (err instanceof ApiError && err.status === 404) this.remove(id);
     }

@@ -261,3 +261,39 @@ def test_screenshot(browser: Any, serve: Serve, cli: Cli, repo: Path, env: Env) 
             shot.wait_for_timeout(500)
             shot.screenshot(path=str(target.with_name(target.stem + "-task" + target.suffix)))
         context.close()
+
+
+def test_a_page_on_another_origin_can_neither_read_nor_act(
+    page: Page, serve: Serve, cli: Cli, repo: Path, env: Env
+) -> None:
+    task_id = _failed_once(cli, repo, env)
+    server = serve()
+    # A foreign site the user happens to have open, which somehow learnt the token.
+    page.route(
+        "http://evil.test/",
+        lambda route: route.fulfill(status=200, content_type="text/html", body="<p>hi</p>"),
+    )
+    page.goto("http://evil.test/")
+    api = f"http://127.0.0.1:{server.port}/api"
+    outcome = page.evaluate(
+        """async ([api, token, id]) => {
+          const tried = async (url, init) => {
+            try { const r = await fetch(url, init); return `answered ${r.status}`; }
+            catch (err) { return "refused"; }
+          };
+          const auth = { Authorization: `Bearer ${token}` };
+          const action = `${api}/tasks/${id}/redispatch`;
+          return {
+            read: await tried(`${api}/tasks`, { headers: auth }),
+            act: await tried(action, { method: "POST", headers: auth }),
+            blind: await tried(action, { method: "POST", mode: "no-cors" }),
+          };
+        }""",
+        [api, server.token, task_id],
+    )
+    # Without a CORS header the browser withholds the answer, and refuses to send a
+    # request with the token at all; a blind "simple" request carries no token.
+    assert outcome["read"] == "refused"
+    assert outcome["act"] == "refused"
+    assert outcome["blind"] in ("refused", "answered 0")  # opaque: nothing to read
+    assert len(attempts(env, task_id)) == 1  # nothing started

@@ -225,7 +225,12 @@ SCREENSHOT = os.environ.get("DISPATCH_SCREENSHOT")
 def test_screenshot(browser: Any, serve: Serve, cli: Cli, repo: Path, env: Env) -> None:
     """Not a check: the picture in docs/monitor.md, with tasks in each status."""
     write_config(env, agent_profile("reviewer", ["sh", "-c", "exit 0"], completion="signal"))
-    _failed_once(cli, repo, env, "Fix flaky login test")
+    script = (
+        "printf 'Retries: 3\\n' >> README.md; printf 'def test_login():\\n    assert login()\\n'"
+        " > test_login.py; echo 'running the login tests'; echo '1 failed, 12 passed'; exit 3"
+    )
+    assert cli("run", str(_add(cli, repo, "Fix flaky login test", script))).code == 0
+    wait_status(env, 1)
     _add(cli, repo, "Port the CLI to the new config loader", "exit 0")
     assert cli("run", "2").code == 0
     for title in ("Add retries to the uploader", "Profile the nightly import"):
@@ -256,10 +261,11 @@ def test_screenshot(browser: Any, serve: Serve, cli: Cli, repo: Path, env: Env) 
         shot.screenshot(path=str(target))
         if scheme == "light":
             _open(shot, server, "/tasks/1")
-            expect(shot.locator("#log")).to_contain_text("first try")
+            expect(shot.locator("#log")).to_contain_text("1 failed")
             shot.locator("#diff summary").first.click()
             shot.wait_for_timeout(500)
-            shot.screenshot(path=str(target.with_name(target.stem + "-task" + target.suffix)))
+            task_shot = target.with_name(target.stem + "-task" + target.suffix)
+            shot.screenshot(path=str(task_shot), full_page=True)
         context.close()
 
 

@@ -35,7 +35,12 @@ function renderTask(data, busyLabel = null) {
   const parts = [`agent ${data.agent}`, `repo ${data.repo}`, `base ${data.base_ref}`];
   if (data.branch) parts.push(`branch ${data.branch}`);
   if (data.attempt) parts.push(`attempt ${data.attempt.number} on ${data.attempt.host}`);
-  facts.append(" ", parts.join(" · "));
+  for (const part of parts) {
+    const span = document.createElement("span");
+    span.className = "fact";
+    span.textContent = part;
+    facts.append(span);
+  }
   if (data.last_error) {
     const err = document.createElement("div");
     err.textContent = `last error: ${data.last_error}`;

@@ -494,6 +494,19 @@ def test_the_stream_delivers_changes_made_by_the_cli(serve: Serve, cli: Cli, rep
         stream.close()
 
 
+def test_a_stream_opened_later_starts_from_now(serve: Serve, cli: Cli, repo: Path) -> None:
+    server = serve()
+    _add(cli, repo, "before anyone watched", "true")
+    time.sleep(1)  # the watcher has moved past it, with nobody listening
+    stream = server.stream()
+    try:
+        later = _add(cli, repo, "while watched", "true")
+        frame = stream.next()
+        assert (frame.data["task_id"], frame.event) == (later, "created")
+    finally:
+        stream.close()
+
+
 def test_a_reconnecting_stream_resumes_right_after_its_last_event(
     serve: Serve, cli: Cli, repo: Path, env: Env
 ) -> None:

@@ -40,8 +40,8 @@ class Feed:
         self._last_id = last_id
         self._clients: set[_Client] = set()
         self._seen = 0  # the newest event id handed to clients
-        self._wake = asyncio.Event()
         self._closed = False
+        self._problem = ""
 
     async def prime(self) -> None:
         """Start from the newest event: awaited before the first request is served, so a
@@ -49,16 +49,16 @@ class Feed:
         self._seen = await run_in_threadpool(self._last_id)
 
     async def run(self) -> None:
-        """Poll while anyone listens; until `close`."""
+        """Poll until `close`, also while nobody listens: the watcher's position stays
+        current, so a stream opened later starts from now, not from an hour ago."""
         while not self._closed:
-            if not self._clients:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
             try:
                 rows = await run_in_threadpool(self._fetch, self._seen, None, BATCH)
-            except Exception as exc:  # a locked or vanished database: say so, keep watching
-                sys.stderr.write(f"dispatch: warning: event stream: {exc}\n")
+                self._problem = ""
+            except Exception as exc:  # a locked or vanished database: say so once, keep on
+                if str(exc) != self._problem:
+                    sys.stderr.write(f"dispatch: warning: event stream: {exc}\n")
+                self._problem = str(exc)
                 rows = []
             for row in rows:
                 self._publish(row)
@@ -84,7 +84,6 @@ class Feed:
         self._closed = True
         for client in list(self._clients):
             self._drop(client)
-        self._wake.set()
 
     async def frames(self, after: int | None, task_id: int | None) -> AsyncIterator[str]:
         """SSE frames from just after event `after` (None: from now on), then live."""
@@ -93,7 +92,6 @@ class Feed:
         # row after `mark`, the backlog read covers (after, mark].
         self._clients.add(client)
         mark = self._seen
-        self._wake.set()
         sent = mark if after is None else after
         try:
             yield ": connected\n\n"  # the page knows the stream is up before any event

@@ -174,6 +174,16 @@ def test_rows_follow_changes_made_from_the_cli(
     expect(_row(page, 1)).to_contain_text("already here")
 
 
+def test_a_wrong_or_missing_token_says_what_to_do(page: Page, serve: Serve) -> None:
+    server = serve()
+    page.goto(f"http://127.0.0.1:{server.port}/#token=not-the-token")
+    expect(page.locator("#message")).to_contain_text("The token was refused")
+    expect(page.locator("#live")).to_have_text("token refused")
+    other = page.context.new_page()  # a new tab: no token kept for it
+    other.goto(f"http://127.0.0.1:{server.port}/")
+    expect(other.locator("#message")).to_contain_text("No access token")
+
+
 def test_filters(page: Page, serve: Serve, cli: Cli, repo: Path, env: Env) -> None:
     failed = _failed_once(cli, repo, env, "broken build")
     ready = _add(cli, repo, "write docs", "true")

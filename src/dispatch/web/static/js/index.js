@@ -90,6 +90,12 @@ async function main() {
   follow({
     headers,
     onState: (state) => {
+      if (state === "unauthorized") {
+        say("The token was refused: open the URL that `dispatch serve` printed.");
+        live.dataset.state = "offline";
+        live.textContent = "token refused";
+        return;
+      }
       live.dataset.state = state;
       live.textContent = state === "live" ? "live" : "reconnecting…";
       // Loaded once the stream is up: nothing can change unseen in between.

@@ -17,12 +17,17 @@ export function follow({ task = null, after = null, onEvent, onState, headers })
         const response = await fetch(`/api/events${query}`, {
           headers: headers(extra), signal: controller.signal, cache: "no-store",
         });
+        if (response.status === 401) onState("unauthorized");
         if (!response.ok) throw new Error(`the event stream answered ${response.status}`);
         onState("live");
         delay = 500;
         await read(response.body);
       } catch (err) {
         if (stopped) return;
+        if (err.message.endsWith("answered 401")) {
+          await new Promise((resolve) => setTimeout(resolve, 10000));
+          continue;
+        }
       }
       onState("offline");
       await new Promise((resolve) => setTimeout(resolve, delay));

@@ -162,6 +162,12 @@ function main() {
     task: id,
     headers,
     onState: (state) => {
+      if (state === "unauthorized") {
+        say("The token was refused: open the URL that `dispatch serve` printed.");
+        $("live").dataset.state = "offline";
+        $("live").textContent = "token refused";
+        return;
+      }
       $("live").dataset.state = state;
       $("live").textContent = state === "live" ? "live" : "reconnecting…";
       if (state === "live" && !loaded) {

@@ -45,16 +45,17 @@ async def call(work: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     return await run_in_threadpool(work, *args, **kwargs)
 
 
-def _int(request: Request, name: str, value: str | None, *, minimum: int = 0) -> int | None:
+def _int(name: str, value: str | None, *, minimum: int = 0) -> int | None:
     if value is None or value == "":
         return None
-    if not value.isdigit() or int(value) < minimum:
+    # ASCII digits only (int() takes "²" and "٣" too) and short enough for SQLite's integers.
+    if not (value.isascii() and value.isdigit() and len(value) <= 18) or int(value) < minimum:
         raise UsageError(f"{name} must be a whole number of at least {minimum}, not {value!r}")
     return int(value)
 
 
 def _task_id(request: Request) -> int:
-    task_id = _int(request, "the task id", request.path_params["task_id"], minimum=1)
+    task_id = _int("the task id", request.path_params["task_id"], minimum=1)
     assert task_id is not None
     return task_id
 
@@ -93,8 +94,8 @@ async def log(request: Request) -> Response:
     from dispatch.services.monitor import log_tail
 
     task_id = _task_id(request)
-    number = _int(request, "attempt", request.query_params.get("attempt"), minimum=1)
-    tail = _int(request, "tail", request.query_params.get("tail"))
+    number = _int("attempt", request.query_params.get("attempt"), minimum=1)
+    tail = _int("tail", request.query_params.get("tail"))
     body = await call(log_tail, _app(request), task_id, number, tail)
     return Response(body, media_type="text/plain; charset=utf-8")
 
@@ -110,7 +111,7 @@ async def diff(request: Request) -> Response:
 async def _expected(request: Request, task_id: int) -> None:
     from dispatch.services.monitor import check_expected_attempt
 
-    expected = _int(request, "expected_attempt", request.query_params.get("expected_attempt"))
+    expected = _int("expected_attempt", request.query_params.get("expected_attempt"))
     if expected is not None:
         await call(check_expected_attempt, _app(request), task_id, expected)
 
@@ -146,9 +147,9 @@ async def reset(request: Request) -> Response:
 
 async def events(request: Request) -> Response:
     params = request.query_params
-    task_id = _int(request, "task", params.get("task"), minimum=1)
+    task_id = _int("task", params.get("task"), minimum=1)
     resume = request.headers.get("last-event-id") or params.get("after")
-    after = _int(request, "Last-Event-ID", resume)
+    after = _int("Last-Event-ID", resume)
     if task_id is not None:
         from dispatch.services.tasks import show_task
 

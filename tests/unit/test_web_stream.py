@@ -108,3 +108,20 @@ def test_closing_ends_every_stream() -> None:
         return await asyncio.wait_for(client, 5)
 
     assert asyncio.run(scenario()) == []
+
+
+def test_a_quiet_stream_gets_a_comment_line_to_stay_open(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(stream, "KEEPALIVE_SECONDS", 0.1)
+    table = Table(1)
+
+    async def scenario() -> list[str]:
+        feed = Feed(table.fetch, table.last_id)
+        await feed.prime()
+        texts = []
+        async for text in feed.frames(None, None):
+            texts.append(text)
+            if len(texts) == 3:
+                break
+        return texts
+
+    assert asyncio.run(scenario()) == [": connected\n\n", ": keep-alive\n\n", ": keep-alive\n\n"]

@@ -76,11 +76,20 @@ async function main() {
   const pending = new Set();
   let flush = null;
   let loaded = false;
+  function schedule() {
+    // A burst of events (one dispatch writes several) costs one read per task.
+    flush ??= setTimeout(() => {
+      for (const id of pending) table.refresh(id);
+      pending.clear();
+      flush = null;
+    }, 100);
+  }
   async function load() {
     try {
       table.load(await get("/api/tasks"));
       loaded = true;
       say("");
+      if (pending.size) schedule(); // changes heard while the list was on its way
     } catch (err) {
       say(err instanceof ApiError && err.status === 401
         ? "The token was refused: open the URL that `dispatch serve` printed."
@@ -102,14 +111,9 @@ async function main() {
       if (state === "live" && !loaded) load();
     },
     onEvent: (event) => {
-      if (event.task_id === null || !loaded) return;
+      if (event.task_id === null) return;
       pending.add(event.task_id);
-      // A burst of events (one dispatch writes several) costs one read per task.
-      flush ??= setTimeout(() => {
-        for (const id of pending) table.refresh(id);
-        pending.clear();
-        flush = null;
-      }, 100);
+      if (loaded) schedule();
     },
   });
   setTimeout(() => { if (!loaded) load(); }, 1500); // the stream may be blocked: show the table anyway

@@ -19,7 +19,6 @@ export function follow({ task = null, after = null, onEvent, onState, headers })
         });
         if (response.status === 401) onState("unauthorized");
         if (!response.ok) throw new Error(`the event stream answered ${response.status}`);
-        onState("live");
         delay = 500;
         await read(response.body);
       } catch (err) {
@@ -55,6 +54,8 @@ export function follow({ task = null, after = null, onEvent, onState, headers })
     let id = null;
     const data = [];
     for (const line of block.split("\n")) {
+      // The server says ": connected" once it is subscribed: from then on nothing is missed.
+      if (line === ": connected") onState("live");
       if (line.startsWith(":")) continue; // a comment: connected, keep-alive
       const colon = line.indexOf(":");
       const field = colon < 0 ? line : line.slice(0, colon);

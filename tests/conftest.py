@@ -11,22 +11,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from uuid import uuid4
 
 import pytest
+from libtmux import Server
+from libtmux.exc import LibTmuxException
 
 from dispatch.app import App
 from dispatch.config import load_settings
 
 # Resolved once: a test may put a failing `tmux` shim first on PATH, teardown must not use it.
 TMUX = shutil.which("tmux") or "tmux"
-
-
-def _kill_server(socket: str) -> None:
-    subprocess.run([TMUX, "-L", socket, "kill-server"], capture_output=True, check=False)
-    # tmux leaves its socket file behind after kill-server.
-    tmpdir = Path(os.environ.get("TMUX_TMPDIR") or "/tmp") / f"tmux-{os.getuid()}"
-    (tmpdir / socket).unlink(missing_ok=True)
 
 
 @dataclass
@@ -37,6 +31,7 @@ class Env:
     config: Path
     socket: str
     root: Path
+    tmux_server: Server
 
     def write_config(self, text: str) -> None:
         self.config.write_text(text, encoding="utf-8")
@@ -55,13 +50,16 @@ lease_seconds = 30
 
 
 @pytest.fixture(autouse=True)
-def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, server: Server) -> Iterator[Env]:
+    """Isolated settings, home and git identity; the tmux server is libtmux's pytest
+    plugin's `server`: a socket of its own, killed (and its socket file removed) after."""
     home = tmp_path / "dispatch-home"
     fake_home = tmp_path / "user-home"
     fake_home.mkdir()
     config = tmp_path / "config.toml"
     config.write_text(BASE_CONFIG, encoding="utf-8")
-    socket = f"dispatch-test-{uuid4().hex[:10]}"
+    socket = server.socket_name
+    assert socket, "libtmux's test server has a socket name of its own"
     for name in list(os.environ):
         if name.startswith("DISPATCH_") or name == "TMUX":
             monkeypatch.delenv(name)
@@ -81,8 +79,7 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
         "GIT_COMMITTER_EMAIL": "test@dispatch.invalid",
     }.items():
         monkeypatch.setenv(key, value)
-    yield Env(home=home, config=config, socket=socket, root=tmp_path)
-    _kill_server(socket)
+    yield Env(home=home, config=config, socket=socket, root=tmp_path, tmux_server=server)
 
 
 def _git(repo: Path, *args: str) -> str:
@@ -167,5 +164,9 @@ def tmux(env: Env, *args: str) -> subprocess.CompletedProcess[str]:
 
 def windows(env: Env) -> list[str]:
     """Window names on the test's tmux server ([] when no server runs)."""
-    done = tmux(env, "list-windows", "-a", "-F", "#{window_name}")
-    return done.stdout.split() if done.returncode == 0 else []
+    if not env.tmux_server.is_alive():
+        return []
+    try:
+        return [str(w.window_name) for w in env.tmux_server.windows]
+    except LibTmuxException:  # the server went away between the two calls
+        return []

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from dispatch.cli.entry import main
+from dispatch.cli.console import main
 
 main()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import socket
@@ -72,7 +73,10 @@ class Settings:
     spawn_timeout: float = 10.0
     heartbeat_interval: float = 15.0
     stale_after: float = 600.0
+    gc_after: float = 7 * 86400.0
     tmux_socket: str = ""
+    # Reads (list, show, run --next, the monitor) write nothing, not even a reap.
+    no_reap: bool = False
     tmux_session: str = "dispatch"
     host: str = ""
     agents: Mapping[str, AgentProfile] = field(default_factory=lambda: dict(BUILTIN_AGENTS))
@@ -181,7 +185,7 @@ def load_settings(
     if "DISPATCH_TMUX_SOCKET" in env:
         settings = replace(settings, tmux_socket=env["DISPATCH_TMUX_SOCKET"])
     host = env.get("DISPATCH_HOST") or socket.gethostname()
-    return replace(settings, host=host)
+    return replace(settings, host=host, no_reap=env.get("DISPATCH_NO_REAP", "") not in ("", "0"))
 
 
 def _read_config(path: Path) -> str:
@@ -223,6 +227,7 @@ _SCALARS: dict[str, tuple[type | tuple[type, ...], str]] = {
     "spawn_timeout": ((int, float), "a number of seconds > 0"),
     "heartbeat_interval": ((int, float), "a number of seconds > 0"),
     "stale_after": ((str, int, float), "a duration such as 10m"),
+    "gc_after": ((str, int, float), "a duration such as 7d"),
 }
 
 
@@ -275,28 +280,44 @@ def _from_mapping(raw: Mapping[str, Any], text: str, path: Path, home: Path) -> 
         spawn_timeout=float(values.get("spawn_timeout", 10)),
         heartbeat_interval=float(values.get("heartbeat_interval", 15)),
         stale_after=float(values.get("stale_after", 600)),
+        gc_after=float(values.get("gc_after", 7 * 86400)),
         tmux_socket=tmux.get("socket", ""),
         tmux_session=tmux.get("session", "dispatch"),
         agents=agents,
     )
 
 
+# Bounds beyond which a number is a mistake: a lease of 1e308 s overflows every clock,
+# and NaN compares false with everything, so a wait for it would never end.
+_MAX_SECONDS = 366 * 86400.0
+_MAX_COUNT = 2**31 - 1
+
+
+# Keys given as durations (`10m`, `7d`) or as a number of seconds.
+_DURATIONS = ("stale_after", "gc_after")
+
+
 def _scalar(key: str, value: Any, fail: Fail) -> Any:
     kinds, expected = _SCALARS[key]
-    number: Any = value
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, kinds)
-        or (isinstance(number, int | float) and number < 0)
-        or (key in ("lease_seconds", "spawn_timeout", "heartbeat_interval") and number <= 0)
-    ):
+    seconds = key in ("lease_seconds", "spawn_timeout", "heartbeat_interval", *_DURATIONS)
+    if isinstance(value, bool) or not isinstance(value, kinds):
         raise fail((key,), f"expected {expected}, got {value!r}")
-    if key == "stale_after":
+    number: Any = value
+    if isinstance(value, int | float):
+        limit = _MAX_SECONDS if seconds else _MAX_COUNT
+        positive = seconds and key not in _DURATIONS
+        if not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
+            raise fail((key,), f"expected {expected}, got {value!r}")
+        if value > limit:
+            raise fail((key,), f"expected {expected}, at most {limit:g}; got {value!r}")
+    if key in _DURATIONS:
         try:
-            return parse_duration(number)
+            number = parse_duration(number)
         except ValueError as exc:
             raise fail((key,), str(exc)) from None
-    return value
+        if number > _MAX_SECONDS:
+            raise fail((key,), f"expected {expected}, at most {_MAX_SECONDS:g}s; got {value!r}")
+    return number
 
 
 # tmux treats `:` and `.` in a target as separators, so a session name cannot hold them.

@@ -28,6 +28,8 @@ COMMANDS = [
     ["reopen"],
     ["sweep"],
     ["serve"],
+    ["gc"],
+    ["restore"],
     ["attach"],
     ["logs"],
     ["events"],

@@ -99,6 +99,47 @@ def test_unknown_ids_exit_4(run: Cli, repo: Path, args: list[str]) -> None:
     assert "no task 42" in _json_error(run(*args, "--json"), 4, "not-found")
 
 
+HUGE = "99999999999999999999"  # more than any 64-bit id or INTEGER column holds
+
+
+@pytest.mark.parametrize(
+    "args,missing",
+    [
+        (["show", HUGE], f"no task {HUGE}"),
+        (["redispatch", HUGE], f"no task {HUGE}"),
+        (["cancel", HUGE], f"no task {HUGE}"),
+        (["redispatch", "--attempt", HUGE], f"no attempt {HUGE}"),
+    ],
+)
+def test_ids_too_large_for_any_database_are_unknown(
+    run: Cli, repo: Path, args: list[str], missing: str
+) -> None:
+    _add(run, repo)
+    done = run(*args)
+    assert done.code == 4
+    assert missing in _one_line(done)
+
+
+def test_bad_task_inputs_are_refused_and_nothing_is_added(
+    run: Cli, repo: Path, env: Env
+) -> None:
+    prompt = env.root / "nul.md"
+    prompt.write_bytes(b"first half\0second half")
+    file = repo / "README.md"
+    refusals = [
+        (["add", "x", "--priority", "99999999999999999999999"], 2, "from -2147483648 to"),
+        (["add", "x", "--priority", "-2147483649"], 2, "from -2147483648 to 2147483647"),
+        (["add", "x", "--prompt-file", str(prompt)], 2, "prompt contains a NUL byte"),
+        (["add", "x", "--repo", str(file)], 7, f"{file} is not a directory"),
+    ]
+    for args, code, fragment in refusals:
+        done = run(*args, cwd=repo)
+        assert done.code == code, (args, done.stderr)
+        assert fragment in _one_line(done)
+    assert run("list", "--all", "--json").stdout.strip() == "[]"
+    assert run("add", "x", "--priority", "2147483647", cwd=repo).code == 0
+
+
 def test_a_closed_task_exits_5_until_reopened(run: Cli, repo: Path) -> None:
     task = str(_add(run, repo))
     assert run("cancel", task).code == 0
@@ -251,3 +292,36 @@ def test_version_and_help(cli: Cli) -> None:
     for command in ("add", "list", "show", "run", "sweep", "events", "doctor", "db"):
         assert f" {command} " in helped.stdout
     assert "--db" in helped.stdout and "--config" in helped.stdout
+
+
+def test_ctrl_c_at_any_moment_of_start_up_is_one_line_and_130(cli: Cli, repo: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    assert cli("add", "x", cwd=repo).code == 0
+    # Before the interpreter has started, no program can choose how it answers Ctrl-C:
+    # the signals land from the moment it runs the package's code to the command's end.
+    started = time.monotonic()
+    subprocess.run([sys.executable, "-c", "import dispatch"], check=True)
+    startup = time.monotonic() - started
+    interrupted = 0
+    program = Path(sys.executable).with_name("dispatch")  # the console script users run
+    for step in range(20):
+        proc = subprocess.Popen(
+            [str(program), "list"],
+            cwd=repo,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(startup * 2 + step * 0.01)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=30)
+        assert "Traceback" not in stderr, stderr
+        assert proc.returncode in (0, 130), (proc.returncode, stderr)
+        if proc.returncode == 130:
+            interrupted += 1
+            assert stderr == "dispatch: error: interrupted\n"
+    assert interrupted  # the signal did land while the command ran

@@ -101,10 +101,24 @@ def test_a_sweep_with_nothing_to_reap_only_reads_without_sqlalchemy(
     assert not names & HEAVY, sorted(names & HEAVY)
 
 
-def test_add_imports_git_but_not_tmux(env: Env, repo: Path) -> None:
-    code, names = _imported("add", "x", cwd=repo)
+def test_add_runs_git_without_gitpython(env: Env, repo: Path) -> None:
+    code, names, stdout = _run("add", "x", "--json", cwd=repo)
     assert code == 0
-    assert "git" in names and "libtmux" not in names
+    assert json.loads(stdout)["base_ref"] == "main"  # it did ask git
+    assert not names & {"git", "libtmux"}, sorted(names & HEAVY)
+
+
+def test_doctor_and_a_redispatch_into_a_worktree_read_it_with_gitpython(
+    env: Env, cli: Callable[..., Result], repo: Path
+) -> None:
+    code, names, _ = _run("doctor", cwd=repo)
+    assert "git" in names  # doctor's git check is GitPython's view of git
+    assert cli("add", "x", "--agent", "shell", "--prompt", "exit 1", cwd=repo).code == 0
+    assert cli("run", "1").code == 0
+    wait_for(lambda: "failed" in cli("show", "1").stdout, "the agent to fail")
+    code, names, stdout = _run("redispatch", "1", "--json", cwd=env.root)
+    assert code == 0, stdout
+    assert "git" in names  # whether the reused worktree is dirty
 
 
 def _maps_sqlalchemy() -> bool:
@@ -138,8 +152,8 @@ def test_run_dispatches_without_sqlalchemy(
     assert code == 0
     result = json.loads(stdout)
     assert (result["task"]["status"], result["attempt"]["state"]) == ("in-progress", "running")
-    assert "git" in names  # it did make the worktree
-    assert "sqlalchemy" not in names and "alembic" not in names
+    assert Path(result["attempt"]["worktree"]).is_dir()  # it did make the worktree
+    assert not names & HEAVY, sorted(names & HEAVY)
 
 
 WEB = {"starlette", "uvicorn", "anyio", "h11"}
@@ -164,3 +178,18 @@ def test_only_serve_imports_the_web_server(
     code, names = _imported("serve", "--port", "1", "--host", "192.0.2.1", cwd=env.root)
     assert code == 7
     assert {"starlette", "uvicorn"} <= names
+
+
+def test_gc_reads_repositories_with_gitpython_and_only_when_there_is_a_worktree(
+    env: Env, cli: Callable[..., Result], repo: Path
+) -> None:
+    code, names, stdout = _run("gc", "--dry-run", "--json", cwd=env.root)
+    assert code == 0 and json.loads(stdout)["removed"] == []
+    assert "git" not in names and "libtmux" not in names  # nothing to look at
+
+    assert cli("add", "quick", "--agent", "shell", "--prompt", "true", cwd=repo).code == 0
+    assert cli("run", "1").code == 0
+    wait_for(lambda: cli("show", "1", "--json").json()["status"] == "done", "the task to end")
+    code, names, stdout = _run("gc", "--dry-run", "--older-than", "0s", "--json", cwd=env.root)
+    assert code == 0 and [r["task_id"] for r in json.loads(stdout)["removed"]] == [1]
+    assert "git" in names and "libtmux" not in names

@@ -230,6 +230,21 @@ def test_done_resolves_task_then_attempt_env_then_cwd(cli, make_app, repo: Path,
     }
 
 
+def test_done_twice_records_one_signal(cli, make_app, repo: Path, env: Env) -> None:
+    env.write_config(BASE_CONFIG + WAITER)
+    task_id, attempt = _start(make_app(), repo, env, agent="waiter")
+
+    first = cli("done", str(task_id))
+    second = cli("done", str(task_id))
+
+    assert (first.code, second.code) == (0, 0), second.stderr
+    assert f"attempt {attempt['id']} of task {task_id} marked done" in first.stderr
+    assert "was already marked done" in second.stderr
+    assert len(events_of(env, task_id, "done-signalled")) == 1
+    (Path(attempt["worktree"]) / "stop").touch()
+    assert wait_for(lambda: settled(env, task_id), "the agent to finish") == "done"
+
+
 def test_done_refuses_to_guess(cli, make_app, repo: Path, env: Env) -> None:
     app = make_app()
     first, a1 = _start(app, repo, env)

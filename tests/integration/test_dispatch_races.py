@@ -71,3 +71,24 @@ def test_four_run_next_at_once_claim_four_distinct_tasks(
     statuses = rows(env, "SELECT id, status FROM tasks ORDER BY id")
     assert [r["status"] for r in statuses] == ["in-progress"] * 4 + ["ready"] * 4
     assert rows(env, "SELECT COUNT(*) AS n FROM attempts") == [{"n": 4}]
+
+
+def test_parallel_run_next_into_one_repository_never_fails_spuriously(
+    env: Env, repo: Path, make_app: Callable[..., App]
+) -> None:
+    """git fails `worktree list` while another add is half done: every such look is locked."""
+    write_config(env)
+    app = make_app()
+    for round_ in range(2):
+        first = round_ * 16 + 1
+        for n in range(16):
+            add_task(app, f"round {round_} task {n}", prompt="true", repo=repo, agent="shell")
+        results = _run_at_once(repo, [["run", "--next", "--max", "2", "--json"]] * 8)
+        started: list[int] = []
+        for code, stdout, stderr in results:
+            assert code == 0, stderr
+            started += [item["task"]["id"] for item in json.loads(stdout)]
+        assert sorted(started) == list(range(first, first + 16))
+        failed = "SELECT COUNT(*) AS n FROM {} WHERE {} = 'dispatch-failed'"
+        assert rows(env, failed.format("events", "kind")) == [{"n": 0}]
+        assert rows(env, failed.format("attempts", "outcome")) == [{"n": 0}]

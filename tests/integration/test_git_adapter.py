@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from dispatch.adapters import git as git_adapter
 from dispatch.adapters.git import GitWorktrees
 from dispatch.errors import EnvironmentProblem, ToolFailed
 
@@ -433,9 +435,68 @@ def test_gitpython_is_loaded_quietly_and_the_environment_restored(tmp_path: Path
         [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env
     )
 
-    # git is missing from PATH even at import time: our error, not GitPython's ImportError.
+    # git is missing from PATH: our error, not GitPython's ImportError.
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == [
         "problem: git cannot be run: git was not found",
         "refresh: None",
     ]
+
+
+def test_version_and_dirtiness_come_from_gitpython(
+    worktrees: GitWorktrees, git_repo: Path, run_git: GitRunner
+) -> None:
+    assert worktrees.version() == run_git(git_repo, "version").split()[-1]
+    assert not worktrees.has_changes(git_repo)
+    (git_repo / ".gitignore").write_text("ignored.txt\n")
+    run_git(git_repo, "add", ".gitignore")
+    run_git(git_repo, "commit", "-q", "-m", "ignore")
+    (git_repo / "ignored.txt").write_text("x")
+    assert not worktrees.has_changes(git_repo)  # ignored files are no work
+    (git_repo / "new.txt").write_text("x")
+    assert worktrees.has_changes(git_repo)  # untracked
+    (git_repo / "new.txt").unlink()
+    (git_repo / "README.md").write_text("changed\n")
+    assert worktrees.has_changes(git_repo)  # modified
+    run_git(git_repo, "add", "README.md")
+    (git_repo / "README.md").write_text("hello\n")
+    assert worktrees.has_changes(git_repo)  # staged, then changed back in the tree
+
+
+HALF_ADDED_SHIM = """#!/bin/sh
+# Fails `worktree list` as git 2.39 does while another add is half done, N times.
+case " $* " in
+  *" worktree list "*)
+    n=$(cat "{count}" 2>/dev/null || echo 0)
+    echo $((n + 1)) > "{count}"
+    if [ "$n" -lt {fails} ]; then
+      echo "fatal: failed to read .git/worktrees/task-9/commondir: Success" >&2
+      exit 128
+    fi ;;
+esac
+exec "{real}" "$@"
+"""
+
+
+def test_a_listing_that_meets_a_half_made_worktree_is_tried_again(
+    git_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Someone else's `git worktree add` (not under our lock) is half way through."""
+    real = shutil.which("git")
+    assert real
+    shim, count = tmp_path / "shim", tmp_path / "count"
+    shim.mkdir()
+    (shim / "git").write_text(HALF_ADDED_SHIM.format(count=count, fails=3, real=real))
+    (shim / "git").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{shim}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(git_adapter, "_LIST_RETRY_SECONDS", 0.01)
+    worktrees = GitWorktrees(tmp_path / "locks")
+
+    assert worktrees.list_worktrees(git_repo) == [git_repo]
+    assert count.read_text().strip() == "4"  # three failures, then the answer
+
+    count.unlink()
+    other = (shim / "git").read_text().replace("-lt 3", "-lt 999")
+    (shim / "git").write_text(other)
+    with pytest.raises(ToolFailed, match="failed to read"):
+        worktrees.list_worktrees(git_repo)  # a listing that never recovers still fails

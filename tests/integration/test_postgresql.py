@@ -95,7 +95,7 @@ class Server:
 
 
 @pytest.fixture(scope="session")
-def server() -> Iterator[Server]:
+def pg_server() -> Iterator[Server]:
     binaries = _server_binaries()
     if binaries is None:
         pytest.skip("PostgreSQL is not installed")
@@ -111,9 +111,9 @@ def server() -> Iterator[Server]:
 
 
 @pytest.fixture
-def pg(server: Server, env: Env, monkeypatch: pytest.MonkeyPatch) -> str:
+def pg(pg_server: Server, env: Env, monkeypatch: pytest.MonkeyPatch) -> str:
     """A fresh database on the server; this test's dispatch uses it."""
-    url = server.create_database()
+    url = pg_server.create_database()
     monkeypatch.setenv("DISPATCH_DB", url)
     return url
 
@@ -240,3 +240,33 @@ def test_a_task_whose_profile_is_gone_is_passed_over_and_marked(
     orphan_row = app.direct.read(lambda tx: st.get_task(tx, orphan))
     assert orphan_row.status == "ready"
     assert orphan_row.last_error == "unknown agent profile 'custom'; skipped"
+
+
+def test_gc_and_restore_on_postgresql(
+    pg: str, env: Env, cli: Callable[..., Result], repo: Path
+) -> None:
+    prompt = "echo hi > out.txt && echo more >> README.md"
+    assert cli("add", "collected", "--agent", "shell", "--prompt", prompt, cwd=repo).code == 0
+    assert cli("run", "1").code == 0
+
+    def status() -> str | None:
+        value: str = cli("show", "1", "--json").json()["status"]
+        return value if value != "in-progress" else None
+
+    assert wait_for(status, "the agent to finish") == "done"
+    assert cli("gc", "--json").json()["removed"] == []  # younger than gc_after
+    collected = cli("gc", "--older-than", "0s", "--json")
+    assert collected.code == 0, (collected.stdout, collected.stderr)
+    (removed,) = collected.json()["removed"]
+    assert removed["task_id"] == 1 and removed["snapshot"].startswith("refs/dispatch/wip/1-")
+    worktree = Path(removed["worktree"])
+    assert not worktree.exists()
+
+    restored = cli("restore", "1", "--json")
+
+    assert restored.code == 0, (restored.stdout, restored.stderr)
+    assert restored.json()["restored"] is True
+    assert (worktree / "out.txt").read_text() == "hi\n"
+    assert (worktree / "README.md").read_text() == "hello\nmore\n"
+    kinds = [e["kind"] for e in cli("events", "--task", "1", "--json").json()]
+    assert kinds[-2:] == ["gc", "restored"]

@@ -177,6 +177,42 @@ def test_redispatch_recreates_a_removed_worktree_from_its_branch(
     assert git(worktree, "branch", "--show-current").strip() == first["branch"]
 
 
+def test_redispatch_refuses_a_worktree_off_its_branch(
+    cli, make_app, repo: Path, env: Env, git
+) -> None:
+    """Detached, or its branch deleted: the agent's commits would belong to no branch."""
+    task_id = _failed_once(
+        make_app(),
+        repo,
+        env,
+        "echo v1 > kept.txt && git add kept.txt && git commit -q -m v1; exit 1",
+    )
+    [first] = attempts_of(env, task_id)
+    worktree, branch = Path(first["worktree"]), first["branch"]
+    tip = git(worktree, "rev-parse", "HEAD").strip()
+
+    git(worktree, "switch", "-q", "--detach")
+    detached = cli("redispatch", str(task_id))
+    git(worktree, "switch", "-q", branch)
+    git(repo, "update-ref", "-d", f"refs/heads/{branch}")
+    deleted = cli("redispatch", str(task_id))
+
+    assert detached.code == 6, detached.stderr
+    assert f"worktree {worktree}: it is on {tip}, not on {branch}" in detached.stderr
+    assert f"git -C {worktree} switch {branch}" in detached.stderr
+    assert deleted.code == 6, deleted.stderr
+    assert f"its branch {branch} was deleted" in deleted.stderr
+    assert task_row(env, task_id)["status"] == "failed"
+    assert (worktree / "kept.txt").read_text() == "v1\n"  # nothing of the work is touched
+    assert len(attempts_of(env, task_id)) == 3  # two rolled back, each recorded
+
+    git(worktree, "switch", "-q", "-c", branch, tip)
+    again = cli("redispatch", str(task_id))
+    assert again.code == 0, again.stderr
+    assert _redispatched(env, task_id, count=4) == "failed"
+    assert git(worktree, "branch", "--show-current").strip() == branch
+
+
 def test_redispatch_resumes_the_agent_session(cli, make_app, repo: Path, env: Env) -> None:
     env.write_config(BASE_CONFIG + RESUMABLE)
     app = make_app()

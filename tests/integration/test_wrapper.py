@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from dispatch.app import App
-from dispatch.errors import DispatchFailed
+from dispatch.errors import Conflict, DispatchFailed
 from dispatch.services.dispatching import DispatchResult, dispatch_task, redispatch
 from dispatch.services.sweep import sweep
 from dispatch.services.tasks import add_task
@@ -203,7 +203,12 @@ def test_a_superseded_wrapper_records_its_exit_but_never_the_task(
     assert [(r.task_id, r.attempt_id) for r in report.reaped] == [(1, first)]
     assert task(env, 1)["status"] == "interrupted"
 
-    second = redispatch(make_app(), 1).attempt.id
+    # Here, where the first agent still runs, a second one would share its worktree.
+    with pytest.raises(Conflict, match=r"processes \d+ of attempt 1 are still running"):
+        redispatch(make_app(), 1)
+    assert [a["id"] for a in attempts(env, 1)] == [first]
+
+    second = redispatch(elsewhere, 1).attempt.id
     wait_for((out / f"ready-{second}").exists, "the second agent")
     (out / f"release-{first}").touch()
     wait_for(lambda: events(env, 1, "late-exit"), "the first wrapper's late exit")

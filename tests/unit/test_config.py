@@ -58,6 +58,7 @@ def test_defaults_without_a_config_file(env: Env, tmp_path: Path) -> None:
     assert settings.spawn_timeout == 10
     assert settings.heartbeat_interval == 15
     assert settings.stale_after == 600
+    assert settings.gc_after == 7 * 86400
     assert settings.tmux_socket == ""
     assert settings.tmux_session == "dispatch"
 
@@ -103,6 +104,7 @@ lease_seconds = 30
 spawn_timeout = 2.5
 heartbeat_interval = 1
 stale_after = "1h30m"
+gc_after = "2d"
 
 [tmux]
 socket = "sock"
@@ -119,6 +121,7 @@ session = "work"
     assert settings.spawn_timeout == 2.5
     assert settings.heartbeat_interval == 1
     assert settings.stale_after == 5400
+    assert settings.gc_after == 2 * 86400
     assert settings.tmux_socket == "sock"
     assert settings.tmux_session == "work"
 
@@ -248,6 +251,10 @@ BAD_CONFIGS = [
     ("max_dispatch_failures = true\n", "max_dispatch_failures", 1, "got True"),
     ("lease_seconds = 0\n", "lease_seconds", 1, "> 0"),
     ('\nstale_after = "10x"\n', "stale_after", 2, "not a duration"),
+    ('gc_after = "7x"\n', "gc_after", 1, "not a duration"),
+    ("gc_after = -1\n", "gc_after", 1, "a duration such as 7d"),
+    ("gc_after = 1e9\n", "gc_after", 1, "at most"),
+    ('gc_after = "9999d"\n', "gc_after", 1, "at most"),
     ("database = 5\n", "database", 1, "expected a database URL"),
     ("# tmux\n[tmux]\nsocket = 3\n", "tmux.socket", 3, "expected a name"),
     ('[tmux]\nsession = "a:b"\n', "tmux.session", 2, "expected a name"),
@@ -268,6 +275,14 @@ BAD_CONFIGS = [
     ("[agents]\nmy = 3\n", "agents.my", 2, "expected a table"),
     ("agents.my.command = 3\n", "agents.my.command", 1, "non-empty list of strings"),
     ('default_agent = "nope"\n', "default_agent", 1, "no agent profile named 'nope'"),
+    # numbers no clock or wait can use: every run would fail, or wait for ever
+    ("lease_seconds = 1e308\n", "lease_seconds", 1, "at most 3.16224e+07"),
+    ("\nspawn_timeout = nan\n", "spawn_timeout", 2, "got nan"),
+    ("spawn_timeout = inf\n", "spawn_timeout", 1, "got inf"),
+    ("heartbeat_interval = -inf\n", "heartbeat_interval", 1, "got -inf"),
+    ("stale_after = inf\n", "stale_after", 1, "got inf"),
+    ('stale_after = "9999d"\n', "stale_after", 1, "at most"),
+    ("max_running = 99999999999\n", "max_running", 1, "at most"),
 ]
 
 

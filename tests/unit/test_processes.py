@@ -7,7 +7,7 @@ import subprocess
 import time
 from datetime import UTC, datetime, timedelta
 
-from dispatch.services.processes import proc_stat, process_alive
+from dispatch.adapters.processes import proc_stat, process_alive
 
 
 def test_proc_stat_names_the_parent_and_a_start_time_in_the_past() -> None:

@@ -1,33 +1,38 @@
-"""git worktrees and branches through one chokepoint that runs the real git via GitPython.
+"""git through one chokepoint that runs the real git binary with argv lists (no shell).
 
-GitPython has no worktree API, so every operation is a `git` argv run by
-`git.Git.execute` (an argv list, never a shell). GitPython is imported on first
-use only: importing it costs 100-200 ms that commands which never touch git
-should not pay. Every command gets `-C <repo>` because GitPython silently falls
-back to the process's cwd when its working directory does not exist, which would
-run the command against the wrong repository.
+Worktrees, branches and the checks on the dispatch's hot path run `git` itself:
+GitPython has no worktree API, and importing it costs 50-200 ms and a `git version`
+fork that `run`, the sweep and the wrapper should not pay. GitPython's `Repo` does the
+reading where a few tens of milliseconds do not matter (whether a reused worktree is
+dirty, doctor's look at git). Every command gets `-C <repo>`, and git runs with
+LC_ALL=C, so the messages matched below are git's own wording.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
+import subprocess
 import threading
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dispatch.errors import EnvironmentProblem, ToolFailed
 
 if TYPE_CHECKING:
-    from git import Git, GitCommandNotFound
+    from filelock import BaseFileLock
 
-_import_lock = threading.Lock()
-_gitpython: tuple[type[Git], type[GitCommandNotFound]] | None = None
+# A git command that takes longer than this is wedged (a hook that hangs, a lock an
+# editor holds); failing beats hanging.
+_TIMEOUT_SECONDS = 300.0
 
-# git's own wording (GitPython forces LC_ALL=C, so it is stable) for a path that
-# is no usable repository: reported as an environment problem, not a tool failure.
+# git's own wording for a path that is no usable repository: reported as an
+# environment problem, not a tool failure.
 _UNUSABLE_REPO = {
     "fatal: not a git repository": "is not a git repository",
     "fatal: cannot change to": "does not exist, so it is not a git repository",
@@ -35,27 +40,32 @@ _UNUSABLE_REPO = {
     "fatal: detected dubious ownership": "is a git repository owned by another user",
 }
 
+# How often, and how far apart, a listing that met a half-made worktree is tried again.
+_LIST_RETRIES = 50
+_LIST_RETRY_SECONDS = 0.1
 
-def _load_gitpython() -> tuple[type[Git], type[GitCommandNotFound]]:
-    """Import GitPython once, such that a missing git binary surfaces as our error."""
-    global _gitpython
-    with _import_lock:
-        if _gitpython is None:
-            previous = os.environ.get("GIT_PYTHON_REFRESH")
-            # GitPython probes the git binary at import time and, unless told to be
-            # quiet, raises ImportError when it is missing; the chokepoint reports that.
-            os.environ["GIT_PYTHON_REFRESH"] = "quiet"
-            try:
-                import git
-            except ImportError as exc:
-                raise EnvironmentProblem(f"GitPython cannot be loaded: {exc}") from exc
-            finally:
-                if previous is None:
-                    os.environ.pop("GIT_PYTHON_REFRESH", None)
-                else:
-                    os.environ["GIT_PYTHON_REFRESH"] = previous
-            _gitpython = (git.Git, git.GitCommandNotFound)
-        return _gitpython
+
+def _half_added(stderr: str) -> bool:
+    return "fatal: failed to read" in stderr and "worktrees/" in stderr
+
+
+def gitpython() -> Any:
+    """The `git` (GitPython) module, imported such that a missing binary is our error
+    (once: Python keeps the module, and with it GitPython's one `git version`)."""
+    previous = os.environ.get("GIT_PYTHON_REFRESH")
+    # GitPython probes the git binary at import time and, unless told to be quiet,
+    # raises ImportError when it is missing; the callers report that plainly instead.
+    os.environ["GIT_PYTHON_REFRESH"] = "quiet"
+    try:
+        import git
+    except ImportError as exc:
+        raise EnvironmentProblem(f"GitPython cannot be loaded: {exc}") from exc
+    finally:
+        if previous is None:
+            os.environ.pop("GIT_PYTHON_REFRESH", None)
+        else:
+            os.environ["GIT_PYTHON_REFRESH"] = previous
+    return git
 
 
 def _absolute(path: Path) -> Path:
@@ -91,24 +101,45 @@ class GitWorktrees:
     def __init__(self, lock_dir: Path) -> None:
         self.lock_dir = lock_dir
         self.calls: list[list[str]] = []
+        self._binary: str | None = None
+        self._locks: dict[Path, BaseFileLock] = {}
+        self._lock_paths: dict[str, Path] = {}
+        self._guard = threading.Lock()
+
+    def _git(self) -> str:
+        if self._binary is None:
+            found = shutil.which("git")
+            if found is None:
+                raise EnvironmentProblem(
+                    "git cannot be run: git was not found", hint="install git or put it on PATH"
+                )
+            self._binary = found
+        return self._binary
 
     def _run(self, repo: Path | None, *args: str, check: bool = True) -> _Result:
         """Run git (in repo when given); the one place that maps failures to domain errors."""
-        git_class, not_found = _load_gitpython()
-        argv = [str(git_class.GIT_PYTHON_GIT_EXECUTABLE)]
+        argv = [self._git()]
         if repo is not None:
             argv += ["-C", str(_absolute(repo))]
         argv += args
         self.calls.append(argv)
         try:
-            status, stdout, stderr = git_class().execute(
-                argv, with_extended_output=True, with_exceptions=False
+            done = subprocess.run(
+                argv,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                encoding="utf-8",
+                errors="replace",
+                env={**os.environ, "LC_ALL": "C", "LANGUAGE": ""},
+                timeout=_TIMEOUT_SECONDS,
+                check=False,
             )
-        except not_found as exc:
-            raise EnvironmentProblem(
-                f"git cannot be run: {argv[0]} was not found",
-                hint="install git or put it on PATH",
-            ) from exc
+        except FileNotFoundError as exc:
+            raise EnvironmentProblem(f"git cannot be run: {argv[0]} is gone") from exc
+        except subprocess.TimeoutExpired as exc:
+            raise ToolFailed(argv, -1, f"no answer within {_TIMEOUT_SECONDS:g} s") from exc
+        status, stdout, stderr = done.returncode, done.stdout, done.stderr.rstrip("\n")
         # 128 is git's own "fatal"; a failing hook exits with its status, whatever it printed.
         if status == 128 and repo is not None:
             for line in stderr.splitlines():
@@ -120,8 +151,15 @@ class GitWorktrees:
         return _Result(argv, status, stdout, stderr)
 
     def version(self) -> str:
-        """git's version, e.g. "2.39.5"; EnvironmentProblem when git is missing."""
-        return self._run(None, "version").stdout.strip().removeprefix("git version ")
+        """git's version as GitPython sees it, e.g. "2.39.5": doctor's proof that the
+        library and the binary both work; EnvironmentProblem when git is missing."""
+        self._git()  # a missing binary is said plainly, before GitPython guesses
+        try:
+            return ".".join(map(str, gitpython().Git().version_info))
+        except EnvironmentProblem:
+            raise
+        except Exception as exc:  # GitPython's own errors differ from version to version
+            raise EnvironmentProblem(f"git cannot be run: {exc}") from None
 
     def toplevel(self, path: Path) -> Path:
         """The top level of the work tree containing path."""
@@ -147,8 +185,9 @@ class GitWorktrees:
         return result.returncode == 0
 
     def _entries(self, repo: Path) -> list[_Entry]:
+        with self._locked(repo):
+            out = self._listing(repo)
         # -z keeps paths with newlines intact; records end with an empty field.
-        out = self._run(repo, "worktree", "list", "--porcelain", "-z").stdout
         entries: list[_Entry] = []
         fields: dict[str, str] = {}
         for field in out.split("\0"):
@@ -168,6 +207,37 @@ class GitWorktrees:
             fields = {}
         return entries
 
+    def _listing(self, repo: Path) -> str:
+        """`git worktree list`, which git 2.39 fails while another process is half way
+        through `git worktree add` on the repository ("failed to read .git/worktrees/
+        NAME/commondir"): our own adds hold the lock, a user's may not, so retry that."""
+        for _ in range(_LIST_RETRIES):
+            listed = self._run(repo, "worktree", "list", "--porcelain", "-z", check=False)
+            if listed.returncode == 0 or not _half_added(listed.stderr):
+                break
+            time.sleep(_LIST_RETRY_SECONDS)
+        if listed.returncode != 0:
+            raise ToolFailed(listed.argv, listed.returncode, listed.stderr)
+        return listed.stdout
+
+    @contextlib.contextmanager
+    def _locked(self, repo: Path) -> Iterator[None]:
+        """The per-repository lock every change to, and every look at, its worktrees takes.
+
+        Reentrant in a thread (one lock object per repository), so a removal may look at
+        the list while it holds the lock. flock is released when its holder dies, so
+        waiting without a timeout only waits for a live git; Ctrl-C still interrupts."""
+        from filelock import FileLock
+
+        path = self._lock_path(repo)
+        with self._guard:
+            lock = self._locks.get(path)
+            if lock is None:
+                self.lock_dir.mkdir(parents=True, exist_ok=True)
+                lock = self._locks[path] = FileLock(str(path))
+        with lock:
+            yield
+
     def _entry(self, repo: Path, path: Path) -> tuple[int, _Entry] | None:
         for index, entry in enumerate(self._entries(repo)):
             if _same_path(entry.path, path):
@@ -185,11 +255,15 @@ class GitWorktrees:
     def _lock_path(self, repo: Path) -> Path:
         # Keyed on the common dir so that a repository reached through any of its
         # worktrees, or through a symlink, takes the same lock.
-        common = self._run(
-            repo, "rev-parse", "--path-format=absolute", "--git-common-dir"
-        ).stdout.strip()
-        digest = hashlib.sha256(os.path.realpath(common).encode()).hexdigest()[:20]
-        return self.lock_dir / f"git-worktree-{digest}.lock"
+        key = os.path.realpath(repo)
+        found = self._lock_paths.get(key)
+        if found is None:
+            common = self._run(
+                repo, "rev-parse", "--path-format=absolute", "--git-common-dir"
+            ).stdout.strip()
+            digest = hashlib.sha256(os.path.realpath(common).encode()).hexdigest()[:20]
+            found = self._lock_paths[key] = self.lock_dir / f"git-worktree-{digest}.lock"
+        return found
 
     def add(self, repo: Path, path: Path, branch: str, base: str, *, new_branch: bool) -> bool:
         """`git worktree add` under a per-repository lock; True only if it verifiably did it.
@@ -198,22 +272,16 @@ class GitWorktrees:
         `branch` is checked out and `base` is unused. A non-zero exit raises
         ToolFailed even though git may already have made the branch and worktree.
         """
-        from filelock import FileLock
-
         path = _absolute(path)
-        lock_path = self._lock_path(repo)
-        self.lock_dir.mkdir(parents=True, exist_ok=True)
-        path.parent.mkdir(parents=True, exist_ok=True)
         if new_branch:
             # --no-track: setting up tracking writes .git/config, which parallel adds race on.
             args = ["worktree", "add", "--no-track", "-b", branch, "--", str(path), base]
         else:
             args = ["worktree", "add", "--", str(path), branch]
-        # flock is released when its holder dies, so waiting without a timeout can
-        # only wait for a live git; the wait stays interruptible by Ctrl-C.
-        with FileLock(str(lock_path)):
+        with self._locked(repo):
+            path.parent.mkdir(parents=True, exist_ok=True)
             self._run(repo, *args)
-        found = self._entry(repo, path)
+            found = self._entry(repo, path)
         return found is not None and found[1].branch == f"refs/heads/{branch}"
 
     def remove(self, repo: Path, path: Path) -> None:
@@ -222,7 +290,10 @@ class GitWorktrees:
         Callers decide whether the work in it may be discarded; a path that is not
         a registered worktree is left alone, whatever it holds.
         """
-        path = _absolute(path)
+        with self._locked(repo):
+            self._remove(repo, _absolute(path))
+
+    def _remove(self, repo: Path, path: Path) -> None:
         found = self._entry(repo, path)
         if found is None:
             return
@@ -264,5 +335,12 @@ class GitWorktrees:
         return int(out.stdout.strip())
 
     def has_changes(self, worktree: Path) -> bool:
-        """Uncommitted changes or untracked files in the worktree."""
-        return self._run(worktree, "status", "--porcelain").stdout.strip() != ""
+        """Uncommitted changes or untracked (not ignored) files in the worktree."""
+        self._git()
+        git = gitpython()
+        try:
+            repo = git.Repo(worktree)
+        except (git.NoSuchPathError, git.InvalidGitRepositoryError):
+            raise EnvironmentProblem(f"{worktree} is not a git repository") from None
+        with repo:
+            return bool(repo.is_dirty(index=True, working_tree=True, untracked_files=True))

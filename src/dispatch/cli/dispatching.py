@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from dispatch.cli import output as out
+from dispatch.cli.tasks import NO_REAP
 from dispatch.errors import UsageError
 
 if TYPE_CHECKING:
@@ -40,6 +41,7 @@ def run(
     next_: bool = typer.Option(False, "--next", help="The highest-priority ready task(s)."),
     max_: int = typer.Option(1, "--max", min=1, help="With --next: dispatch up to N tasks."),
     json: bool = JSON,
+    no_reap: bool = NO_REAP,
 ) -> None:
     """Start a task's agent in its own worktree and tmux window.
 
@@ -58,7 +60,7 @@ def run(
         assert result is not None
         _print_result(result, json)
         return
-    run_ = run_next(app, max_)
+    run_ = run_next(app, max_, reap=not no_reap)
     if run_.failures and not run_.started:
         for failure in run_.failures[1:]:
             out.notice(f"dispatch: error: {failure.message}")
@@ -167,11 +169,13 @@ def done(ctx: typer.Context, task: int | None = typer.Argument(None), json: bool
     """
     from dispatch.services.control import signal_done
 
-    attempt = signal_done(_app(ctx), task)
+    attempt, recorded = signal_done(_app(ctx), task)
     if json:
         out.emit_json(out.attempt_json(attempt))
-    else:
+    elif recorded:
         out.notice(f"attempt {attempt.id} of task {attempt.task_id} marked done")
+    else:
+        out.notice(f"attempt {attempt.id} of task {attempt.task_id} was already marked done")
 
 
 def logs(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import NoReturn
@@ -20,22 +21,45 @@ from dispatch.errors import DispatchError
 def main() -> NoReturn:
     """The console script: run, flush, and exit without interpreter teardown."""
     args = sys.argv[1:]
-    if args == ["--version"]:
-        code = _say(f"dispatch {__version__}")
-    elif args in (["--help"], ["-h"]) and _help_fits():
-        from dispatch.cli.help_text import TOP_LEVEL
-
-        sys.stdout.write(TOP_LEVEL)
-        code = 0
-    elif len(args) == 2 and args[0] == "agent-exec" and args[1].isdigit():
-        code = funnel(lambda: _agent_exec(int(args[1])))
-    else:
-        from dispatch.cli.main import run
-
-        code = run(args)
+    try:
+        code = _dispatch(args)
+    except KeyboardInterrupt:
+        # Ctrl-C before the funnel is in place (while the CLI is still being imported)
+        # or after it (while closing): one line all the same, never a traceback.
+        code = funnel(_interrupted)
     _flush()
     # Interpreter teardown of SQLAlchemy & co. costs ~150 ms: skip it, output is flushed.
     os._exit(code)
+
+
+def _dispatch(args: list[str]) -> int:
+    if args == ["--version"]:
+        return _say(f"dispatch {__version__}")
+    if args in (["--help"], ["-h"]) and _help_fits():
+        from dispatch.cli.help_text import TOP_LEVEL
+
+        sys.stdout.write(TOP_LEVEL)
+        return 0
+    if len(args) == 2 and args[0] == "agent-exec" and args[1].isdigit():
+        python_interrupts()
+        return funnel(lambda: _agent_exec(int(args[1])))
+    from dispatch.cli.main import run
+
+    return run(args)
+
+
+def python_interrupts() -> None:
+    """From here on a Ctrl-C is Python's KeyboardInterrupt, for the command to handle.
+
+    Until then the console script's handler ends the process at once: a KeyboardInterrupt
+    raised while modules are still being imported can surface as a traceback, or be
+    "ignored" inside an import lock's callback and lost."""
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _interrupted() -> int:
+    raise KeyboardInterrupt
 
 
 def _help_fits() -> bool:

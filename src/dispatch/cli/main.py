@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from dispatch import __version__
-from dispatch.cli.entry import funnel
+from dispatch.cli.entry import funnel, python_interrupts
 from dispatch.cli.output import Mode
 from dispatch.errors import DispatchError, UsageError
 
@@ -92,11 +92,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "attach": ("dispatching", "attach"),
     "sweep": ("sweep", "sweep"),
     "serve": ("serve", "serve"),
+    "gc": ("gc", "gc"),
+    "restore": ("gc", "restore"),
     "doctor": ("db", "doctor"),
     "db": ("db", "db_app"),
     "agent-exec": ("dispatching", "agent_exec"),
 }
 _HIDDEN = {"agent-exec"}
+# What typer returns, without a word, when a Ctrl-C interrupted the command.
+TYPER_INTERRUPTED = 130
 _GLOBAL_WITH_VALUE = {"--db", "--config"}
 
 
@@ -154,16 +158,20 @@ def run(args: list[str]) -> int:
     Mode.json = "--json" in args
 
     def work() -> int:
+        cli = build(_command_of(args))
+        python_interrupts()
         try:
-            result = build(_command_of(args))(
-                args=args, prog_name="dispatch", standalone_mode=False
-            )
+            result = cli(args=args, prog_name="dispatch", standalone_mode=False)
         except typer.Exit as exc:
             return exc.exit_code
         except typer.Abort:
             raise DispatchError("aborted") from None
         except typer.TyperException as exc:  # bad usage: unknown option, malformed id, ...
             raise UsageError(exc.format_message(), hint=_help_hint(exc)) from None
+        if result == TYPER_INTERRUPTED:
+            # typer turns a Ctrl-C into a silent exit 130 (no command returns 130): the
+            # funnel says it, as for a Ctrl-C anywhere else.
+            raise KeyboardInterrupt
         return result if isinstance(result, int) else 0
 
     try:

@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from dispatch.errors import DispatchError
+    from dispatch.services.gc import GcReport
+    from dispatch.services.restore import Restored
     from dispatch.store.statements import AttemptRow, EventRow, TaskRow, TaskSummary
 
 
@@ -212,3 +214,66 @@ def bulk_summary(rows: Sequence[tuple[int, str, str]]) -> None:
     for task_id, status, detail in rows:
         table.add_row(str(task_id), _status(status), _safe(detail))
     _console().print(table)
+
+
+def gc_json(report: GcReport) -> dict[str, Any]:
+    return {
+        "removed": [
+            {"task_id": r.task_id, "worktree": r.worktree, "snapshot": r.snapshot, "bytes": r.bytes}
+            for r in report.removed
+        ],
+        "kept": [{"task_id": k.task_id, "reason": k.reason} for k in report.kept],
+        "freed_bytes": report.freed_bytes,
+    }
+
+
+def _size(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def gc_table(report: GcReport) -> None:
+    """What gc removed (or would) and what it kept, with why."""
+    from rich.table import Table
+
+    verb = "would remove" if report.dry_run else "removed"
+    if report.removed or report.kept:
+        table = Table(box=None, pad_edge=False)
+        for name in ("TASK", "ACTION", "WORKTREE", "SNAPSHOT", "SIZE"):
+            table.add_column(name, overflow="fold")
+        for r in report.removed:
+            task = "orphan" if r.task_id is None else str(r.task_id)
+            table.add_row(task, verb, _safe(r.worktree), _safe(r.snapshot) or "-", _size(r.bytes))
+        for k in report.kept:
+            task = "orphan" if k.task_id is None else str(k.task_id)
+            table.add_row(task, "kept", _safe(k.reason), "", "")
+        _console().print(table)
+    for branch in report.branches:
+        notice(f"{'would delete' if report.dry_run else 'deleted'} merged branch {branch}")
+    freed = "would free" if report.dry_run else "freed"
+    notice(
+        f"{verb} {len(report.removed)} worktree(s), kept {len(report.kept)}; "
+        f"{freed} {_size(report.freed_bytes)}"
+    )
+
+
+def restored_json(r: Restored) -> dict[str, Any]:
+    return {
+        "task_id": r.task_id,
+        "worktree": r.worktree,
+        "branch": r.branch,
+        "snapshot": r.snapshot,
+        "restored": r.restored,
+    }
+
+
+def restored_line(r: Restored) -> None:
+    if not r.restored:
+        notice(f"task {r.task_id}: worktree {r.worktree} is already there; nothing to do")
+        return
+    applied = f", uncommitted work from {r.snapshot}" if r.snapshot else ""
+    notice(f"task {r.task_id}: restored worktree {r.worktree} on {r.branch}{applied}")

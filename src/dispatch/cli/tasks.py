@@ -10,6 +10,11 @@ from dispatch.cli import output as out
 from dispatch.errors import UsageError
 
 JSON = typer.Option(False, "--json", help="Print JSON instead of a table.")
+NO_REAP = typer.Option(
+    False,
+    "--no-reap",
+    help="Only read: do not first reap this host's dead agents (env DISPATCH_NO_REAP=1).",
+)
 
 
 def _state(ctx: typer.Context):  # type: ignore[no-untyped-def]
@@ -63,11 +68,12 @@ def list_(
     status: list[str] = typer.Option([], "--status", help="Only tasks in this status (repeat)."),
     all_: bool = typer.Option(False, "--all", help="Include closed tasks."),
     json: bool = JSON,
+    no_reap: bool = NO_REAP,
 ) -> None:
     """List tasks (closed ones only with --all)."""
     from dispatch.services.tasks import list_tasks
 
-    tasks = list_tasks(_state(ctx), status, include_closed=all_)
+    tasks = list_tasks(_state(ctx), status, include_closed=all_, reap=not no_reap)
     if json:
         out.emit_json([out.task_json(t) for t in tasks])
     else:
@@ -78,12 +84,13 @@ def show(
     ctx: typer.Context,
     task: int = typer.Argument(..., help="Task id."),
     json: bool = JSON,
+    no_reap: bool = NO_REAP,
 ) -> None:
     """Show a task, its attempts and its event timeline."""
     from dispatch.services.tasks import show_task
     from dispatch.shapes import task_detail_json
 
-    view = show_task(_state(ctx), task)
+    view = show_task(_state(ctx), task, reap=not no_reap)
     if json:
         out.emit_json(task_detail_json(view))
     else:

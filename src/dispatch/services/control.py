@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from dispatch.adapters.processes import attempt_marker, attempt_processes, stop_processes
+from dispatch.adapters.protocols import Pane
 from dispatch.app import App
-from dispatch.errors import Conflict, NotFound, UsageError
+from dispatch.errors import Conflict, NotFound, ToolFailed, UsageError
 from dispatch.lifecycle import Action, AttemptState, Outcome, Status, next_status
-from dispatch.services.processes import proc_stat
+from dispatch.services.panes import Panes
 from dispatch.services.tasks import TaskView
 from dispatch.store import statements as st
 from dispatch.store.direct import Tx, utcnow
@@ -24,6 +24,8 @@ CANCEL_GRACE_SECONDS = 5.0
 # After the window is killed, the wrapper gives its agent 2 s (wrapper.KILL_GRACE_SECONDS)
 # before SIGKILL, then records the cancel: wait for that, with room to spare.
 KILL_GRACE_SECONDS = 6.0
+# What each signal gives the agent's processes when cancel has to send them itself.
+STOP_GRACE_SECONDS = 2.0
 # How long `logs --follow` keeps reading after the attempt ended, for the last lines.
 FOLLOW_DRAIN_SECONDS = 2.0
 
@@ -80,37 +82,59 @@ def cancel_task(app: App, task_id: int, *, reason: str | None = None) -> TaskVie
     if plan.attempt is None:
         return TaskView(plan.task, notices=plan.notices)
     attempt = plan.attempt
-    if attempt.host == app.settings.host:
-        window = attempt.tmux_target.rsplit(":", 1)[-1] if attempt.tmux_target else None
-        terminal = app.terminal
-        if window and terminal.window_exists(window):
-            terminal.send_interrupt(window)
-            if not _wait_ended(app, attempt.id, CANCEL_GRACE_SECONDS):
-                terminal.kill_window(window)  # SIGHUP: the wrapper records `cancelled`
-                if not _wait_ended(app, attempt.id, KILL_GRACE_SECONDS):
-                    _kill_orphaned_agent(attempt)
-        return TaskView(_force_cancel(app, attempt.id, reason))
-    # Another host's agent: its wrapper sees the request at its next heartbeat.
-    task = app.direct.read(lambda tx: st.get_task(tx, task_id))
-    return TaskView(
-        task,
-        notices=[
-            f"cancel requested; attempt {attempt.id} on {attempt.host} stops at its next heartbeat"
-        ],
-    )
+    if attempt.host != app.settings.host:
+        # Another host's agent: its wrapper sees the request at its next heartbeat.
+        return _still_running(
+            app, attempt, f"its agent on {attempt.host} stops at its next heartbeat"
+        )
+    left = _stop_here(app, attempt)
+    if left:
+        pids = ", ".join(map(str, sorted(left)))
+        return _still_running(app, attempt, f"processes {pids} of its agent are still running")
+    return TaskView(_force_cancel(app, attempt.id, reason))
 
 
-def _kill_orphaned_agent(attempt: AttemptRow) -> None:
-    """The wrapper could not stop its agent (it is stopped or stuck): kill the agent here,
-    so the task is not recorded cancelled while the agent still works. Only a process
-    whose parent is still this attempt's wrapper is the agent: pids are reused."""
-    pid, wrapper = attempt.agent_pid, attempt.wrapper_pid
-    if not pid or not wrapper:
-        return
-    stat = proc_stat(pid)  # None: gone already, or no /proc to tell whose it is
-    if stat is not None and stat.parent == wrapper:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+def _still_running(app: App, attempt: AttemptRow, why: str) -> TaskView:
+    """The cancel is recorded as asked for, not as done: nothing here saw the agent stop."""
+    task = app.direct.read(lambda tx: st.get_task(tx, attempt.task_id))
+    if task.status != Status.IN_PROGRESS.value or task.current_attempt_id != attempt.id:
+        return TaskView(task)  # its wrapper recorded the end meanwhile
+    return TaskView(task, notices=[f"cancel requested; attempt {attempt.id} {why}"])
+
+
+def agent_processes(app: App, attempt: AttemptRow) -> set[int]:
+    """The live processes of an attempt of this host: its agent's group, and every process
+    carrying the attempt's variables (the wrapper itself is not one of them)."""
+    marker = attempt_marker(attempt.id, app.settings.database)
+    exclude = [attempt.wrapper_pid] if attempt.wrapper_pid else []
+    return attempt_processes(marker, group=attempt.agent_pid, exclude=exclude)
+
+
+def find_pane(app: App, attempt: AttemptRow) -> Pane | None:
+    """The attempt's pane on the tmux server it was started on, found as the sweep finds
+    it (by its wrapper's command), never assumed; None if there is none or no server."""
+    terminal = app.terminal_for(attempt.tmux_socket)
+    try:
+        return Panes.of(terminal.list_panes()).of_attempt(attempt)
+    except ToolFailed:
+        return None  # a server that does not answer: the processes are still ours to stop
+
+
+def _stop_here(app: App, attempt: AttemptRow) -> set[int]:
+    """Stop an attempt's agent on this host; returns the processes still running after it.
+
+    Ctrl-C first, as a person would; then the window's hangup, which the wrapper answers
+    by stopping the agent's process group; then the processes themselves, which also
+    covers a window that cannot be found and a wrapper that cannot act."""
+    pane = find_pane(app, attempt)
+    if pane is not None:
+        terminal = app.terminal_for(attempt.tmux_socket)
+        terminal.send_interrupt(pane.window_id)
+        if not _wait_ended(app, attempt.id, CANCEL_GRACE_SECONDS):
+            terminal.kill_window(pane.window_id)  # SIGHUP: the wrapper stops its agent
+            _wait_ended(app, attempt.id, KILL_GRACE_SECONDS)
+    current = app.direct.read(lambda tx: st.get_attempt(tx, attempt.id))
+    return stop_processes(lambda: agent_processes(app, current), grace=STOP_GRACE_SECONDS)
 
 
 def _wait_ended(app: App, attempt_id: int, seconds: float) -> bool:
@@ -192,12 +216,15 @@ def close_task(app: App, task_id: int) -> TaskView:
     return app.direct.write(work)
 
 
-def signal_done(app: App, task_id: int | None, cwd: Path | None = None) -> AttemptRow:
-    """Record completion evidence; resolves TASK, then DISPATCH_ATTEMPT_ID, then the cwd."""
+def signal_done(app: App, task_id: int | None, cwd: Path | None = None) -> tuple[AttemptRow, bool]:
+    """Record completion evidence; resolves TASK, then DISPATCH_ATTEMPT_ID, then the cwd.
+
+    Returns the attempt and whether this call recorded it (a second signal changes
+    nothing and makes no event)."""
     env_attempt = os.environ.get("DISPATCH_ATTEMPT_ID")
     here = (cwd or Path.cwd()).resolve()
 
-    def work(tx: Tx) -> AttemptRow:
+    def work(tx: Tx) -> tuple[AttemptRow, bool]:
         attempt: AttemptRow | None
         if task_id is not None:
             task = st.get_task(tx, task_id)
@@ -217,9 +244,11 @@ def signal_done(app: App, task_id: int | None, cwd: Path | None = None) -> Attem
                 f"attempt {attempt.id} of task {attempt.task_id} is {attempt.state}, "
                 "not running; there is nothing to mark done"
             )
+        if attempt.done_signalled_at is not None:
+            return attempt, False
         st.update_attempt(tx, attempt.id, done_signalled_at=utcnow())
         st.record_event(tx, "done-signalled", task_id=attempt.task_id, attempt_id=attempt.id)
-        return st.get_attempt(tx, attempt.id)
+        return st.get_attempt(tx, attempt.id), True
 
     return app.direct.write(work)
 
@@ -287,9 +316,7 @@ def follow_log(app: App, attempt: AttemptRow, path: Path) -> Iterator[bytes]:
 
 
 def _window_open(app: App, attempt: AttemptRow) -> bool:
-    if attempt.host != app.settings.host or not attempt.tmux_target:
-        return False
-    return app.terminal.window_exists(attempt.tmux_target.rsplit(":", 1)[-1])
+    return attempt.host == app.settings.host and find_pane(app, attempt) is not None
 
 
 def attach_argv(app: App, task_id: int) -> list[str]:
@@ -298,23 +325,24 @@ def attach_argv(app: App, task_id: int) -> list[str]:
     def work(tx: Tx) -> AttemptRow:
         task = st.get_task(tx, task_id)
         attempt = _current_attempt(tx, task)
-        if attempt is None or attempt.state == AttemptState.ENDED.value or not attempt.tmux_target:
+        if attempt is None or attempt.state == AttemptState.ENDED.value:
             raise Conflict(f"task {task_id} is {task.status}; it has no window to attach to")
         return attempt
 
     attempt = app.direct.read(work)
     if attempt.host != app.settings.host:
         raise Conflict(f"task {task_id} runs on {attempt.host}, not here")
-    window = attempt.tmux_target.rsplit(":", 1)[-1]  # type: ignore[union-attr]
-    if not app.terminal.window_exists(window):
+    pane = find_pane(app, attempt)
+    if pane is None:
         raise Conflict(f"the window of task {task_id} is gone", hint="run `dispatch sweep`")
-    return app.terminal.attach_argv(window, inside_tmux=_inside_our_server(app))
+    terminal = app.terminal_for(attempt.tmux_socket)
+    return terminal.attach_argv(pane.window_id, inside_tmux=_inside_server(attempt.tmux_socket))
 
 
-def _inside_our_server(app: App) -> bool:
+def _inside_server(socket: str | None) -> bool:
     """`switch-client` only works from a client of the same server; else attach."""
     current = os.environ.get("TMUX", "")
     if not current:
         return False
     socket_path = current.split(",", 1)[0]
-    return Path(socket_path).name == (app.settings.tmux_socket or "default")
+    return Path(socket_path).name == (socket or "default")

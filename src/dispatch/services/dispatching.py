@@ -16,10 +16,12 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from dispatch.adapters.protocols import Worktrees
 from dispatch.app import App
 from dispatch.errors import Conflict, DispatchError, DispatchFailed, NotFound, UsageError
 from dispatch.lifecycle import RETRYABLE, Action, AttemptState, Status, next_status
 from dispatch.services.cleanup import kill_attempt_windows, remove_created, remove_prompt, roll_back
+from dispatch.services.control import agent_processes
 from dispatch.services.naming import (
     branch_name,
     prompt_path,
@@ -28,6 +30,7 @@ from dispatch.services.naming import (
     wrapper_argv,
 )
 from dispatch.services.saga import NO_WORK, Saga, Step, StepFailed, describe, signals_interrupt
+from dispatch.services.sweep import reconcile
 from dispatch.store import statements as st
 from dispatch.store.direct import Tx, utcnow
 from dispatch.store.statements import AttemptRow, TaskRow, list_tasks
@@ -213,6 +216,21 @@ def _write_intent(d: Dispatch, columns: dict[str, Any] | None = None, **intent: 
 
 def make_worktree(d: Dispatch) -> bool:
     """Create (or, for a redispatch, reuse) the task's branch and worktree."""
+    assert d.task
+    if d.task.worktree is None:
+        return _make_worktree(d)  # a first dispatch: there is nothing gc could have taken
+    # `dispatch gc` may be collecting this worktree right now, or may have: under its
+    # guard, bring back what it collected first, so the agent finds its work.
+    from dispatch.services.guards import task_guard
+    from dispatch.services.restore import restore_collected
+
+    with task_guard(d.app, d.task.id):
+        if restore_collected(d.app, d.task, d.attempt_id):
+            d.warnings.append(f"worktree {d.task.worktree} had been collected; restored it")
+        return _make_worktree(d)
+
+
+def _make_worktree(d: Dispatch) -> bool:
     assert d.task and d.worktree and d.branch
     git, repo = d.app.worktrees, Path(d.task.repo)
     branch_existed = git.branch_exists(repo, d.branch)
@@ -235,6 +253,7 @@ def make_worktree(d: Dispatch) -> bool:
     if worktree_existed:
         if not git.is_worktree(repo, d.worktree):
             raise DispatchError(f"{d.worktree} exists and is not a worktree of {repo}")
+        _check_on_branch(git, d.worktree, d.branch, exists=branch_existed)
         if git.has_changes(d.worktree):
             d.warnings.append(f"worktree {d.worktree} has uncommitted changes; they are kept")
         return True
@@ -245,6 +264,24 @@ def make_worktree(d: Dispatch) -> bool:
     if not (d.worktree.is_dir() and git.is_worktree(repo, d.worktree)):
         raise DispatchError(f"git reported worktree {d.worktree} made, but it is not there")
     return True
+
+
+def _check_on_branch(git: Worktrees, worktree: Path, branch: str, *, exists: bool) -> None:
+    """A reused worktree must be on the task's branch: on a detached HEAD, or on a branch
+    that was deleted, the agent's commits would belong to no branch (and `completion =
+    "commits"` could never be met). Refused, not repaired: which commit is right is the
+    user's call."""
+    head = git.head_ref(worktree)
+    if exists and head == branch:
+        return
+    if not exists:
+        state = f"its branch {branch} was deleted"
+        fix = f"`git -C {worktree} switch -c {branch}`"
+    else:
+        state = f"it is on {head}, not on {branch}"
+        fix = f"`git -C {worktree} switch {branch}`"
+    # The hint goes in the message: a failed step reports its error's message alone.
+    raise DispatchError(f"worktree {worktree}: {state} ({fix}, then redispatch)")
 
 
 def undo_worktree(d: Dispatch) -> None:
@@ -542,12 +579,14 @@ class RunNext:
         return [r for r in self.results if isinstance(r, DispatchResult)]
 
 
-def run_next(app: App, limit: int) -> RunNext:
+def run_next(app: App, limit: int, *, reap: bool = True) -> RunNext:
     """Dispatch up to `limit` of the highest-priority ready tasks, within max_running.
 
     A task whose dispatch fails is not tried again in the same run: a broken task must
     not use up its whole failure allowance at once, nor block the tasks behind it.
     """
+    if reap:
+        reconcile(app)  # a dead agent's task must not count against max_running
     run = RunNext()
     tried: set[int] = set()
     while len(run.results) < limit:
@@ -582,9 +621,32 @@ def redispatch(
         task_id, previous = attempt.task_id, attempt.id
     if task_id is None:
         raise NotFound("give a task id or --attempt")
+    _refuse_while_alive(app, task_id)
     result = dispatch_task(app, task_id, action=Action.REDISPATCH, redispatch_of=previous)
     assert result is not None
     return result
+
+
+def _refuse_while_alive(app: App, task_id: int) -> None:
+    """A second agent must never work in the worktree while the last one's processes run."""
+
+    def work(tx: Tx) -> AttemptRow | None:
+        st.get_task(tx, task_id)  # an unknown task is refused as such
+        return st.latest_attempt(tx, task_id)
+
+    latest = app.direct.read(work)
+    if latest is None or latest.state != AttemptState.ENDED.value:
+        return  # a running attempt is refused by the claim, with its window named
+    if latest.host != app.settings.host:
+        return  # nothing here can see that host's processes
+    alive = agent_processes(app, latest)
+    if alive:
+        pids = " ".join(map(str, sorted(alive)))
+        raise Conflict(
+            f"task {task_id}: processes {pids} of attempt {latest.id} are still running "
+            "in its worktree",
+            hint=f"wait for them to exit, or stop them: kill {pids}",
+        )
 
 
 def retryable_task_ids(app: App, statuses: list[str]) -> list[int]:

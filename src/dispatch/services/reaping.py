@@ -14,7 +14,8 @@ from dispatch.store.direct import Tx, utcnow
 from dispatch.store.statements import AttemptCheck, AttemptRow
 
 if TYPE_CHECKING:
-    from dispatch.services.sweep import Panes, SweepReport
+    from dispatch.services.panes import Panes
+    from dispatch.services.sweep import SweepReport
 
 # How long a sweep waits for another sweep that is finishing an undo on this host.
 UNDO_LOCK_SECONDS = 60.0

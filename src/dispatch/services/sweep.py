@@ -12,13 +12,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from dispatch.adapters.protocols import Pane
+from dispatch.adapters.processes import process_alive
 from dispatch.app import App
 from dispatch.lifecycle import Action, AttemptState, Status, next_status
-from dispatch.services.naming import WRAPPER_MARKER
-from dispatch.services.processes import process_alive
+from dispatch.services.panes import Panes, attempt_of, window_of
 from dispatch.services.reaping import Reap, reap_dispatch, reap_running, reap_stuck
-from dispatch.store.statements import AttemptCheck, census
+from dispatch.store.statements import AttemptCheck, census, live_here
 
 _TASK_DIR = re.compile(r"task-(\d+)")
 
@@ -71,50 +70,6 @@ def _orphan_dirs(dirs: list[tuple[Path, int | None]], repos: dict[int, str]) -> 
     ]
 
 
-def _attempt_of(pane: Pane) -> int | None:
-    """The attempt a pane's wrapper runs for, from its start command `… agent-exec ID`."""
-    parts = pane.start_command.rsplit(" ", 2)
-    if len(parts) == 3 and parts[1] == WRAPPER_MARKER and parts[2].isdigit():
-        return int(parts[2])
-    return None
-
-
-def _window(attempt: AttemptCheck) -> str | None:
-    return attempt.tmux_target.rsplit(":", 1)[-1] if attempt.tmux_target else None
-
-
-@dataclass
-class Panes:
-    """The one tmux listing, indexed the ways the sweep needs."""
-
-    all: list[Pane]
-    by_window: dict[str, Pane]
-    by_attempt: dict[int, list[Pane]]
-
-    @classmethod
-    def of(cls, panes: list[Pane]) -> Panes:
-        by_attempt: dict[int, list[Pane]] = {}
-        for pane in panes:
-            attempt_id = _attempt_of(pane)
-            if attempt_id is not None:
-                by_attempt.setdefault(attempt_id, []).append(pane)
-        return cls(panes, {p.window_id: p for p in panes}, by_attempt)
-
-    def of_attempt(self, attempt: AttemptCheck) -> Pane | None:
-        """The pane running this attempt's wrapper, if there is one."""
-        window = _window(attempt)
-        if window is not None:
-            pane = self.by_window.get(window)
-            # After a tmux server restart a window id can name another window: only a
-            # pane that runs this very attempt's wrapper is this attempt's.
-            return pane if pane is not None and _attempt_of(pane) == attempt.id else None
-        # The dispatcher died before it recorded the window: find it by its command.
-        for pane in self.by_attempt.get(attempt.id, []):
-            if pane.session == attempt.tmux_session:
-                return pane
-        return None
-
-
 def sweep(
     app: App, *, dry_run: bool = False, requeue: bool = False, stale_after: float | None = None
 ) -> SweepReport:
@@ -161,6 +116,32 @@ def sweep(
     report.orphan_windows = _orphan_windows(app, panes, snap.live)
     report.orphan_worktrees = _orphan_dirs(dirs, snap.repos)
     return report
+
+
+def reconcile(app: App) -> list[Reap]:
+    """Apply the sweep's verdict to this host's live attempts, so that a read is true when
+    it is made: one indexed query, and one tmux listing only when there is any."""
+    if app.settings.no_reap:
+        return []
+    live = app.direct.read(lambda tx: live_here(tx, app.settings.host))
+    if not live:
+        return []
+    panes = Panes.of(app.terminal.list_panes())
+    now = datetime.now(UTC)
+    stale = timedelta(seconds=app.settings.stale_after)
+    scratch = SweepReport()  # what a reap could not clean up is the sweep's to report
+    reaped: list[Reap] = []
+    for attempt in live:
+        reason = _verdict(app, attempt, panes, now, stale)
+        if reason is None:
+            continue
+        if attempt.state == AttemptState.STARTING.value:
+            reap = reap_dispatch(app, attempt, reason, panes, scratch)
+        else:
+            reap = reap_running(app, attempt, reason, False)
+        if reap is not None:
+            reaped.append(reap)
+    return reaped
 
 
 def _judged_by_tmux(app: App, attempt: AttemptCheck) -> bool:
@@ -233,10 +214,10 @@ def _would_be(app: App, attempt: AttemptCheck, requeue: bool) -> str:
 def _orphan_windows(app: App, panes: Panes, live: list[AttemptCheck]) -> list[str]:
     """Windows running a dispatch wrapper whose attempt is no longer live; never killed."""
     owned = {a.id for a in live}
-    owned_windows = {_window(a) for a in live if _judged_by_tmux(app, a)}
+    owned_windows = {window_of(a) for a in live if _judged_by_tmux(app, a)}
     found: list[str] = []
     for pane in panes.all:
-        attempt_id = _attempt_of(pane)
+        attempt_id = attempt_of(pane)
         if attempt_id is None:
             continue  # the user's own windows, or a shell they opened in the session
         if attempt_id in owned or pane.window_id in owned_windows:

@@ -9,9 +9,13 @@ from pathlib import Path
 from dispatch.app import App
 from dispatch.errors import Conflict, EnvironmentProblem, UsageError
 from dispatch.lifecycle import Action, Status, next_status
+from dispatch.services.sweep import reconcile
 from dispatch.store import statements as st
 from dispatch.store.direct import Tx, utcnow
 from dispatch.store.statements import AttemptRow, EventRow, TaskRow, TaskSummary
+
+# What every database dispatch runs on stores in an INTEGER column.
+PRIORITY_MIN, PRIORITY_MAX = -(2**31), 2**31 - 1
 
 
 @dataclass
@@ -39,11 +43,20 @@ def add_task(
         raise UsageError("the title is empty")
     if prompt is not None and not prompt.strip():
         raise UsageError("the prompt is empty")
+    for name, text in (("title", title), ("prompt", prompt or "")):
+        if "\0" in text:
+            # No program can be handed it: an argv element ends at the first NUL.
+            raise UsageError(f"the {name} contains a NUL byte, which no agent can receive")
+    if not PRIORITY_MIN <= priority <= PRIORITY_MAX:
+        raise UsageError(f"the priority must be from {PRIORITY_MIN} to {PRIORITY_MAX}")
     agent = agent or app.settings.default_agent
     if agent not in app.settings.agents:
         known = ", ".join(sorted(app.settings.agents))
         raise UsageError(f"unknown agent profile {agent!r} (known: {known})")
-    top = app.worktrees.toplevel((repo or Path.cwd()).expanduser().resolve())
+    where = (repo or Path.cwd()).expanduser().resolve()
+    if where.exists() and not where.is_dir():
+        raise EnvironmentProblem(f"{where} is not a directory, so it is not a git repository")
+    top = app.worktrees.toplevel(where)
     if base is None:
         base = app.worktrees.head_ref(top)
         # A repository without commits names a branch that does not exist yet.
@@ -77,18 +90,24 @@ def add_task(
 
 
 def list_tasks(
-    app: App, statuses: Sequence[str] = (), include_closed: bool = False
+    app: App, statuses: Sequence[str] = (), include_closed: bool = False, *, reap: bool = True
 ) -> list[TaskSummary]:
-    """Tasks as `list` shows them, in the order `run --next` takes them."""
+    """Tasks as `list` shows them, in the order `run --next` takes them, true when read."""
     valid = {s.value for s in Status}
     for status in statuses:
         if status not in valid:
             raise UsageError(f"unknown status {status!r} (one of: {', '.join(sorted(valid))})")
     wanted = sorted(set(statuses))
+    if reap:
+        reconcile(app)
     return app.direct.read(lambda tx: st.list_tasks(tx, wanted, include_closed))
 
 
-def show_task(app: App, task_id: int) -> TaskView:
+def show_task(app: App, task_id: int, *, reap: bool = True) -> TaskView:
+    """A task with its attempts and events, true when read (this host's dead agents reaped)."""
+    if reap:
+        reconcile(app)
+
     def work(tx: Tx) -> TaskView:
         task = st.get_task(tx, task_id)
         attempts = st.attempts_of(tx, task_id)

@@ -20,10 +20,12 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import TypeVar
 
+from dispatch.adapters.processes import attempt_marker, attempt_processes, stop_processes
 from dispatch.app import App
 from dispatch.errors import DispatchError
 from dispatch.lifecycle import Action, AttemptState, Completion, Outcome, Status, derive_outcome
@@ -44,6 +46,8 @@ from dispatch.store.statements import (
 T = TypeVar("T")
 # How long an agent may outlive a forwarded SIGTERM or SIGHUP before it is killed.
 KILL_GRACE_SECONDS = 2.0
+# How long each signal gives what an exited agent left running, before the next one.
+LEFTOVER_GRACE_SECONDS = 1.0
 # How long the wrapper keeps trying to record an exit when the database is busy.
 RECORD_PATIENCE_SECONDS = 120.0
 
@@ -69,8 +73,11 @@ def agent_exec(app: App, attempt_id: int) -> int:
     def forward(signum: int, _frame: FrameType | None) -> None:
         received.append(signum)
         for proc in child:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signum)
+            # The agent leads its own group: the signal reaches all of it. Only while the
+            # agent is not yet reaped: after that its number may name a stranger's group.
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signum)
 
     # Installed before the acknowledgement: a hangup from the dispatcher's undo must not
     # be lost between acknowledging and starting the agent.
@@ -105,8 +112,17 @@ def agent_exec(app: App, attempt_id: int) -> int:
         DISPATCH_WORKTREE=str(worktree),
         DISPATCH_BRANCH=start.branch or "",
     )
+    tty = _terminal()
     try:
-        proc = subprocess.Popen(argv, cwd=worktree, env=env)
+        # The agent leads a process group of its own, so that stopping it stops everything
+        # it started; in the terminal's foreground, so the keyboard and Ctrl-C reach it.
+        proc = subprocess.Popen(
+            argv,
+            cwd=worktree,
+            env=env,
+            process_group=0,
+            preexec_fn=None if tty is None else partial(_take_terminal, tty),
+        )
     except OSError as exc:
         # The agent never ran: that is a failed dispatch, which the dispatcher rolls back.
         message = f"cannot start agent command {argv[0]!r}: {exc.strerror or exc}"
@@ -115,23 +131,35 @@ def agent_exec(app: App, attempt_id: int) -> int:
         return 127 if isinstance(exc, FileNotFoundError) else 126
     child.append(proc)
     if received:  # arrived while the agent was being started
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(received[-1])
-    # Ctrl-C in the pane reaches the agent directly (same foreground process group); the
-    # wrapper stays to record the exit. Ignored only now, so the agent keeps the default.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, received[-1])
+    # The wrapper stays to record the exit, whoever presses Ctrl-C where. Ignored only
+    # now, so the agent keeps the default.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    marker = attempt_marker(attempt_id, settings.database)
+
+    def agent_processes() -> set[int]:
+        return attempt_processes(marker, group=proc.pid)
+
+    cancelled = threading.Event()
     recorded = app.direct.write(lambda tx: record_agent_pid(tx, attempt_id, proc.pid))
     if not recorded:
         # Fenced while starting: the dispatcher rolled this attempt back; the agent goes.
         say(f"attempt {attempt_id} was rolled back by its dispatcher; stopping the agent")
-        with contextlib.suppress(ProcessLookupError):
-            proc.terminate()
+        cancelled.set()
     stop = threading.Event()
     beat = threading.Thread(
-        target=_heartbeat, args=(app, attempt_id, proc, stop), name="heartbeat", daemon=True
+        target=_heartbeat, args=(app, attempt_id, cancelled, stop), name="heartbeat", daemon=True
     )
     beat.start()
-    code = _wait(proc, received)
+    code = _wait(proc, received, cancelled, agent_processes)
+    # Whatever the agent left running (background jobs, servers, workers) goes with it:
+    # nothing may work on a task once its attempt is recorded as ended.
+    left = stop_processes(agent_processes, grace=LEFTOVER_GRACE_SECONDS)
+    if left:
+        say(f"processes {', '.join(map(str, sorted(left)))} of the agent would not stop")
+    if tty is not None:
+        _take_terminal(tty)  # back to the wrapper, to print its last line
     stop.set()
     beat.join(timeout=5)
     interrupted = any(s in (signal.SIGTERM, signal.SIGHUP) for s in received)
@@ -180,29 +208,62 @@ def _which(command: str, cwd: Path) -> str | None:
     return shutil.which(command)
 
 
-def _wait(proc: subprocess.Popen[bytes], received: list[int]) -> int:
-    """The agent's exit status; an agent that outlives a forwarded SIGTERM or SIGHUP by
+def _terminal() -> int | None:
+    """The pane's terminal (the wrapper's stdin), if it runs in one."""
+    try:
+        return 0 if os.isatty(0) else None
+    except OSError:
+        return None
+
+
+def _take_terminal(fd: int) -> None:
+    """Make the calling process's group the terminal's foreground group.
+
+    Run in the agent between fork and exec, and in the wrapper once the agent is gone.
+    A background group may only do this with SIGTTOU ignored, and an ignored signal
+    would stay ignored across exec, so the previous disposition is put back."""
+    previous = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+    try:
+        os.tcsetpgrp(fd, os.getpgrp())
+    except OSError:
+        pass  # the terminal is gone (a hangup): nobody is there to type
+    finally:
+        signal.signal(signal.SIGTTOU, previous)
+
+
+def _wait(
+    proc: subprocess.Popen[bytes],
+    received: list[int],
+    cancelled: threading.Event,
+    agent_processes: Callable[[], set[int]],
+) -> int:
+    """The agent's exit status. A cancel seen by the heartbeat stops the agent's processes
+    (SIGINT, SIGTERM, SIGKILL); an agent that outlives a forwarded SIGTERM or SIGHUP by
     KILL_GRACE_SECONDS is killed: a task is never reported stopped while it still works."""
     signalled_at: float | None = None
+    stopping = False
     while True:
         try:
             # A timeout, not a plain wait: a signal handler cannot end a blocking wait.
             code = proc.wait(timeout=0.2)
             break
         except subprocess.TimeoutExpired:
+            if cancelled.is_set() and not stopping:
+                stopping = True
+                stop_processes(agent_processes, grace=KILL_GRACE_SECONDS)
+                continue
             if not received:
                 continue
             now = time.monotonic()
             if signalled_at is None:
                 signalled_at = now
             elif now - signalled_at > KILL_GRACE_SECONDS:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
+                stop_processes(agent_processes, grace=0, signals=(signal.SIGKILL,))
     return 128 - code if code < 0 else code  # killed by signal N: the shell's 128+N
 
 
 def _heartbeat(
-    app: App, attempt_id: int, proc: subprocess.Popen[bytes], stop: threading.Event
+    app: App, attempt_id: int, cancelled: threading.Event, stop: threading.Event
 ) -> None:
     """Prove liveness to other hosts' sweeps, and honour a cancel made from another host."""
 
@@ -211,12 +272,10 @@ def _heartbeat(
 
     while not stop.wait(app.settings.heartbeat_interval):
         try:
-            cancelled = app.direct.write(beat)
+            if app.direct.write(beat):
+                cancelled.set()
         except Exception:  # a missed beat is harmless; the next one retries
             continue
-        if cancelled:
-            with contextlib.suppress(ProcessLookupError):
-                proc.terminate()
 
 
 # -- how the agent ended, or why it never started ------------------------------------------

@@ -122,6 +122,21 @@ def census(tx: Tx, task_ids: Sequence[int]) -> Census:
     return Census(records(AttemptCheck, rows[0], _ATTEMPT_TIMES), stuck_tasks, repos)
 
 
+def live_here(tx: Tx, host: str) -> list[AttemptCheck]:
+    """This host's attempts not yet ended: what a read reconciles first (by the state index)."""
+    sql = (
+        f"SELECT {_ATTEMPT_COLUMNS}, t.dispatch_failures FROM attempts a"
+        " JOIN tasks t ON t.id = a.task_id"
+        " WHERE a.state IN (:starting, :running) AND a.host = :host ORDER BY a.id"
+    )
+    params = {
+        "starting": AttemptState.STARTING.value,
+        "running": AttemptState.RUNNING.value,
+        "host": host,
+    }
+    return records(AttemptCheck, tx.rows(sql, params), _ATTEMPT_TIMES)
+
+
 class WrapperStart(NamedTuple):
     """What the agent wrapper needs to start its attempt's agent."""
 
@@ -260,15 +275,20 @@ def _attempts(tx: Tx, where: str, params: dict[str, Any]) -> list[AttemptRow]:
     return [a._replace(resume=bool(a.resume), intent=json_value(a.intent)) for a in found]
 
 
+# Ids are 64-bit integers in every database: a larger number names nothing (and would
+# not even bind as a parameter).
+_ID_MAX = 2**63 - 1
+
+
 def get_task(tx: Tx, task_id: int) -> TaskRow:
-    found = _tasks(tx, "WHERE id = :id", {"id": task_id})
+    found = _tasks(tx, "WHERE id = :id", {"id": task_id}) if 0 < task_id <= _ID_MAX else []
     if not found:
         raise NotFound(f"no task {task_id}", hint="`dispatch list --all` shows every task")
     return found[0]
 
 
 def get_attempt(tx: Tx, attempt_id: int) -> AttemptRow:
-    found = _attempts(tx, "WHERE id = :id", {"id": attempt_id})
+    found = _attempts(tx, "WHERE id = :id", {"id": attempt_id}) if 0 < attempt_id <= _ID_MAX else []
     if not found:
         raise NotFound(f"no attempt {attempt_id}")
     return found[0]

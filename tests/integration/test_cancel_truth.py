@@ -1,0 +1,183 @@
+"""`cancelled` means stopped: every process of the agent is gone, wherever its window is."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from dispatch.services.control import attach_argv
+from dispatch.services.dispatching import dispatch_task
+from tests.conftest import TMUX, Env, Result, tmux, windows
+from tests.integration.recovery_helpers import (
+    attempt_row,
+    events_of,
+    new_task,
+    running,
+    settled,
+    task_row,
+    terminal_events,
+    wait_for,
+)
+
+# A shell deaf to every polite signal, whose child inherits the deafness: what build
+# tools and language servers under a real agent often are.
+DEAF = 'trap "" TERM INT HUP; sleep 300'
+
+
+def alive(pid: int) -> bool:
+    """Running, not merely a zombie waiting for whoever inherited it to reap it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def in_worktree(worktree: str) -> set[int]:
+    """Live processes whose working directory is the worktree: an independent witness."""
+    found = set()
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            cwd = os.readlink(f"/proc/{name}/cwd")
+        except OSError:
+            continue
+        if (cwd == worktree or cwd.startswith(worktree + os.sep)) and alive(int(name)):
+            found.add(int(name))
+    return found
+
+
+def sleepers(worktree: str) -> set[int]:
+    """The `sleep 300` processes working in the worktree."""
+    found = set()
+    for pid in in_worktree(worktree):
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0] == b"sleep":
+                found.add(pid)
+        except OSError:
+            continue
+    return found
+
+
+def _start(make_app, repo: Path, env: Env, prompt: str) -> tuple[int, dict]:  # type: ignore[no-untyped-def]
+    app = make_app()
+    task_id = new_task(app, repo, prompt)
+    dispatch_task(app, task_id)
+    attempt = dict(wait_for(lambda: running(env, task_id), "the agent to start"))
+    wait_for(lambda: sleepers(attempt["worktree"]), "the agent's child to start")
+    return task_id, attempt
+
+
+def _assert_cancelled(env: Env, task_id: int, attempt: dict, cancel: Result) -> None:
+    assert cancel.code == 0, cancel.stderr
+    assert f"task {task_id} is cancelled" in cancel.stderr
+    assert in_worktree(attempt["worktree"]) == set()
+    assert task_row(env, task_id)["status"] == "cancelled"
+    assert attempt_row(env, attempt["id"])["outcome"] == "cancelled"
+    assert len(terminal_events(env, task_id)) == 1
+
+
+def test_cancel_ends_the_children_that_ignore_every_signal(
+    cli, make_app, repo: Path, env: Env
+) -> None:
+    task_id, attempt = _start(make_app, repo, env, DEAF)
+    children = sleepers(attempt["worktree"])
+
+    cancel = cli("cancel", str(task_id))
+
+    _assert_cancelled(env, task_id, attempt, cancel)
+    assert not any(alive(pid) for pid in children)
+    assert f"t{task_id}" not in windows(env)
+
+
+def test_cancel_finds_the_window_on_the_attempts_own_tmux_server(
+    cli, make_app, repo: Path, env: Env
+) -> None:
+    task_id, attempt = _start(make_app, repo, env, DEAF)
+
+    # cron, say, with another socket in its environment than the shell that ran it
+    cancel = cli("cancel", str(task_id), extra_env={"DISPATCH_TMUX_SOCKET": "elsewhere-socket"})
+
+    _assert_cancelled(env, task_id, attempt, cancel)
+    assert f"t{task_id}" not in windows(env)  # the attempt's own server's window is gone
+    assert tmux(env, "-L", "elsewhere-socket", "list-sessions").returncode != 0
+
+
+KILL_CALLER_SHIM = """#!/bin/sh
+"{real}" "$@" || exit $?
+for arg in "$@"; do
+  case "$arg" in
+    new-window|new-session) kill -9 $PPID; exit 0 ;;
+  esac
+done
+"""
+
+
+def test_a_window_whose_id_was_never_recorded_is_found_attached_and_cancelled(
+    cli, make_app, repo: Path, env: Env, tmp_path: Path
+) -> None:
+    """The dispatcher dies right after tmux made the window: the attempt runs unrecorded."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "tmux").write_text(KILL_CALLER_SHIM.format(real=TMUX))
+    (shim / "tmux").chmod(0o755)
+    app = make_app()
+    task_id = new_task(app, repo, DEAF)
+    path = f"{shim}{os.pathsep}{os.environ['PATH']}"
+
+    ran = cli("run", str(task_id), extra_env={"PATH": path})
+
+    assert ran.code == -9
+    attempt = dict(wait_for(lambda: running(env, task_id), "the orphaned agent to start"))
+    assert attempt["tmux_target"] is None
+    wait_for(lambda: sleepers(attempt["worktree"]), "the agent's child to start")
+    argv = attach_argv(make_app(), task_id)
+    [window] = tmux(env, "list-windows", "-a", "-F", "#{window_id}").stdout.split()
+    assert argv[-2:] == ["-t", window]
+
+    cancel = cli("cancel", str(task_id))
+
+    _assert_cancelled(env, task_id, attempt, cancel)
+    assert windows(env) == []
+
+
+def test_what_an_agent_leaves_running_ends_with_it(cli, make_app, repo: Path, env: Env) -> None:
+    app = make_app()
+    # The agent starts a deaf background job and exits 0 at once.
+    task_id = new_task(app, repo, f"({DEAF}) & sleep 0.5; exit 0")
+    dispatch_task(app, task_id)
+    worktree = str(wait_for(lambda: attempt_row_of(env, task_id), "the attempt")["worktree"])
+
+    assert wait_for(lambda: settled(env, task_id), "the agent to finish", timeout=20) == "done"
+
+    assert in_worktree(worktree) == set()
+    assert len(events_of(env, task_id, "finished")) == 1
+
+
+def attempt_row_of(env: Env, task_id: int) -> dict | None:
+    current = task_row(env, task_id)["current_attempt_id"]
+    return dict(attempt_row(env, current)) if current else None
+
+
+def test_redispatch_refuses_while_the_last_attempts_processes_run(
+    cli, make_app, repo: Path, env: Env
+) -> None:
+    """The wrapper is killed: its window closes, the sweep reaps, the deaf agent lives on."""
+    task_id, attempt = _start(make_app, repo, env, DEAF)
+    os.kill(attempt["wrapper_pid"], 9)
+    wait_for(lambda: f"t{task_id}" not in windows(env), "the window to close")
+    assert cli("sweep").code == 0
+    assert task_row(env, task_id)["status"] == "interrupted"
+    left = sleepers(attempt["worktree"])
+    assert left  # deaf to the hangup: still working in the worktree
+
+    refused = cli("redispatch", str(task_id))
+
+    assert refused.code == 3, refused.stderr
+    assert f"of attempt {attempt['id']} are still running" in refused.stderr
+    assert events_of(env, task_id, "redispatched") == []
+    for pid in left:
+        os.kill(pid, 9)
+    wait_for(lambda: not sleepers(attempt["worktree"]), "the leftovers to die")
+    again = cli("redispatch", str(task_id))
+    assert again.code == 0, again.stderr

@@ -34,5 +34,5 @@ class GitChanges(GitWorktrees):
                 parts.append(shown.stdout)
             if len(untracked) > MAX_UNTRACKED:
                 parts.append(f"# and {len(untracked) - MAX_UNTRACKED} more untracked files\n")
-        # GitPython strips the last newline of each output.
+        # Each part ends its last line, so the next part's header starts a line of its own.
         return "".join(part if part.endswith("\n") else part + "\n" for part in parts if part)

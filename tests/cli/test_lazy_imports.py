@@ -157,6 +157,30 @@ def test_run_dispatches_without_sqlalchemy(
     assert not names & HEAVY, sorted(names & HEAVY)
 
 
+WEB = {"starlette", "uvicorn", "anyio", "h11"}
+
+
+def test_only_serve_imports_the_web_server(
+    env: Env, cli: Callable[..., Result], repo: Path
+) -> None:
+    assert cli("add", "busy", "--agent", "shell", "--prompt", "sleep 30", cwd=repo).code == 0
+    for args, cwd in (
+        (["--version"], env.root),
+        (["--help"], env.root),
+        (["list", "--json"], env.root),
+        (["run", "1", "--json"], env.root),
+        (["sweep", "--json"], env.root),
+        (["add", "other"], repo),
+    ):
+        code, names = _imported(*args, cwd=cwd)
+        assert code == 0, args
+        assert not names & WEB, (args, sorted(names & WEB))
+    # The probe sees them when they are imported: `serve` with a port that cannot be had.
+    code, names = _imported("serve", "--port", "1", "--host", "192.0.2.1", cwd=env.root)
+    assert code == 7
+    assert {"starlette", "uvicorn"} <= names
+
+
 def test_gc_reads_repositories_with_gitpython_and_only_when_there_is_a_worktree(
     env: Env, cli: Callable[..., Result], repo: Path
 ) -> None:

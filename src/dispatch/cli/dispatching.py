@@ -135,13 +135,9 @@ def _redispatch_all(ctx: typer.Context, statuses: list[str], json: bool) -> None
 
 
 def _result_json(result: DispatchResult) -> dict[str, Any]:
-    data: dict[str, Any] = {
-        "task": out.task_json(result.task, result.attempts),
-        "attempt": out.attempt_json(result.attempt),
-    }
-    if result.warnings:
-        data["warnings"] = result.warnings
-    return data
+    from dispatch.shapes import dispatch_result_json
+
+    return dispatch_result_json(result)
 
 
 def cancel(ctx: typer.Context, task: int = typer.Argument(...), json: bool = JSON) -> None:

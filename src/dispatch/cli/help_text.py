@@ -35,6 +35,7 @@ Commands:
   logs        Print an attempt's pane log, also after its window is gone.
   attach      Switch to (inside tmux) or attach to the task's window.
   sweep       Reap tasks left in-progress without a live agent.
+  serve       Serve the monitor: a web page and JSON API over every task.
   gc          Reclaim finished tasks' worktrees, saving their work first.
   restore     Bring back a collected worktree, uncommitted work too.
   doctor      Check that everything dispatch needs works.

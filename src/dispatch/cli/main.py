@@ -69,6 +69,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "logs": ("dispatching", "logs"),
     "attach": ("dispatching", "attach"),
     "sweep": ("sweep", "sweep"),
+    "serve": ("serve", "serve"),
     "gc": ("gc", "gc"),
     "restore": ("gc", "restore"),
     "doctor": ("db", "doctor"),

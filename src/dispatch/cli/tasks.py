@@ -89,12 +89,11 @@ def show(
 ) -> None:
     """Show a task, its attempts and its event timeline."""
     from dispatch.services.tasks import show_task
+    from dispatch.shapes import task_detail_json
 
     view = show_task(invocation(ctx).app(), task, reap=not no_reap)
     if json:
-        data = out.task_json(view.task, view.attempts)
-        data["events"] = [out.event_json(e) for e in view.events]
-        out.emit_json(data)
+        out.emit_json(task_detail_json(view))
     else:
         out.task_detail(view.task, view.attempts, view.events)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from dispatch.cli import output as out
+from dispatch.cli.context import invocation
 from dispatch.errors import UsageError
 
 
@@ -25,11 +26,10 @@ def sweep(
     Safe from cron and alongside dispatches. Also reports, without deleting, windows
     and worktrees that no task owns.
     """
-    from dispatch.cli.main import state
     from dispatch.config import parse_duration
     from dispatch.services.sweep import sweep as sweep_service
 
-    app = state(ctx).get_app()
+    app = invocation(ctx).app()
     try:
         stale = parse_duration(stale_after) if stale_after else app.settings.stale_after
     except ValueError as exc:

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from dispatch.cli import output as out
+from dispatch.cli.context import invocation
 from dispatch.errors import UsageError
 
 JSON = typer.Option(False, "--json", help="Print JSON instead of a table.")
@@ -15,12 +16,6 @@ NO_REAP = typer.Option(
     "--no-reap",
     help="Only read: do not first reap this host's dead agents (env DISPATCH_NO_REAP=1).",
 )
-
-
-def _state(ctx: typer.Context):  # type: ignore[no-untyped-def]
-    from dispatch.cli.main import state
-
-    return state(ctx).get_app()
 
 
 def add(
@@ -44,7 +39,13 @@ def add(
     if prompt_file is not None:
         prompt = _read_prompt(prompt_file)
     task = add_task(
-        _state(ctx), title, prompt=prompt, repo=repo, agent=agent, base=base, priority=priority
+        invocation(ctx).app(),
+        title,
+        prompt=prompt,
+        repo=repo,
+        agent=agent,
+        base=base,
+        priority=priority,
     )
     if json:
         out.emit_json(out.task_json(task))
@@ -73,7 +74,7 @@ def list_(
     """List tasks (closed ones only with --all)."""
     from dispatch.services.tasks import list_tasks
 
-    tasks = list_tasks(_state(ctx), status, include_closed=all_, reap=not no_reap)
+    tasks = list_tasks(invocation(ctx).app(), status, include_closed=all_, reap=not no_reap)
     if json:
         out.emit_json([out.task_json(t) for t in tasks])
     else:
@@ -88,12 +89,11 @@ def show(
 ) -> None:
     """Show a task, its attempts and its event timeline."""
     from dispatch.services.tasks import show_task
+    from dispatch.shapes import task_detail_json
 
-    view = show_task(_state(ctx), task, reap=not no_reap)
+    view = show_task(invocation(ctx).app(), task, reap=not no_reap)
     if json:
-        data = out.task_json(view.task, view.attempts)
-        data["events"] = [out.event_json(e) for e in view.events]
-        out.emit_json(data)
+        out.emit_json(task_detail_json(view))
     else:
         out.task_detail(view.task, view.attempts, view.events)
 
@@ -107,7 +107,7 @@ def events(
     """The audit log of every state change."""
     from dispatch.services.tasks import list_events
 
-    rows = list_events(_state(ctx), task, limit)
+    rows = list_events(invocation(ctx).app(), task, limit)
     if json:
         out.emit_json([out.event_json(e) for e in rows])
     else:
@@ -122,7 +122,7 @@ def reset(ctx: typer.Context, task: int = typer.Argument(...), json: bool = JSON
     """
     from dispatch.services.tasks import reset_task
 
-    row = reset_task(_state(ctx), task)
+    row = reset_task(invocation(ctx).app(), task)
     if json:
         out.emit_json(out.task_json(row))
     else:
@@ -133,7 +133,7 @@ def close(ctx: typer.Context, task: int = typer.Argument(...), json: bool = JSON
     """Archive a task; a running attempt is cancelled with it."""
     from dispatch.services.control import close_task
 
-    view = close_task(_state(ctx), task)
+    view = close_task(invocation(ctx).app(), task)
     for text in view.notices:
         out.notice(text)
     if json:
@@ -146,7 +146,7 @@ def reopen(ctx: typer.Context, task: int = typer.Argument(...), json: bool = JSO
     """Unarchive a task; it keeps its status."""
     from dispatch.services.tasks import reopen_task
 
-    view = reopen_task(_state(ctx), task)
+    view = reopen_task(invocation(ctx).app(), task)
     for text in view.notices:
         out.notice(text)
     if json:

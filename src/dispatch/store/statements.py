@@ -575,3 +575,55 @@ def release_task(
             **detail,
         )
     return moved
+
+
+class AttemptSummary(NamedTuple):
+    """An attempt as the monitor's task list shows it; its timestamps are ISO 8601 text."""
+
+    id: int
+    task_id: int
+    number: int
+    state: str
+    outcome: str | None
+    exit_code: int | None
+    host: str
+    tmux_target: str | None
+    worktree: str | None
+    branch: str | None
+    session_id: str | None
+    started_at: str
+    ended_at: str | None
+    heartbeat_at: str | None
+    error: str | None
+    redispatch_of: int | None
+
+
+_SUMMARY_TIMES = ("started_at", "ended_at", "heartbeat_at")
+
+
+def latest_attempts(tx: Tx) -> dict[int, AttemptSummary]:
+    """Each task's newest attempt, by task id: one statement whatever the number of tasks.
+    The times stay text, as in `list_tasks`: the monitor lists thousands of them."""
+    sql = (
+        f"SELECT {', '.join(AttemptSummary._fields)} FROM attempts"
+        " WHERE id IN (SELECT MAX(id) FROM attempts GROUP BY task_id)"
+    )
+    found = records(AttemptSummary, tx.rows(sql), _SUMMARY_TIMES, convert=iso_utc)
+    return {a.task_id: a for a in found}
+
+
+def events_after(
+    tx: Tx, after: int, task_id: int | None = None, limit: int = 1000
+) -> list[EventRow]:
+    """Events newer than `after`, oldest first: a range read on the primary key."""
+    sql = f"SELECT {', '.join(EventRow._fields)} FROM events WHERE id > :after"
+    params: dict[str, Any] = {"after": after, "limit": limit}
+    if task_id is not None:
+        sql += " AND task_id = :task"
+        params["task"] = task_id
+    found = records(EventRow, tx.rows(sql + " ORDER BY id LIMIT :limit", params), ("at",))
+    return [e._replace(detail=json_value(e.detail)) for e in found]
+
+
+def last_event_id(tx: Tx) -> int:
+    return int(tx.rows("SELECT COALESCE(MAX(id), 0) FROM events")[0][0])

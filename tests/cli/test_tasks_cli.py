@@ -228,8 +228,8 @@ def test_list_table_for_people(cli: Cli, repo: Path) -> None:
     table = cli("list")
     assert table.code == 0
     header, *rows = table.stdout.splitlines()
-    assert header.split() == ["ID", "STATUS", "PRI", "AGENT", "TITLE", "LAST", "ERROR"]
-    assert rows[0].split() == ["1", "ready", "2", "codex", "write", "the", "docs"]
+    assert header.split() == ["ID", "STATUS", "PRI", "AGENT", "HOST", "TITLE", "LAST", "ERROR"]
+    assert rows[0].split() == ["1", "ready", "2", "codex", "-", "write", "the", "docs"]
     assert len(rows) == 1
     everything = cli("list", "--all").stdout
     assert "ready (closed)" in everything and "archived" in everything

@@ -94,7 +94,7 @@ def task_table(tasks: Iterable[TaskSummary]) -> None:
     from rich.table import Table
 
     table = Table(box=None, pad_edge=False)
-    for name in ("ID", "STATUS", "PRI", "AGENT", "TITLE", "LAST ERROR"):
+    for name in ("ID", "STATUS", "PRI", "AGENT", "HOST", "TITLE", "LAST ERROR"):
         table.add_column(name, overflow="fold")
     rows = 0
     for t in tasks:
@@ -103,6 +103,7 @@ def task_table(tasks: Iterable[TaskSummary]) -> None:
             _status(t.status, t.closed_at is not None),
             str(t.priority),
             _safe(t.agent),
+            _safe(t.host) or "-",
             _safe(t.title),
             _safe(t.last_error),
         )
@@ -132,7 +133,8 @@ def task_detail(t: TaskRow, attempts: Sequence[AttemptRow], events: Sequence[Eve
         console.print(f"  {label:<11}{_safe(value)}")
     if attempts:
         table = Table(title="attempts", box=None, title_justify="left")
-        for name in ("#", "ID", "STATE", "OUTCOME", "EXIT", "WINDOW", "STARTED", "ERROR"):
+        columns = ("#", "ID", "STATE", "OUTCOME", "EXIT", "HOST", "WINDOW", "STARTED", "ERROR")
+        for name in columns:
             table.add_column(name, overflow="fold")
         for a in attempts:
             table.add_row(
@@ -141,6 +143,7 @@ def task_detail(t: TaskRow, attempts: Sequence[AttemptRow], events: Sequence[Eve
                 a.state,
                 a.outcome or "-",
                 "-" if a.exit_code is None else str(a.exit_code),
+                _safe(a.host),
                 a.tmux_target or "-",
                 _iso(a.started_at) or "-",
                 _safe(a.error) or "-",

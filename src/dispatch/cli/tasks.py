@@ -76,7 +76,7 @@ def list_(
 
     tasks = list_tasks(invocation(ctx).app(), status, include_closed=all_, reap=not no_reap)
     if json:
-        out.emit_json([out.task_json(t) for t in tasks])
+        out.emit_json([{**out.task_json(t), "host": t.host} for t in tasks])
     else:
         out.task_table(tasks)
 

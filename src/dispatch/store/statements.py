@@ -32,9 +32,14 @@ class TaskSummary(NamedTuple):
     updated_at: str
     branch: str | None
     worktree: str | None
+    host: str | None  # the host of its latest attempt (SPEC §10), None before any
 
 
 _TASK_TIMES = ("closed_at", "created_at", "updated_at")
+# One indexed probe per listed task: the latest attempt is the one with the largest id.
+_LATEST_HOST = (
+    "(SELECT a.host FROM attempts a WHERE a.task_id = tasks.id ORDER BY a.id DESC LIMIT 1) AS host"
+)
 
 
 def list_tasks(
@@ -48,7 +53,7 @@ def list_tasks(
         where.append(f"status {clause}")
     if not include_closed:
         where.append("closed_at IS NULL")
-    sql = f"SELECT {', '.join(TaskSummary._fields)} FROM tasks"
+    sql = f"SELECT {', '.join(TaskSummary._fields[:-1])}, {_LATEST_HOST} FROM tasks"
     if where:
         sql += " WHERE " + " AND ".join(where)
     sql += " ORDER BY priority DESC, id"

@@ -61,13 +61,23 @@ def test_doctor_passes_when_everything_is_there(run: Cli, env: Env) -> None:
     env.write_config(BASE_CONFIG + 'default_agent = "shell"\n')
     code, checks = _doctor(run)
     assert code == 0, checks
-    assert set(checks) == {"config", "tmux", "git", "database", "migrations", "agent shell"}
+    assert set(checks) == {
+        "config",
+        "tmux",
+        "git",
+        "database server",
+        "database",
+        "migrations",
+        "host",
+        "agent shell",
+    }
     assert all(ok for ok, _ in checks.values())
     assert checks["config"][1] == str(env.config)
     assert checks["migrations"][1] == f"at head ({HEAD_REVISION})"
+    assert checks["database server"][1] == f"SQLite {sqlite3.sqlite_version}"
     people = run("doctor")
     assert people.code == 0
-    assert "FAIL" not in people.stdout and people.stdout.count("ok ") == 6
+    assert "FAIL" not in people.stdout and people.stdout.count("ok ") == 8
 
 
 def test_doctor_names_each_missing_agent_command(run: Cli, env: Env) -> None:
@@ -116,3 +126,59 @@ def test_doctor_reports_missing_tmux(cli: Cli, env: Env) -> None:
     checks = {c["name"]: c for c in done.json()}
     assert checks["tmux"]["ok"] is False and "tmux" in checks["tmux"]["detail"]
     assert checks["git"]["ok"] is True
+
+
+def test_doctor_names_the_postgresql_server_it_reached(pg: str, run: Cli, env: Env) -> None:
+    env.write_config(BASE_CONFIG + 'default_agent = "shell"\n')
+    code, checks = _doctor(run)
+    assert code == 0, checks
+    ok, detail = checks["database server"]
+    assert ok and detail.startswith("PostgreSQL 1")
+
+
+def test_doctor_reports_a_postgresql_server_it_cannot_reach(
+    run: Cli, env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("psycopg", reason="psycopg is not installed")
+    env.write_config(BASE_CONFIG + 'default_agent = "shell"\n')
+    nowhere = env.root / "no-server-here"
+    nowhere.mkdir()
+    monkeypatch.setenv("DISPATCH_DB", f"postgresql+psycopg://postgres@/dispatch?host={nowhere}")
+    code, checks = _doctor(run)
+    assert code == 7
+    ok, detail = checks["database server"]
+    assert not ok and str(nowhere) in detail and "\n" not in detail
+    assert checks["tmux"][0] is True  # every check still ran
+
+
+def test_doctor_finds_this_host_name_used_by_another_live_host(
+    cli: Cli, env: Env, repo: Path
+) -> None:
+    from tests.faults import agent_profile, wait_for
+
+    env.write_config(BASE_CONFIG + agent_profile("sleeper", ["sleep", "60"]))
+    twin = {"DISPATCH_HOST": "twin"}
+    assert cli("add", "long", "--agent", "sleeper", "--prompt", "p", cwd=repo).code == 0
+    assert cli("run", "1", extra_env=twin).code == 0
+
+    def beating() -> bool:
+        attempt = cli("show", "1", "--json").json()["attempts"][0]
+        return attempt["heartbeat_at"] is not None
+
+    wait_for(beating, "the wrapper's first heartbeat")
+    # Another machine with a copy of this one's settings: none of its tmux servers is ours.
+    elsewhere = env.root / "another-machine-tmux"
+    elsewhere.mkdir()
+    copied = {**twin, "TMUX_TMPDIR": str(elsewhere)}
+
+    found = cli("doctor", "--json", extra_env=copied)
+
+    assert found.code == 7, found.stdout
+    host = next(c for c in found.json() if c["name"] == "host")
+    assert host["ok"] is False
+    assert "'twin' is also used by another live host: attempt 1" in host["detail"]
+    for environ in (twin, {"DISPATCH_HOST": "other", "TMUX_TMPDIR": str(elsewhere)}):
+        fine = cli("doctor", "--json", extra_env=environ)
+        checks = {c["name"]: c for c in fine.json()}
+        assert checks["host"]["ok"] is True, checks["host"]
+    assert cli("show", "1", "--json", extra_env=twin).json()["status"] == "in-progress"

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 
 from dispatch.app import App
 from dispatch.config import BUILTIN_AGENTS
 from dispatch.errors import DispatchError
+from dispatch.lifecycle import AttemptState
 
 
 @dataclass(frozen=True)
@@ -30,8 +33,10 @@ def run_checks(make_app: Callable[[], App]) -> list[Check]:
     checks.append(Check("config", where, True))
     checks.append(_check("tmux", lambda: app.terminal.version()))
     checks.append(_check("git", lambda: app.worktrees.version()))
+    checks.append(_check("database server", lambda: _server(app)))
     checks.append(_check("database", lambda: _database(app)))
     checks.append(_check("migrations", lambda: _migrations(app)))
+    checks.append(_check("host", lambda: _host_identity(app)))
     # The default agent and those the config defines: builtins nobody uses need not be installed.
     names = {settings.default_agent} | {
         n for n, p in settings.agents.items() if BUILTIN_AGENTS.get(n) != p
@@ -65,3 +70,52 @@ def _migrations(app: App) -> str:
     if current != HEAD_REVISION:
         raise DispatchError(f"at {current}, head is {HEAD_REVISION}")
     return f"at head ({current})"
+
+
+# `FOR UPDATE SKIP LOCKED`, which claims on PostgreSQL rely on, came with 9.5.
+POSTGRESQL_AT_LEAST = (9, 5)
+
+
+def _server(app: App) -> str:
+    """The server answers, and is new enough: before the schema, so an unreachable
+    server is said as such rather than as a migration problem."""
+    found = app.db.server_version()
+    if found.startswith("PostgreSQL "):
+        numbers = tuple(int(n) for n in re.findall(r"\d+", found)[:2])
+        if numbers < POSTGRESQL_AT_LEAST:
+            need = ".".join(map(str, POSTGRESQL_AT_LEAST))
+            raise DispatchError(f"{found}: dispatch needs PostgreSQL {need} or newer")
+    return found
+
+
+def _host_identity(app: App) -> str:
+    """No other live machine records attempts under this host's name (a copied config):
+    this host's sweep and reads would judge those by a tmux server they are not on, and
+    reap live agents. Found as running attempts under this name that heartbeat but whose
+    wrapper is on no tmux server here."""
+    from dispatch.services.panes import Panes
+    from dispatch.store import statements as st
+    from dispatch.store.direct import utcnow
+
+    settings = app.settings
+    live = app.direct.read(lambda tx: st.live_here(tx, settings.host))
+    running = [a for a in live if a.state == AttemptState.RUNNING.value]
+    # Younger than two beats (and some slack): a wrapper is beating right now, somewhere.
+    fresh = utcnow() - timedelta(seconds=2 * settings.heartbeat_interval + 5)
+    listings: dict[str, Panes] = {}
+    strangers = []
+    for attempt in running:
+        socket = attempt.tmux_socket or ""
+        if socket not in listings:
+            listings[socket] = Panes.of(app.terminal_for(socket).list_panes())
+        beat = attempt.heartbeat_at
+        if listings[socket].of_attempt(attempt) is None and beat is not None and beat > fresh:
+            server = f"tmux server {socket!r}" if socket else "the default tmux server"
+            strangers.append(f"attempt {attempt.id} ({attempt.tmux_target} on {server})")
+    if strangers:
+        raise DispatchError(
+            f"{settings.host!r} is also used by another live host: "
+            f"{', '.join(strangers)} heartbeats but is on no tmux server here; "
+            "give each host its own DISPATCH_HOST"
+        )
+    return f"{settings.host} ({len(running)} running attempts here)"

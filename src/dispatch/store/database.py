@@ -132,6 +132,17 @@ class Database:
         """The database as messages name it: its path, or its URL without the password."""
         return str(self.path or self.url.render_as_string(hide_password=True))
 
+    def server_version(self) -> str:
+        """The database server's product and version ("PostgreSQL 15.4", "SQLite 3.40.1"),
+        asked of the server itself: doctor's proof that it answers."""
+        sql = "SELECT sqlite_version()" if self.is_sqlite else "SHOW server_version"
+        try:
+            with self.engine.execution_options(dispatch_read=True).connect() as conn:
+                version = str(conn.execute(text(sql)).scalar_one())
+        except DBAPIError as exc:
+            raise self._unusable(exc) from exc
+        return f"{'SQLite' if self.is_sqlite else 'PostgreSQL'} {version}"
+
     # -- schema ------------------------------------------------------------------------
 
     def current_revision(self) -> str | None:

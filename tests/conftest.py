@@ -190,3 +190,38 @@ def pg(pg_server: PostgresServer, env: Env, monkeypatch: pytest.MonkeyPatch) -> 
     url = pg_server.create_database()
     monkeypatch.setenv("DISPATCH_DB", url)
     return url
+
+
+BACKENDS = ("sqlite", "postgresql")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest, env: Env, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The database this test's dispatch uses: the SQLite file in its DISPATCH_HOME, or
+    a database of its own, already migrated, on the private PostgreSQL server."""
+    if request.param == "postgresql" and "pg" not in request.fixturenames:
+        server: PostgresServer = request.getfixturevalue("pg_server")
+        url = server.create_database(template=server.migrated_template())
+        monkeypatch.setenv("DISPATCH_DB", url)
+    return str(request.param)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """One variant where two would be one twice: tests marked `sqlite_only` (what is
+    SQLite's by nature) or `no_database` run on SQLite, tests that ask for `pg`
+    themselves on PostgreSQL."""
+    kept, dropped = [], []
+    for item in items:
+        param = getattr(item, "callspec", None)
+        chosen = param.params.get("backend") if param is not None else None
+        if chosen is None:
+            kept.append(item)
+            continue
+        fixtures = getattr(item, "fixturenames", ())
+        wanted = "postgresql" if "pg" in fixtures else None
+        if any(item.get_closest_marker(m) for m in ("sqlite_only", "no_database")):
+            wanted = "sqlite"
+        (kept if wanted in (None, chosen) else dropped).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept

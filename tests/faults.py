@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sqlite3
 import subprocess
 import sys
 import time
@@ -155,12 +154,9 @@ def wait_for(probe: Callable[[], T], what: str, timeout: float = 20.0) -> T:
 
 def rows(env: Env, query: str, *params: Any) -> list[dict[str, Any]]:
     """Read the database directly (not through dispatch), as an independent witness."""
-    conn = sqlite3.connect(env.db_path, timeout=10)
-    conn.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in conn.execute(query, params).fetchall()]
-    finally:
-        conn.close()
+    from tests import witness
+
+    return [dict(r) for r in witness.rows(env, query, *params)]
 
 
 def task(env: Env, task_id: int) -> dict[str, Any]:

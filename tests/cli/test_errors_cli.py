@@ -161,6 +161,7 @@ def test_not_a_repository_exits_7(run: Cli, env: Env) -> None:
     _json_error(run("add", "x", "--json", cwd=elsewhere), 7, "environment")
 
 
+@pytest.mark.sqlite_only
 def test_a_corrupt_database_exits_7(run: Cli, env: Env) -> None:
     env.home.mkdir()
     env.db_path.write_bytes(b"this is not a database\n" * 100)

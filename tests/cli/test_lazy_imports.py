@@ -19,6 +19,9 @@ import pytest
 from tests.conftest import Env, Result
 from tests.faults import wait_for
 
+# What a command imports on SQLite's stdlib path; on PostgreSQL SQLAlchemy is the executor.
+pytestmark = pytest.mark.sqlite_only
+
 HEAVY = {"sqlalchemy", "alembic", "libtmux", "git", "pydantic"}
 
 

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import os
 import pty
-import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable
-from contextlib import closing
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -16,6 +14,7 @@ import pytest
 
 from dispatch.app import App
 from dispatch.store.models import Attempt, Event
+from tests import witness
 from tests.cli.inprocess import InProcess
 from tests.conftest import Env, Result
 
@@ -146,8 +145,7 @@ def test_add_takes_the_default_agent_from_the_config(cli: Cli, repo: Path, env: 
 
 
 def _prompt_of(env: Env, task_id: int) -> str:
-    with closing(sqlite3.connect(env.db_path, isolation_level=None)) as conn:
-        row = conn.execute("SELECT prompt FROM tasks WHERE id = ?", (task_id,)).fetchone()
+    (row,) = witness.rows(env, "SELECT prompt FROM tasks WHERE id = ?", task_id)
     return str(row[0])
 
 

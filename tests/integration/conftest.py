@@ -28,3 +28,9 @@ def git_repo(repo: Path) -> Path:
 def tmux_socket(env: Env) -> str:
     """The test's private tmux server; the suite's `env` fixture kills it afterwards."""
     return env.socket
+
+
+@pytest.fixture(autouse=True)
+def on_each_backend(backend: str) -> str:
+    """Every test here runs on SQLite and on PostgreSQL (SPEC §10), unless `sqlite_only`."""
+    return backend

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable
@@ -21,28 +20,19 @@ from dispatch.lifecycle import Status
 from dispatch.services.tasks import add_task
 from dispatch.store.direct import utcnow
 from dispatch.store.models import Attempt, Task
+from tests import witness
 from tests.conftest import Env, tmux
 from tests.faults import wait_for as wait_for  # one poller for every test module
 
 
-def rows(env: Env, query: str, *params: Any) -> list[sqlite3.Row]:
-    """Read the database directly, as an independent witness."""
-    conn = sqlite3.connect(env.db_path, timeout=10)
-    conn.row_factory = sqlite3.Row
-    try:
-        return conn.execute(query, params).fetchall()
-    finally:
-        conn.close()
+def rows(env: Env, query: str, *params: Any) -> list[Any]:
+    """Read the database directly, as an independent witness (either backend)."""
+    return witness.rows(env, query, *params)
 
 
 def execute(env: Env, statement: str, *params: Any) -> None:
     """Change the database behind dispatch's back (a stale heartbeat, an expired lease)."""
-    conn = sqlite3.connect(env.db_path, timeout=10)
-    try:
-        with conn:
-            conn.execute(statement, params)
-    finally:
-        conn.close()
+    witness.execute(env, statement, *params)
 
 
 def db_time(moment: datetime) -> str:
@@ -54,19 +44,19 @@ def hours_ago(hours: float = 1.0) -> str:
     return db_time(utcnow() - timedelta(hours=hours))
 
 
-def task_row(env: Env, task_id: int) -> sqlite3.Row:
+def task_row(env: Env, task_id: int) -> Any:
     return rows(env, "SELECT * FROM tasks WHERE id = ?", task_id)[0]
 
 
-def attempt_row(env: Env, attempt_id: int) -> sqlite3.Row:
+def attempt_row(env: Env, attempt_id: int) -> Any:
     return rows(env, "SELECT * FROM attempts WHERE id = ?", attempt_id)[0]
 
 
-def attempts_of(env: Env, task_id: int) -> list[sqlite3.Row]:
+def attempts_of(env: Env, task_id: int) -> list[Any]:
     return rows(env, "SELECT * FROM attempts WHERE task_id = ? ORDER BY id", task_id)
 
 
-def events_of(env: Env, task_id: int, kind: str | None = None) -> list[sqlite3.Row]:
+def events_of(env: Env, task_id: int, kind: str | None = None) -> list[Any]:
     if kind is None:
         return rows(env, "SELECT * FROM events WHERE task_id = ? ORDER BY id", task_id)
     return rows(
@@ -74,7 +64,7 @@ def events_of(env: Env, task_id: int, kind: str | None = None) -> list[sqlite3.R
     )
 
 
-def terminal_events(env: Env, task_id: int) -> list[sqlite3.Row]:
+def terminal_events(env: Env, task_id: int) -> list[Any]:
     """Events that took the task out of in-progress: exactly one per attempt that ended it."""
     return rows(
         env,
@@ -190,7 +180,7 @@ def dispatch_process(env: Env, *args: str, cwd: Path | None = None) -> subproces
     )
 
 
-def running(env: Env, task_id: int) -> sqlite3.Row | None:
+def running(env: Env, task_id: int) -> Any:
     """The task's current attempt once its wrapper has started the agent."""
     found = rows(
         env,

@@ -39,7 +39,9 @@ class Host:
 def _host(env: Env, name: str) -> Host:
     root = env.root / f"{name}-worktrees"
     config = env.root / f"{name}.toml"
-    text = BASE_CONFIG + f'worktree_root = "{root}"\n' + committer_profile()
+    # On the host that ran it, a redispatch would resume; elsewhere there is no session.
+    resume = 'resume = ["sh", "-c", "echo resumed >> work.txt; exit 1"]\n'
+    text = BASE_CONFIG + f'worktree_root = "{root}"\n' + committer_profile() + resume
     config.write_text(text, encoding="utf-8")
     return Host(name, config, root)
 
@@ -106,6 +108,7 @@ def test_a_shared_repository_gets_a_new_branch_from_the_held_branch_tip(
     assert attempt["branch"] == "dispatch/1-job-2"
     assert Path(attempt["worktree"]) == b.worktree_root / "repo" / "task-1"
     assert "checked out at" in moved.stderr  # the user is told, not only the log
+    assert "last session is on host-a; starting it afresh" in moved.stderr
     shown = _settled(cli, b, 2)
     assert shown["status"] == "failed"  # the committer fails again, after its commit
     assert shown["branch"] == "dispatch/1-job-2"  # the task's branch now

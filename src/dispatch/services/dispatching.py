@@ -246,14 +246,21 @@ def _make_worktree(d: Dispatch) -> bool:
         registered = False
     worktree_existed = registered or d.worktree.exists()
     start, moved = d.task.base_ref, None
-    if not worktree_existed:
-        moved = _branch_for_this_host(d, git, repo, branch_existed=branch_existed)
+    columns: dict[str, Any] = {}
+    moved_from = _moved_from(d)
+    if moved_from is not None and not worktree_existed:
+        moved = _branch_for_this_host(d, git, repo, moved_from, branch_existed=branch_existed)
     if moved is not None:
         start = moved["commit"]
         branch_existed = git.branch_exists(repo, d.branch)
+        columns["branch"] = d.branch
+    if moved_from is not None and _attempt(d).resume:
+        # The agent's session (its conversation store) stays on the host that ran it.
+        columns["resume"] = False
+        d.warnings.append(f"the agent's last session is on {moved_from}; starting it afresh")
     _write_intent(
         d,
-        {"branch": d.branch} if moved is not None else None,
+        columns,
         repo=str(repo),
         # What the branch started from: an undo keeps it only for commits made since.
         base=start,
@@ -280,20 +287,23 @@ def _make_worktree(d: Dispatch) -> bool:
     return True
 
 
-def _previous_host(d: Dispatch) -> str | None:
-    """The host of the task's attempt before this one (None on a first dispatch)."""
+def _moved_from(d: Dispatch) -> str | None:
+    """The host of the task's attempt before this one, when that is another host."""
     assert d.task and d.attempt_id is not None
+    if d.task.branch is None:
+        return None  # a first dispatch: nothing ran anywhere else
     task_id, attempt_id = d.task.id, d.attempt_id
 
     def work(tx: Tx) -> str | None:
         earlier = [a for a in st.attempts_of(tx, task_id) if a.id < attempt_id]
         return earlier[-1].host if earlier else None
 
-    return d.app.direct.read(work)
+    previous = d.app.direct.read(work)
+    return previous if previous is not None and previous != d.app.settings.host else None
 
 
 def _branch_for_this_host(
-    d: Dispatch, git: Worktrees, repo: Path, *, branch_existed: bool
+    d: Dispatch, git: Worktrees, repo: Path, previous: str, *, branch_existed: bool
 ) -> dict[str, Any] | None:
     """SPEC §10: the branch a task moved from another host works on here, or None when
     the task's branch can simply be checked out (or made) as on its own host.
@@ -304,11 +314,6 @@ def _branch_for_this_host(
     own), the branch starts from `base_ref` here.
     """
     assert d.task and d.branch and d.worktree
-    if d.task.branch is None:
-        return None  # a first dispatch: nothing ran anywhere else
-    previous = _previous_host(d)
-    if previous is None or previous == d.app.settings.host:
-        return None
     held = git.branch_holder(repo, d.branch) if branch_existed else None
     if not branch_existed:
         reason = f"branch {d.branch} is not in this host's repository {repo}"

@@ -57,7 +57,7 @@ QUICK = {
 }
 # Seconds one claim run may last (each side): the rate is measured, not the time to drain.
 CLAIM_CAP = {"full": 40.0, "quick": 20.0}
-SECTIONS = ("startup", "list", "run", "sweep", "claim", "serve")
+SECTIONS = ("startup", "list", "run", "sweep", "claim", "claim-postgresql", "serve")
 SERVE_TASKS = 10_000
 IDLE_SECONDS = 10.0
 
@@ -968,6 +968,7 @@ def _claim_run(kind: str, env: dict[str, str], db: Path, cap: float) -> ClaimRun
 
 def bench_claim(lab: Lab, reps: int, cap: float) -> list[Figure]:
     world = lab.world("claim")
+    (world.root / "repo").mkdir()  # a claim passes over tasks whose repository is missing
     migrate(world)
     seed_tasks(world, CLAIM_TASKS, repo=str(world.root / "repo"))
     con = sqlite3.connect(world.db_path)
@@ -1013,6 +1014,17 @@ def bench_claim(lab: Lab, reps: int, cap: float) -> list[Figure]:
             notes,
         )
     ]
+
+
+def bench_claim_postgresql(lab: Lab, reps: int, cap: float) -> list[Figure]:
+    """The same claims on a private PostgreSQL server: tests/benchmarks/fleet.py."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from tests.benchmarks import fleet
+
+    try:
+        return fleet.bench_claim_postgresql(lab, reps, cap, Figure)
+    except fleet.Unavailable as exc:
+        raise BenchError(str(exc)) from None
 
 
 # -- the run -------------------------------------------------------------------------------
@@ -1248,6 +1260,10 @@ def main(argv: list[str] | None = None) -> int:
             ("run", lambda: bench_run(lab, reps["run_big"], reps["run_small"])),
             ("sweep", lambda: bench_sweep(lab, reps["sweep"])),
             ("claim", lambda: bench_claim(lab, reps["claim"], CLAIM_CAP[mode])),
+            (
+                "claim-postgresql",
+                lambda: bench_claim_postgresql(lab, reps["claim"], CLAIM_CAP[mode]),
+            ),
             ("serve", lambda: bench_serve(lab, reps["serve"])),
         ]
         for name, bench in plan:

@@ -57,6 +57,10 @@ from tests.integration.store_world import (
     write_with,
 )
 
+# The stdlib sqlite3 path beside SQLAlchemy's on one SQLite file; PostgreSQL's
+# statements are test_postgresql.py's.
+pytestmark = pytest.mark.sqlite_only
+
 
 def _both(app: App) -> tuple[Direct, Direct]:
     fast = open_direct(app.settings.database, lambda: app.db)

@@ -434,6 +434,7 @@ def test_no_write_transaction_is_held_across_git_or_tmux_calls(
     assert probe.violations == []
 
 
+@pytest.mark.sqlite_only  # the probe watches SQLite's one write lock
 def test_the_probe_sees_a_write_held_across_a_call(
     env: Env, repo: Path, make_app: Callable[..., App]
 ) -> None:

@@ -16,6 +16,9 @@ from dispatch.adapters import git as git_adapter
 from dispatch.adapters.git import GitWorktrees
 from dispatch.errors import EnvironmentProblem, ToolFailed
 
+# git alone: no database to run twice.
+pytestmark = pytest.mark.no_database
+
 GitRunner = Callable[..., str]
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from dispatch.services.dispatching import dispatch_task
 from tests.conftest import Env, windows
 from tests.integration.recovery_helpers import (
@@ -91,6 +93,7 @@ def test_a_live_agent_is_left_alone_by_a_read(cli, make_app, repo: Path, env: En
     assert events_of(env, task_id, "reaped") == []
 
 
+@pytest.mark.sqlite_only  # a file deleted: a server's database is not
 def test_a_database_deleted_under_a_running_agent_is_refused_not_recreated(
     cli, make_app, repo: Path, env: Env
 ) -> None:

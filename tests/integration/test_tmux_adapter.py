@@ -20,6 +20,9 @@ from dispatch.adapters.protocols import Pane
 from dispatch.adapters.tmux import TmuxTerminal
 from dispatch.errors import EnvironmentProblem
 
+# tmux alone: no database to run twice.
+pytestmark = pytest.mark.no_database
+
 # Writes its arguments (after the output path) as JSON, atomically, then waits to be killed.
 ECHO_ARGS = (
     "import json, os, sys, time\n"

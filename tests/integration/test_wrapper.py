@@ -109,7 +109,7 @@ def test_the_agent_gets_its_argv_environment_and_directory(
     assert seen["env"] == {
         "DISPATCH_TASK_ID": "1",
         "DISPATCH_ATTEMPT_ID": str(attempt["id"]),
-        "DISPATCH_DB": f"sqlite:///{env.db_path}",
+        "DISPATCH_DB": os.environ.get("DISPATCH_DB", f"sqlite:///{env.db_path}"),
         "DISPATCH_WORKTREE": worktree,
         "DISPATCH_BRANCH": branch,
     }

@@ -12,10 +12,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from dispatch.app import App
+from dispatch.clock import utcnow
 from dispatch.lifecycle import AttemptState, Status
 from dispatch.services.tasks import add_task
 from dispatch.store import statements as st
-from dispatch.store.direct import Direct, Tx, utcnow
+from dispatch.store.direct import Direct, Tx
 from dispatch.store.models import Attempt, Event, Task
 
 T = TypeVar("T")

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
+from dispatch.services import control
 from dispatch.services.control import attach_argv
 from dispatch.services.dispatching import dispatch_task
 from tests.conftest import TMUX, Env, Result, tmux, windows
@@ -181,3 +187,56 @@ def test_redispatch_refuses_while_the_last_attempts_processes_run(
     wait_for(lambda: not sleepers(attempt["worktree"]), "the leftovers to die")
     again = cli("redispatch", str(task_id))
     assert again.code == 0, again.stderr
+
+
+FREEZER = Path("/sys/fs/cgroup/freezer")
+
+
+@contextlib.contextmanager
+def frozen(pids: set[int]) -> Iterator[None]:
+    """The processes frozen by the cgroup freezer, which tmux cannot undo (as it does a
+    SIGSTOP): no signal takes effect on them until they are thawed."""
+    group = FREEZER / f"dispatch-test-{uuid.uuid4().hex[:10]}"
+    group.mkdir()
+    try:
+        for pid in pids:
+            (group / "cgroup.procs").write_text(str(pid))
+        (group / "freezer.state").write_text("FROZEN")
+        wait_for(lambda: (group / "freezer.state").read_text().strip() == "FROZEN", "the freeze")
+        yield
+    finally:
+        (group / "freezer.state").write_text("THAWED")
+        for pid in (group / "cgroup.procs").read_text().split():
+            with contextlib.suppress(OSError):
+                (FREEZER / "cgroup.procs").write_text(pid)
+        group.rmdir()
+
+
+@pytest.mark.skipif(
+    not (FREEZER / "cgroup.procs").exists() or os.geteuid() != 0,
+    reason="needs the cgroup v1 freezer, as root",
+)
+def test_a_cancel_that_cannot_stop_the_agent_says_so_and_leaves_it_in_progress(
+    make_app, repo: Path, env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(control, "CANCEL_GRACE_SECONDS", 0.3)
+    monkeypatch.setattr(control, "KILL_GRACE_SECONDS", 0.5)
+    monkeypatch.setattr(control, "STOP_GRACE_SECONDS", 0.2)
+    task_id, attempt = _start(make_app, repo, env, DEAF)
+    agent = in_worktree(attempt["worktree"])
+
+    with frozen(agent):
+        view = control.cancel_task(make_app(), task_id)
+
+        assert view.task.status == "in-progress"
+        [notice] = view.notices
+        assert f"cancel requested; attempt {attempt['id']} processes" in notice
+        assert "of its agent are still running" in notice
+        assert in_worktree(attempt["worktree"]) == agent
+        assert attempt_row(env, attempt["id"])["cancel_requested_at"] is not None
+        assert terminal_events(env, task_id) == []
+
+    # Thawed, the signals already sent take effect and the wrapper records the end.
+    wait_for(lambda: settled(env, task_id) == "cancelled", "the cancel to land")
+    assert in_worktree(attempt["worktree"]) == set()
+    assert len(terminal_events(env, task_id)) == 1

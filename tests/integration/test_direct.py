@@ -20,13 +20,14 @@ from alembic.config import Config
 from dispatch.adapters.tmux import TmuxTerminal
 from dispatch.app import App
 from dispatch.cli.output import task_json
+from dispatch.clock import utcnow
 from dispatch.errors import DispatchFailed, EnvironmentProblem, NotFound
 from dispatch.lifecycle import AttemptState
 from dispatch.services.dispatching import dispatch_task
 from dispatch.services.tasks import add_task
 from dispatch.store import statements as st
 from dispatch.store.database import migrations_dir
-from dispatch.store.direct import Direct, SqliteFile, ThroughDatabase, Tx, open_direct, utcnow
+from dispatch.store.direct import Direct, SqliteFile, ThroughDatabase, Tx, open_direct
 from dispatch.store.models import Attempt, Event, Task
 from dispatch.store.revisions import HEAD_REVISION, KNOWN_REVISIONS
 from dispatch.store.statements import (

@@ -13,10 +13,11 @@ from typing import Any
 import pytest
 
 from dispatch.app import App
+from dispatch.clock import utcnow
 from dispatch.services.dispatching import dispatch_task, redispatch
 from dispatch.services.sweep import sweep
 from dispatch.services.wrapper import finish
-from dispatch.store.direct import Direct, Tx, utcnow
+from dispatch.store.direct import Direct, Tx
 from tests.conftest import Env, tmux, windows
 from tests.integration.recovery_helpers import (
     attempt_row,

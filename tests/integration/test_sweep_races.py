@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from dispatch.app import App
+from dispatch.clock import utcnow
 from dispatch.services.dispatching import dispatch_task
 from dispatch.services.naming import branch_name, worktree_path
 from dispatch.services.panes import Panes
 from dispatch.services.reaping import _finish_undo
 from dispatch.services.sweep import SweepReport, sweep
-from dispatch.store.direct import utcnow
 from tests.conftest import Env
 from tests.integration.recovery_helpers import (
     attempt_row,

@@ -20,8 +20,9 @@ from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
+from dispatch.clock import utcnow
 from dispatch.store.database import Database, migrations_dir
-from dispatch.store.direct import BUSY_TIMEOUT_MS, utcnow
+from dispatch.store.direct import BUSY_TIMEOUT_MS
 from dispatch.store.models import Attempt, Base, Event, Task
 from dispatch.store.revisions import HEAD_REVISION, KNOWN_REVISIONS
 from tests.cli.inprocess import InProcess

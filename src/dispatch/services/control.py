@@ -11,12 +11,13 @@ from pathlib import Path
 from dispatch.adapters.processes import attempt_marker, attempt_processes, stop_processes
 from dispatch.adapters.protocols import Pane
 from dispatch.app import App
+from dispatch.clock import utcnow
 from dispatch.errors import Conflict, NotFound, ToolFailed, UsageError
 from dispatch.lifecycle import Action, AttemptState, Outcome, Status, next_status
 from dispatch.services.panes import Panes
 from dispatch.services.tasks import TaskView
 from dispatch.store import statements as st
-from dispatch.store.direct import Tx, utcnow
+from dispatch.store.direct import Tx
 from dispatch.store.statements import AttemptRow, TaskRow
 
 # How long an agent gets to stop after C-c, and then after its window is killed.

@@ -18,6 +18,7 @@ from typing import Any
 
 from dispatch.adapters.protocols import Worktrees
 from dispatch.app import App
+from dispatch.clock import utcnow
 from dispatch.errors import Conflict, DispatchError, DispatchFailed, NotFound, UsageError
 from dispatch.lifecycle import RETRYABLE, Action, AttemptState, Status, next_status
 from dispatch.services.cleanup import kill_attempt_windows, remove_created, remove_prompt, roll_back
@@ -32,7 +33,7 @@ from dispatch.services.naming import (
 from dispatch.services.saga import NO_WORK, Saga, Step, StepFailed, describe, signals_interrupt
 from dispatch.services.sweep import reconcile
 from dispatch.store import statements as st
-from dispatch.store.direct import Tx, utcnow
+from dispatch.store.direct import Tx
 from dispatch.store.statements import AttemptRow, TaskRow, list_tasks
 
 # How often confirm reads whether the wrapper acknowledged: a read costs about a millisecond,

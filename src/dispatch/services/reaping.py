@@ -6,11 +6,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from dispatch.app import App
+from dispatch.clock import utcnow
 from dispatch.errors import DispatchError
 from dispatch.lifecycle import Action, AttemptState, Outcome, Status, next_status
 from dispatch.services.cleanup import remove_created, remove_prompt, roll_back
 from dispatch.store import statements as st
-from dispatch.store.direct import Tx, utcnow
+from dispatch.store.direct import Tx
 from dispatch.store.statements import AttemptCheck, AttemptRow
 
 if TYPE_CHECKING:

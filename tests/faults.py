@@ -29,6 +29,10 @@ class Faulty:
     """A real adapter with some methods replaced by faults."""
 
     def __init__(self, real: Any, **faults: Fault) -> None:
+        # A fault named after no method of the adapter would silently never fire.
+        unknown = sorted(n for n in faults if not callable(getattr(real, n, None)))
+        if unknown:
+            raise TypeError(f"{type(real).__name__} has no method {', '.join(unknown)}")
         self._real = real
         self._faults = faults
         self.calls: list[str] = []

@@ -15,7 +15,7 @@ from dispatch.services.dispatching import dispatch_task
 from dispatch.services.naming import branch_name, worktree_path
 from dispatch.services.panes import Panes
 from dispatch.services.reaping import _finish_undo
-from dispatch.services.sweep import SweepReport, sweep
+from dispatch.services.sweep import sweep
 from tests.conftest import Env
 from tests.integration.recovery_helpers import (
     attempt_row,
@@ -173,7 +173,7 @@ def test_a_sweep_with_an_old_snapshot_never_undoes_a_newer_dispatch(
     window = attempt["tmux_target"].split(":")[1]
 
     # A second sweep that read its snapshot before the first one's rollback now acts on it.
-    late = _finish_undo(app, crashed, "dispatcher died", Panes.of([]), SweepReport())
+    late, _ = _finish_undo(app, crashed, "dispatcher died", Panes.of([]))
 
     assert late is None
     assert Path(attempt["worktree"]).is_dir()

@@ -10,6 +10,7 @@ from dispatch.clock import utcnow
 from dispatch.errors import DispatchError
 from dispatch.lifecycle import Action, AttemptState, Outcome, Status, next_status
 from dispatch.services.cleanup import remove_created, remove_prompt, roll_back
+from dispatch.services.intent import Intent
 from dispatch.store import statements as st
 from dispatch.store.direct import Tx
 from dispatch.store.statements import AttemptCheck, AttemptRow
@@ -143,10 +144,10 @@ def _finish_undo(app: App, attempt_id: int, reason: str, panes: Panes) -> Undone
                 return None, problems
             if attempt.host == settings.host:
                 problems.extend(_undo_here(app, attempt, panes))
-            elif (attempt.intent or {}).get("worktree"):
+            elif (made := Intent.of(attempt.intent)).worktree:
                 problems.append(
-                    f"attempt {attempt_id}: worktree {attempt.intent['worktree']} and branch "
-                    f"{attempt.intent.get('branch')} were made on {attempt.host}; "
+                    f"attempt {attempt_id}: worktree {made.worktree} and branch "
+                    f"{made.branch} were made on {attempt.host}; "
                     "a sweep there cannot undo them any more, check them by hand"
                 )
             status = roll_back(app, attempt_id, reason, {"step": "sweep"})
@@ -161,18 +162,18 @@ def _finish_undo(app: App, attempt_id: int, reason: str, panes: Panes) -> Undone
 def _undo_here(app: App, attempt: AttemptRow, panes: Panes) -> list[str]:
     """Kill the attempt's window, remove its prompt file, worktree and branch it created."""
     problems: list[str] = []
-    intent = attempt.intent or {}
+    intent = Intent.of(attempt.intent)
     try:
         # Only windows that run this very attempt's wrapper: a window id from the intent
         # may have been reused by a newer tmux server for another task's agent.
-        session = intent.get("session") or attempt.tmux_session
+        session = intent.session or attempt.tmux_session
         for pane in panes.by_attempt.get(attempt.id, []):
             if pane.session == session:
                 app.terminal.kill_window(pane.window_id)
     except DispatchError as exc:
         problems.append(f"attempt {attempt.id}: undo window: {exc.message}")
     try:
-        if intent.get("worktree"):
+        if intent.worktree:
             problems.extend(
                 remove_created(app, intent, agent_started=attempt.agent_pid is not None)
             )

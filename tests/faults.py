@@ -145,7 +145,7 @@ def write_config(env: Env, *profiles: str, **settings: object) -> None:
 # -- witnesses --------------------------------------------------------------------------------
 
 
-def wait_for(probe: Callable[[], T], what: str, timeout: float = 20.0) -> T:
+def wait_for(probe: Callable[[], T | None], what: str, timeout: float = 20.0) -> T:
     """Poll until probe returns something truthy; fail naming what never happened."""
     deadline = time.monotonic() + timeout
     while True:

@@ -31,6 +31,12 @@ def write_with(direct: Direct, statement: Callable[..., T], *args: Any) -> T:
     return direct.write(lambda tx: statement(tx, *args))
 
 
+def must(row: T | None) -> T:
+    """A row the test made (a read of it returns None only if something is wrong)."""
+    assert row is not None
+    return row
+
+
 def set_columns(row: object, **values: object) -> None:
     """Change a row through the models: what the direct statements must agree with."""
     for name, value in values.items():
@@ -143,9 +149,9 @@ def claim_like(app: App, direct: Direct, task_id: int) -> None:
     attempt_id, first, kept, renewed = direct.write(claim)
 
     assert (first, kept, renewed) == ("one", "one", "three")
-    stored_task = app.db.read(lambda s: s.get(Task, task_id))
+    stored_task = must(app.db.read(lambda s: s.get(Task, task_id)))
     assert (stored_task.status, stored_task.current_attempt_id) == ("in-progress", attempt_id)
-    stored = app.db.read(lambda s: s.get(Attempt, attempt_id))
+    stored = must(app.db.read(lambda s: s.get(Attempt, attempt_id)))
     assert (stored.intent, stored.resume, stored.started_at.tzinfo) == (
         {"branch": HOSTILE},
         False,

@@ -333,7 +333,7 @@ def test_intent_is_written_before_each_action(
     seen: dict[str, dict[str, Any]] = {}
 
     def intent_now() -> dict[str, Any]:
-        return attempts(env, 1)[-1]["intent"]
+        return dict(attempts(env, 1)[-1]["intent"])
 
     def add(real: Callable[..., bool], *args: Any, **kwargs: Any) -> bool:
         seen["add"] = intent_now()

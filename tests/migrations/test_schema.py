@@ -3,6 +3,11 @@ dispatch must refuse and leave byte-for-byte untouched (SPEC §7)."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from alembic.script import ScriptDirectory
+
 import json
 import os
 import sqlite3
@@ -45,7 +50,7 @@ def db(env: Env) -> Iterator[Database]:
     database.dispose()
 
 
-def _script_directory():  # type: ignore[no-untyped-def]
+def _script_directory() -> ScriptDirectory:
     from alembic.config import Config
     from alembic.script import ScriptDirectory
 

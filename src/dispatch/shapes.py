@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from dispatch.services.dispatching import DispatchResult
+    from dispatch.services.sweep import SweepReport
     from dispatch.services.tasks import TaskView
     from dispatch.store.statements import (
         AttemptRow,
@@ -98,3 +99,20 @@ def dispatch_result_json(result: DispatchResult) -> dict[str, Any]:
     if result.warnings:
         data["warnings"] = result.warnings
     return data
+
+
+def sweep_json(report: SweepReport) -> dict[str, Any]:
+    return {
+        "checked": report.checked,
+        "reaped": [
+            {
+                "task_id": r.task_id,
+                "attempt_id": r.attempt_id,
+                "reason": r.reason,
+                "status": r.status,
+            }
+            for r in report.reaped
+        ],
+        "orphan_windows": report.orphan_windows,
+        "orphan_worktrees": report.orphan_worktrees,
+    }

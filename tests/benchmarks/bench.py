@@ -395,8 +395,8 @@ def seed_tasks(world: World, count: int, *, repo: str, status: str = "ready") ->
     """Insert tasks through the store's models (not 10,000 CLI calls)."""
     from sqlalchemy import insert
 
+    from dispatch.clock import utcnow
     from dispatch.store.database import Database
-    from dispatch.store.direct import utcnow
     from dispatch.store.models import Task
 
     now = utcnow()
@@ -703,8 +703,8 @@ def _seed_running(world: World, windows: list[str]) -> None:
     """One in-progress task and one running attempt per live window, on this host."""
     from sqlalchemy import insert, update
 
+    from dispatch.clock import utcnow
     from dispatch.store.database import Database
-    from dispatch.store.direct import utcnow
     from dispatch.store.models import Attempt, Task
 
     now = utcnow()

@@ -20,13 +20,14 @@ from alembic.config import Config
 from dispatch.adapters.tmux import TmuxTerminal
 from dispatch.app import App
 from dispatch.cli.output import task_json
+from dispatch.clock import utcnow
 from dispatch.errors import DispatchFailed, EnvironmentProblem, NotFound
 from dispatch.lifecycle import AttemptState
 from dispatch.services.dispatching import dispatch_task
 from dispatch.services.tasks import add_task
 from dispatch.store import statements as st
 from dispatch.store.database import migrations_dir
-from dispatch.store.direct import Direct, SqliteFile, ThroughDatabase, Tx, open_direct, utcnow
+from dispatch.store.direct import Direct, SqliteFile, ThroughDatabase, Tx, open_direct
 from dispatch.store.models import Attempt, Event, Task
 from dispatch.store.revisions import HEAD_REVISION, KNOWN_REVISIONS
 from dispatch.store.statements import (
@@ -51,6 +52,7 @@ from tests.integration.store_world import (
     add_attempt,
     build_world,
     claim_like,
+    must,
     orm_values,
     read_with,
     set_columns,
@@ -90,7 +92,7 @@ def test_list_reads_the_same_tasks_both_ways(make_app: Callable[..., App], repo:
         ids["running"], ids["starting"], ids["stuck"], ids["orphaned"]
     }  # fmt: skip
     hostile = next(t for t in listed if t.id == ids["hostile"])
-    stored = app.db.read(lambda s: s.get(Task, ids["hostile"]))
+    stored = must(app.db.read(lambda s: s.get(Task, ids["hostile"])))
     assert hostile.title == HOSTILE  # verbatim, newline and all
     assert (hostile.created_at, hostile.updated_at) == (
         stored.created_at.isoformat().replace("+00:00", "Z"),
@@ -206,7 +208,10 @@ def test_the_wrappers_statements_write_what_the_models_read_both_ways(
 
 def _start_and_beat(app: App, direct: Direct, env: Env, task_id: int) -> None:
     attempt = app.db.write(lambda s: add_attempt(s, task_id, AttemptState.STARTING))
-    stored = lambda: app.db.read(lambda s: s.get(Attempt, attempt))  # noqa: E731
+
+    def stored() -> Attempt:
+        return must(app.db.read(lambda s: s.get(Attempt, attempt)))
+
     start = read_with(direct, wrapper_start, attempt)
     assert (start.task_id, start.state, start.prompt, start.resume) == (
         task_id, "starting", HOSTILE, False
@@ -260,7 +265,7 @@ def test_a_write_waits_for_another_writer_instead_of_failing(
     finally:
         release.join()
         blocker.close()
-    assert app.db.read(lambda s: s.get(Attempt, ids["running_attempt"])).agent_pid == 7777
+    assert must(app.db.read(lambda s: s.get(Attempt, ids["running_attempt"]))).agent_pid == 7777
 
 
 def test_a_database_path_with_spaces_unicode_and_hashes_is_read_directly(
@@ -297,10 +302,10 @@ def test_a_failed_write_changes_nothing_and_leaves_no_transaction_open(
     with pytest.raises(EnvironmentProblem, match="FOREIGN KEY constraint failed"):
         fast.write(pid_then_orphan)
 
-    stored = app.db.read(lambda s: s.get(Attempt, attempt))
+    stored = must(app.db.read(lambda s: s.get(Attempt, attempt)))
     assert (stored.agent_pid, stored.task_id) == (4242, ids["running"])
     assert write_with(fast, record_agent_pid, attempt, 8888)  # the connection is usable at once
-    assert app.db.read(lambda s: s.get(Attempt, attempt)).agent_pid == 8888
+    assert must(app.db.read(lambda s: s.get(Attempt, attempt))).agent_pid == 8888
 
 
 def test_whole_rows_read_what_the_models_read_both_ways(

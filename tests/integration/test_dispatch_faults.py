@@ -23,10 +23,10 @@ from dispatch.adapters.tmux import TmuxTerminal
 from dispatch.app import App
 from dispatch.cli import main as cli_main
 from dispatch.cli.context import Invocation
-from dispatch.errors import DispatchFailed, EnvironmentProblem
+from dispatch.errors import DispatchFailed, DispatchInterrupted, EnvironmentProblem
 from dispatch.lifecycle import AttemptState
 from dispatch.services import dispatching
-from dispatch.services.dispatching import DispatchInterrupted, dispatch_task, redispatch
+from dispatch.services.dispatching import dispatch_task, redispatch
 from dispatch.services.saga import Step
 from dispatch.services.tasks import add_task, reset_task
 from dispatch.store import statements as st
@@ -333,7 +333,7 @@ def test_intent_is_written_before_each_action(
     seen: dict[str, dict[str, Any]] = {}
 
     def intent_now() -> dict[str, Any]:
-        return attempts(env, 1)[-1]["intent"]
+        return dict(attempts(env, 1)[-1]["intent"])
 
     def add(real: Callable[..., bool], *args: Any, **kwargs: Any) -> bool:
         seen["add"] = intent_now()

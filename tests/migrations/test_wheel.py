@@ -26,7 +26,7 @@ def _run(*argv: str | Path, **kwargs: object) -> subprocess.CompletedProcess[str
         **kwargs,  # type: ignore[call-overload]
     )
     assert done.returncode == 0, f"{argv}\n{done.stdout}\n{done.stderr}"
-    return done
+    return done  # type: ignore[no-any-return]
 
 
 @pytest.mark.slow

@@ -28,6 +28,7 @@ def sweep(
     """
     from dispatch.config import parse_duration
     from dispatch.services.sweep import sweep as sweep_service
+    from dispatch.shapes import sweep_json
 
     app = invocation(ctx).app()
     try:
@@ -41,7 +42,7 @@ def sweep(
     if quiet and not report.reaped:
         return
     if json:
-        out.emit_json(report.as_json())
+        out.emit_json(sweep_json(report))
         return
     verb = "would reap" if dry_run else "reaped"
     for r in report.reaped:

@@ -27,12 +27,13 @@ from typing import TypeVar
 
 from dispatch.adapters.processes import attempt_marker, attempt_processes, stop_processes
 from dispatch.app import App
+from dispatch.clock import utcnow
 from dispatch.errors import DispatchError
 from dispatch.lifecycle import Action, AttemptState, Completion, Outcome, Status, derive_outcome
 from dispatch.lifecycle import next_status as lifecycle_next
 from dispatch.services.naming import prompt_path
 from dispatch.store import statements as st
-from dispatch.store.direct import Tx, utcnow
+from dispatch.store.direct import Tx
 from dispatch.store.statements import (
     AttemptRow,
     TaskRow,

@@ -11,9 +11,10 @@ from collections.abc import Collection, Iterable, Sequence
 from datetime import datetime
 from typing import Any, NamedTuple
 
+from dispatch.clock import utcnow
 from dispatch.errors import NotFound
 from dispatch.lifecycle import AttemptState, Outcome, Status
-from dispatch.store.direct import Tx, in_clause, iso_utc, json_value, records, utcnow
+from dispatch.store.direct import Tx, in_clause, iso_utc, json_value, records
 
 
 class TaskSummary(NamedTuple):

@@ -7,8 +7,6 @@ period or a git diff takes seconds, and the event loop must keep answering.
 from __future__ import annotations
 
 import json
-import sys
-import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -168,6 +166,6 @@ async def dispatch_error(request: Request, exc: Exception) -> Response:
 
 
 async def unexpected(request: Request, exc: Exception) -> Response:
-    """A bug: its traceback goes to the server's stderr, one line to the page."""
-    traceback.print_exception(exc, file=sys.stderr)
+    """A bug: one line to the page. Starlette raises the exception on after this answer,
+    and uvicorn prints its traceback on the server's stderr, once."""
     return error_response(DispatchError(f"{type(exc).__name__}: {exc}"))

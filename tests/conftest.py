@@ -216,7 +216,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """One variant where two would be one twice: tests marked `sqlite_only` (what is
     SQLite's by nature) or `no_database` run on SQLite, tests that ask for `pg`
     themselves on PostgreSQL."""
-    kept, dropped = [], []
+    kept: list[pytest.Item] = []
+    dropped: list[pytest.Item] = []
     for item in items:
         param = getattr(item, "callspec", None)
         chosen = param.params.get("backend") if param is not None else None

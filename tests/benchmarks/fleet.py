@@ -154,8 +154,8 @@ def _run(kind: str, env: dict[str, str], url: str, cap: float) -> Run:
 def _seed(url: str, repo: str) -> None:
     from sqlalchemy import insert
 
+    from dispatch.clock import utcnow
     from dispatch.store.database import Database
-    from dispatch.store.direct import utcnow
     from dispatch.store.models import Task
 
     now = utcnow()

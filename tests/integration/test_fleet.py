@@ -94,6 +94,9 @@ class Fleet:
         data: dict[str, Any] = self.json(host, "show", str(task_id))
         return data
 
+    def wait_done(self, task_id: int) -> None:
+        wait_for(lambda: self.show(task_id)["status"] == "done", f"task {task_id} done")
+
     def kill_servers(self) -> None:
         for host in self.hosts.values():
             host.tmux("kill-server")
@@ -207,7 +210,7 @@ def test_three_hosts_share_one_queue_and_recover_a_frozen_one(
     assert sorted(t for ids in claimed.values() for t in ids) == list(range(1, 10))
     assert all(claimed.values()), claimed  # every host got work
     for task_id in range(1, 10):
-        wait_for(lambda t=task_id: fleet.show(t)["status"] == "done", f"task {task_id} done")
+        fleet.wait_done(task_id)
     for host, task_ids in claimed.items():
         for task_id in task_ids:
             shown = fleet.show(task_id, host)
@@ -275,7 +278,7 @@ def test_three_hosts_share_one_queue_and_recover_a_frozen_one(
         late = shown["events"][len(earlier["events"]) :]
         assert all(e["attempt_id"] == old["id"] and e["to_status"] is None for e in late), late
     for task_id in (10, 11):
-        wait_for(lambda t=task_id: fleet.show(t)["status"] == "done", f"task {task_id} done")
+        fleet.wait_done(task_id)
         shown = fleet.show(task_id)
         assert shown["attempts"][1]["host"] == "beta"
         assert shown["attempts"][1]["outcome"] == "success"
@@ -302,7 +305,7 @@ def test_three_hosts_share_one_queue_and_recover_a_frozen_one(
     ran = fleet.json("alpha", "run", "--next", "--max", "2")
     assert sorted(item["task"]["id"] for item in ran) == [12, 13]
     for task_id in (12, 13, 14):
-        wait_for(lambda t=task_id: fleet.show(t)["status"] == "done", f"task {task_id} done")
+        fleet.wait_done(task_id)
     assert git(repo, "worktree", "list")  # the shared repository is still sound
 
 

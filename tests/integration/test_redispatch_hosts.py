@@ -20,7 +20,8 @@ import pytest
 
 from dispatch.app import App
 from dispatch.config import load_settings
-from dispatch.services.dispatching import DispatchRolledBack, redispatch
+from dispatch.errors import DispatchRolledBack
+from dispatch.services.dispatching import redispatch
 from tests.conftest import BASE_CONFIG, Env, Result
 from tests.faults import Faulty, committer_profile, raises, tool_failed, wait_for
 

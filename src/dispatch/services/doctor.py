@@ -93,9 +93,9 @@ def _host_identity(app: App) -> str:
     this host's sweep and reads would judge those by a tmux server they are not on, and
     reap live agents. Found as running attempts under this name that heartbeat but whose
     wrapper is on no tmux server here."""
+    from dispatch.clock import utcnow
     from dispatch.services.panes import Panes
     from dispatch.store import statements as st
-    from dispatch.store.direct import utcnow
 
     settings = app.settings
     live = app.direct.read(lambda tx: st.live_here(tx, settings.host))

@@ -214,8 +214,8 @@ def backend(request: pytest.FixtureRequest, env: Env, monkeypatch: pytest.Monkey
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """One variant where two would be one twice: tests marked `sqlite_only` (what is
-    SQLite's by nature) or `no_database` run on SQLite, tests that ask for `pg`
-    themselves on PostgreSQL."""
+    SQLite's by nature), `no_database` or `one_backend` (kept to one backend for the
+    suite's time) run on SQLite, tests that ask for `pg` themselves on PostgreSQL."""
     kept: list[pytest.Item] = []
     dropped: list[pytest.Item] = []
     for item in items:
@@ -226,7 +226,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             continue
         fixtures = getattr(item, "fixturenames", ())
         wanted = "postgresql" if "pg" in fixtures else None
-        if any(item.get_closest_marker(m) for m in ("sqlite_only", "no_database")):
+        if any(item.get_closest_marker(m) for m in ("sqlite_only", "no_database", "one_backend")):
             wanted = "sqlite"
         (kept if wanted in (None, chosen) else dropped).append(item)
     if dropped:

@@ -31,8 +31,16 @@ FREEZER = Path("/sys/fs/cgroup/freezer")
 STALE_SECONDS = 4
 
 QUICK = agent_profile("quick", ["sh", "-c", "sleep 1; echo {task_id} > out.txt"])
-# Outlives the freeze: its late exit 0 is what fencing must ignore.
-NAPPER = agent_profile("napper", ["sh", "-c", "sleep 6; echo {attempt_id} >> naps.txt"])
+
+
+def _napper(seconds: int) -> str:
+    script = f"sleep {seconds}; echo {{attempt_id}} >> naps.txt"
+    return agent_profile("napper", ["sh", "-c", script])
+
+
+# On alpha it outlives the freeze: its late exit 0 is what fencing must ignore. On beta
+# it runs well past that late report, so the report meets beta's attempt running.
+NAPPER = {"alpha": _napper(6), "beta": _napper(12), "gamma": _napper(12)}
 SPECIAL = agent_profile("special", ["sh", "-c", "echo special > out.txt"])
 
 
@@ -64,9 +72,9 @@ class Fleet:
         self.cli = cli
         self.hosts: dict[str, Host] = {}
         for name, profiles in {
-            "alpha": QUICK + NAPPER + SPECIAL,
-            "beta": QUICK + NAPPER + SPECIAL,
-            "gamma": QUICK + NAPPER,  # knows no `special` agent
+            "alpha": QUICK + NAPPER["alpha"] + SPECIAL,
+            "beta": QUICK + NAPPER["beta"] + SPECIAL,
+            "gamma": QUICK + NAPPER["gamma"],  # knows no `special` agent
         }.items():
             config = env.root / f"{name}.toml"
             root = env.root / f"{name}-worktrees"

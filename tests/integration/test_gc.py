@@ -32,6 +32,9 @@ from tests.integration.recovery_helpers import (
     wait_for,
 )
 
+# For the suite's time: gc and restore on PostgreSQL are test_postgresql.py's.
+pytestmark = pytest.mark.one_backend
+
 # What an agent leaves behind: a modified, a deleted, an executable and a binary file,
 # untracked files in a new subfolder, and an ignored build log (not work: not kept).
 DIRTY = (

@@ -17,6 +17,9 @@ from tests.faults import attempts, events, task, wait_for, wait_status
 from tests.integration.monitor import Server, serving
 from tests.integration.recovery_helpers import signal_quietly
 
+# For the suite's time: the services it serves run on both backends in their own tests.
+pytestmark = pytest.mark.one_backend
+
 Cli = Callable[..., Result]
 Serve = Callable[..., Server]
 

@@ -19,9 +19,13 @@ playwright_api = pytest.importorskip(
     "playwright.sync_api", reason="playwright is not installed (the test extra has it)"
 )
 CHROMIUM = shutil.which("chromium")
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="chromium is not installed (.ci/run installs it with apt-get)"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        CHROMIUM is None, reason="chromium is not installed (.ci/run installs it with apt-get)"
+    ),
+    # The page, not the store: the API it calls runs on both backends elsewhere.
+    pytest.mark.one_backend,
+]
 expect = playwright_api.expect
 expect.set_options(timeout=15_000)
 

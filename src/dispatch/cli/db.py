@@ -44,8 +44,9 @@ def current(ctx: typer.Context) -> None:
 def doctor(ctx: typer.Context, json: bool = typer.Option(False, "--json")) -> None:
     """Check that everything dispatch needs works.
 
-    tmux, git, the database and its migrations, the config and the agent commands;
-    exit 0 only if every check passes.
+    tmux, git, the database server, the database and its migrations, that no other
+    live host uses this host's name, the config and the agent commands; exit 0 only if
+    every check passes.
     """
     from dispatch.services.doctor import run_checks
 

@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable
 from datetime import UTC, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic import command
@@ -33,7 +34,7 @@ from dispatch.store.revisions import HEAD_REVISION, KNOWN_REVISIONS
 from dispatch.store.statements import (
     acknowledge,
     census,
-    heartbeat,
+    heartbeat_and_cancel_asked,
     list_tasks,
     record_agent_pid,
     wrapper_start,
@@ -225,9 +226,9 @@ def _start_and_beat(app: App, direct: Direct, env: Env, task_id: int) -> None:
         direct, acknowledge, attempt, 9999, now
     )  # only from `starting`: one winner
     assert write_with(direct, record_agent_pid, attempt, 5555)
-    assert not write_with(direct, heartbeat, attempt, now + timedelta(seconds=1))
+    assert not write_with(direct, heartbeat_and_cancel_asked, attempt, now + timedelta(seconds=1))
     app.db.write(lambda s: set_columns(s.get(Attempt, attempt), cancel_requested_at=utcnow()))
-    assert write_with(direct, heartbeat, attempt, later)  # a cancel is seen
+    assert write_with(direct, heartbeat_and_cancel_asked, attempt, later)  # a cancel is seen
 
     assert (stored().state, stored().wrapper_pid, stored().agent_pid) == ("running", 4321, 5555)
     assert stored().heartbeat_at == later
@@ -238,7 +239,7 @@ def _start_and_beat(app: App, direct: Direct, env: Env, task_id: int) -> None:
 
     app.db.write(lambda s: set_columns(s.get(Attempt, attempt), state=AttemptState.ENDED.value))
     assert not write_with(direct, record_agent_pid, attempt, 6666)  # fenced once it is not running
-    write_with(direct, heartbeat, attempt, later + timedelta(seconds=5))
+    write_with(direct, heartbeat_and_cancel_asked, attempt, later + timedelta(seconds=5))
     assert (stored().agent_pid, stored().heartbeat_at) == (5555, later)  # nothing landed
 
 
@@ -348,7 +349,9 @@ def test_a_column_name_that_is_not_a_column_is_refused(make_app: Callable[..., A
     app.db.ensure_schema()
     fast, _ = _both(app)
     with pytest.raises(ValueError, match="unknown columns"):
-        fast.write(lambda tx: st.update_task(tx, 1, **{"status = 'x', title": "y"}))
+        # Past the type check on purpose: what a typo that got through would do.
+        hostile: Any = {"status = 'x', title": "y"}
+        fast.write(lambda tx: st.update_task(tx, 1, **hostile))
 
 
 def test_a_whole_dispatch_and_its_rollback_run_through_database_too(

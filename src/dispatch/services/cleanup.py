@@ -79,10 +79,8 @@ def roll_back(app: App, attempt_id: int, error: str, detail: dict[str, Any]) -> 
             attempt_id=attempt_id,
             target=target,
             kind="dispatch-failed",
-            values={"dispatch_failures": failures, "last_error": error},
-            error=error,
-            failures=failures,
-            **detail,
+            columns={"dispatch_failures": failures, "last_error": error},
+            detail={"error": error, "failures": failures, **detail},
         ):
             return None
         return target

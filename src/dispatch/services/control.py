@@ -170,7 +170,7 @@ def _force_cancel(app: App, attempt_id: int, reason: str | None) -> TaskRow:
                 attempt_id=attempt_id,
                 target=Status.CANCELLED,
                 kind="cancelled",
-                reason=reason,
+                detail={"reason": reason},
             )
         return st.get_task(tx, task.id)
 

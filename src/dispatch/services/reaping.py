@@ -56,8 +56,8 @@ def reap_running(app: App, attempt: AttemptCheck, reason: str, requeue: bool) ->
             attempt_id=attempt.id,
             target=target,
             kind="reaped",
-            values={"last_error": f"{outcome.value}: {reason}"},
-            reason=reason,
+            columns={"last_error": f"{outcome.value}: {reason}"},
+            detail={"reason": reason},
         ):
             return None  # a superseded attempt: its end is recorded, the task is not ours
         return Reap(attempt.task_id, attempt.id, reason, target.value)
@@ -100,8 +100,8 @@ def reap_stuck(
             attempt_id=None,
             target=target,
             kind="reaped",
-            values={"last_error": reason},
-            reason=reason,
+            columns={"last_error": reason},
+            detail={"reason": reason},
         ):
             return None
         return Reap(task_id, None, reason, target.value)

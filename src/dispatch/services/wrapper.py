@@ -39,7 +39,7 @@ from dispatch.store.statements import (
     TaskRow,
     WrapperStart,
     acknowledge,
-    heartbeat,
+    heartbeat_and_cancel_asked,
     record_agent_pid,
     wrapper_start,
 )
@@ -269,7 +269,7 @@ def _heartbeat(
     """Prove liveness to other hosts' sweeps, and honour a cancel made from another host."""
 
     def beat(tx: Tx) -> bool:
-        return heartbeat(tx, attempt_id, datetime.now(UTC))
+        return heartbeat_and_cancel_asked(tx, attempt_id, datetime.now(UTC))
 
     while not stop.wait(app.settings.heartbeat_interval):
         try:
@@ -371,9 +371,8 @@ def _record(tx: Tx, attempt_id: int, code: int, outcome: Outcome) -> Status | No
         attempt_id=attempt_id,
         target=target,
         kind="finished",
-        values={"last_error": error},
-        exit_code=code,
-        outcome=outcome.value,
+        columns={"last_error": error},
+        detail={"exit_code": code, "outcome": outcome.value},
     ):
         return None
     return target

@@ -7,9 +7,9 @@ the models' Python-side defaults apply to ORM inserts only.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypedDict, Unpack
 
 from dispatch.clock import utcnow
 from dispatch.errors import NotFound
@@ -188,7 +188,7 @@ def record_agent_pid(tx: Tx, attempt_id: int, agent_pid: int) -> bool:
     return move_attempt(tx, attempt_id, expected=[AttemptState.RUNNING], agent_pid=agent_pid)
 
 
-def heartbeat(tx: Tx, attempt_id: int, now: datetime) -> bool:
+def heartbeat_and_cancel_asked(tx: Tx, attempt_id: int, now: datetime) -> bool:
     """Beat while `running`; whether a cancel was requested (from any host)."""
     move_attempt(tx, attempt_id, expected=[AttemptState.RUNNING], heartbeat_at=now)
     sql = "SELECT cancel_requested_at FROM attempts WHERE id = :id"
@@ -414,31 +414,85 @@ def use_agent_session(
 
 
 # -- writes ---------------------------------------------------------------------------------
+
+
+class TaskColumns(TypedDict, total=False):
+    """The columns a write may set on a task, typed: a misspelt one fails the type check."""
+
+    title: str
+    prompt: str
+    repo: str
+    agent: str
+    base_ref: str
+    priority: int
+    status: str
+    closed_at: datetime | None
+    last_error: str | None
+    dispatch_failures: int
+    current_attempt_id: int | None
+    branch: str | None
+    worktree: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class AttemptColumns(TypedDict, total=False):
+    """The columns a write may set on an attempt."""
+
+    task_id: int
+    number: int
+    state: str
+    outcome: str | None
+    exit_code: int | None
+    prior_status: str
+    host: str
+    dispatcher_pid: int | None
+    wrapper_pid: int | None
+    agent_pid: int | None
+    tmux_session: str | None
+    tmux_socket: str | None
+    tmux_target: str | None
+    worktree: str | None
+    branch: str | None
+    base_commit: str | None
+    session_id: str | None
+    resume: bool
+    intent: dict[str, Any]
+    done_signalled_at: datetime | None
+    cancel_requested_at: datetime | None
+    heartbeat_at: datetime | None
+    lease_expires_at: datetime | None
+    started_at: datetime
+    ended_at: datetime | None
+    error: str | None
+    redispatch_of: int | None
+
+
 # Column names come from code, never from users; they are checked against the rows' fields
 # all the same, since they are spelled into the SQL.
 
 
-def _assignments(values: dict[str, Any], allowed: Sequence[str]) -> str:
+def _assignments(values: Mapping[str, Any], allowed: Sequence[str]) -> str:
     unknown = set(values) - set(allowed)
     if unknown:
         raise ValueError(f"unknown columns {sorted(unknown)}")
     return ", ".join(f"{column} = :{column}" for column in values)
 
 
-def _insert(tx: Tx, table: str, allowed: Sequence[str], values: dict[str, Any]) -> int:
+def _insert(tx: Tx, table: str, allowed: Sequence[str], values: Mapping[str, Any]) -> int:
     _assignments(values, allowed)
     columns = ", ".join(values)
     placeholders = ", ".join(f":{column}" for column in values)
     sql = f"INSERT INTO {table} ({columns}) VALUES ({placeholders}) RETURNING id"
-    return int(tx.rows(sql, values)[0][0])
+    return int(tx.rows(sql, dict(values))[0][0])
 
 
-def insert_task(tx: Tx, **values: Any) -> int:
+def insert_task(tx: Tx, **values: Unpack[TaskColumns]) -> int:
     """A new task row; its id."""
     return _insert(tx, "tasks", TaskRow._fields, values)
 
 
-def insert_attempt(tx: Tx, **values: Any) -> int:
+def insert_attempt(tx: Tx, **values: Unpack[AttemptColumns]) -> int:
     """A new attempt row; its id."""
     return _insert(tx, "attempts", AttemptRow._fields, values)
 
@@ -451,17 +505,17 @@ def move_task(
     target: Status,
     attempt_id: int | None = None,
     fence_attempt: bool = False,
-    **values: Any,
+    **values: Unpack[TaskColumns],
 ) -> bool:
     """Conditional status change; False when another writer got there first (nothing changed).
 
     With `fence_attempt`, the task must still belong to `attempt_id`: a stale writer
     whose attempt was reaped or superseded changes nothing.
     """
-    values = {**values, "status": target.value, "updated_at": utcnow()}
-    sql = f"UPDATE tasks SET {_assignments(values, TaskRow._fields)}"
+    changes: dict[str, Any] = {**values, "status": target.value, "updated_at": utcnow()}
+    sql = f"UPDATE tasks SET {_assignments(changes, TaskRow._fields)}"
     sql += " WHERE id = :where_id AND status = :where_status"
-    params = {**values, "where_id": task_id, "where_status": expected.value}
+    params = {**changes, "where_id": task_id, "where_status": expected.value}
     if fence_attempt and attempt_id is None:  # a task stuck without an attempt
         sql += " AND current_attempt_id IS NULL"
     elif fence_attempt:
@@ -470,10 +524,10 @@ def move_task(
     return tx.change(sql, params) == 1
 
 
-def update_task(tx: Tx, task_id: int, **values: Any) -> bool:
-    values = {**values, "updated_at": utcnow()}
-    sql = f"UPDATE tasks SET {_assignments(values, TaskRow._fields)} WHERE id = :where_id"
-    return tx.change(sql, {**values, "where_id": task_id}) == 1
+def update_task(tx: Tx, task_id: int, **values: Unpack[TaskColumns]) -> bool:
+    changes: dict[str, Any] = {**values, "updated_at": utcnow()}
+    sql = f"UPDATE tasks SET {_assignments(changes, TaskRow._fields)} WHERE id = :where_id"
+    return tx.change(sql, {**changes, "where_id": task_id}) == 1
 
 
 def close_task(tx: Tx, task_id: int) -> bool:
@@ -489,19 +543,20 @@ def move_attempt(
     *,
     expected: Iterable[AttemptState],
     target: AttemptState | None = None,
-    **values: Any,
+    **values: Unpack[AttemptColumns],
 ) -> bool:
     """Conditional attempt update: only from one of the `expected` states."""
+    changes: dict[str, Any] = dict(values)
     if target is not None:
-        values["state"] = target.value
+        changes["state"] = target.value
     clause, states = in_clause("where_state", [s.value for s in expected])
-    sql = f"UPDATE attempts SET {_assignments(values, AttemptRow._fields)}"
+    sql = f"UPDATE attempts SET {_assignments(changes, AttemptRow._fields)}"
     sql += f" WHERE id = :where_id AND state {clause}"
-    return tx.change(sql, {**values, **states, "where_id": attempt_id}) == 1
+    return tx.change(sql, {**changes, **states, "where_id": attempt_id}) == 1
 
 
 def end_failed_dispatch(
-    tx: Tx, attempt_id: int, *, expected: Iterable[AttemptState], **values: Any
+    tx: Tx, attempt_id: int, *, expected: Iterable[AttemptState], error: str | None = None
 ) -> bool:
     """The attempt ends as a failed dispatch, only from one of the `expected` states:
     whoever ends it first — dispatcher, wrapper or sweep — decides, and once."""
@@ -512,11 +567,11 @@ def end_failed_dispatch(
         target=AttemptState.ENDED,
         outcome=Outcome.DISPATCH_FAILED.value,
         ended_at=utcnow(),
-        **values,
+        error=error,
     )
 
 
-def update_attempt(tx: Tx, attempt_id: int, **values: Any) -> None:
+def update_attempt(tx: Tx, attempt_id: int, **values: Unpack[AttemptColumns]) -> None:
     sql = f"UPDATE attempts SET {_assignments(values, AttemptRow._fields)} WHERE id = :where_id"
     tx.change(sql, {**values, "where_id": attempt_id})
 
@@ -555,11 +610,13 @@ def release_task(
     attempt_id: int | None,
     target: Status,
     kind: str,
-    values: dict[str, Any] | None = None,
-    **detail: Any,
+    columns: TaskColumns | None = None,
+    detail: Mapping[str, Any] | None = None,
 ) -> bool:
     """The task leaves in-progress on behalf of its current attempt: one fenced
-    conditional update and, only if it won, its one event. False: someone else did."""
+    conditional update (also setting `columns`) and, only if it won, its one event
+    (with `detail`). False: someone else did."""
+    changes: TaskColumns = {**(columns or TaskColumns()), "current_attempt_id": None}
     moved = move_task(
         tx,
         task_id,
@@ -567,8 +624,7 @@ def release_task(
         target=target,
         attempt_id=attempt_id,
         fence_attempt=True,
-        current_attempt_id=None,
-        **(values or {}),
+        **changes,
     )
     if moved:
         record_event(
@@ -578,7 +634,7 @@ def release_task(
             attempt_id=attempt_id,
             from_status=Status.IN_PROGRESS,
             to_status=target,
-            **detail,
+            **(detail or {}),
         )
     return moved
 

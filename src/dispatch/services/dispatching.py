@@ -108,7 +108,9 @@ def claim(d: Dispatch) -> bool:
 
     def work(tx: Tx) -> _Claimed | None:
         if d.task_id is not None:
-            task: TaskRow | None = st.get_task(tx, d.task_id)
+            # Locked: two claims of one task at once on PostgreSQL would both insert
+            # attempt 1, and the second would fail on its key instead of being refused.
+            task: TaskRow | None = st.get_task(tx, d.task_id, for_update=True)
         else:
             if settings.max_running and st.count_in_progress(tx) >= settings.max_running:
                 raise Conflict(f"{settings.max_running} tasks already running (max_running)")

@@ -286,8 +286,12 @@ def _attempts(tx: Tx, where: str, params: dict[str, Any]) -> list[AttemptRow]:
 _ID_MAX = 2**63 - 1
 
 
-def get_task(tx: Tx, task_id: int) -> TaskRow:
-    found = _tasks(tx, "WHERE id = :id", {"id": task_id}) if 0 < task_id <= _ID_MAX else []
+def get_task(tx: Tx, task_id: int, *, for_update: bool = False) -> TaskRow:
+    """The task; `for_update` locks its row until the transaction ends (PostgreSQL:
+    concurrent claims of one task then queue, and each reads what the last one left;
+    SQLite's one writer needs no row lock)."""
+    where = "WHERE id = :id" + (" FOR UPDATE" if for_update and tx.dialect != "sqlite" else "")
+    found = _tasks(tx, where, {"id": task_id}) if 0 < task_id <= _ID_MAX else []
     if not found:
         raise NotFound(f"no task {task_id}", hint="`dispatch list --all` shows every task")
     return found[0]

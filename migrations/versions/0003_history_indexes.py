@@ -22,9 +22,7 @@ def upgrade() -> None:
     with op.batch_alter_table("tasks", schema=None) as batch_op:
         batch_op.create_index("ix_tasks_list_order", [sa.text("priority DESC"), "id"])
         # Open tasks (the default list, and its count) without reading the closed ones.
-        batch_op.create_index(
-            "ix_tasks_open_order", ["closed_at", sa.text("priority DESC"), "id"]
-        )
+        batch_op.create_index("ix_tasks_open_order", ["closed_at", sa.text("priority DESC"), "id"])
         batch_op.create_index("ix_tasks_repo_order", ["repo", sa.text("priority DESC"), "id"])
         batch_op.create_index("ix_tasks_agent_order", ["agent", sa.text("priority DESC"), "id"])
     # `list --host`: the tasks whose attempts ran on a host.

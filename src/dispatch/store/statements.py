@@ -429,6 +429,33 @@ def insert_attempt(tx: Tx, **values: Any) -> int:
     return _insert(tx, "attempts", AttemptRow._fields, values)
 
 
+_NEXT_ATTEMPT_COLUMNS = (
+    "task_id", "state", "prior_status", "host", "dispatcher_pid", "tmux_session",
+    "tmux_socket", "worktree", "branch", "session_id", "resume", "intent",
+    "lease_expires_at", "started_at",
+)  # fmt: skip
+_NEXT_ATTEMPT = (
+    f"INSERT INTO attempts ({', '.join(_NEXT_ATTEMPT_COLUMNS)}, number, redispatch_of)"
+    f" SELECT {', '.join(':' + c for c in _NEXT_ATTEMPT_COLUMNS)},"
+    " COALESCE(MAX(number), 0) + 1,"
+    " CASE WHEN :redispatch = 1 THEN COALESCE(:redispatch_of, MAX(id)) END"
+    " FROM attempts WHERE task_id = :task_id RETURNING id"
+)
+
+
+def insert_next_attempt(
+    tx: Tx, *, redispatch: bool, redispatch_of: int | None, **values: Any
+) -> int:
+    """The task's next attempt (numbered after its last), in one statement; its id.
+
+    A redispatch records the attempt it follows: `redispatch_of`, else the task's latest.
+    """
+    if set(values) != set(_NEXT_ATTEMPT_COLUMNS):
+        raise ValueError(f"columns {sorted(set(values) ^ set(_NEXT_ATTEMPT_COLUMNS))}")
+    params = {**values, "redispatch": int(redispatch), "redispatch_of": redispatch_of}
+    return int(tx.rows(_NEXT_ATTEMPT, params)[0][0])
+
+
 def move_task(
     tx: Tx,
     task_id: int,
@@ -437,17 +464,23 @@ def move_task(
     target: Status,
     attempt_id: int | None = None,
     fence_attempt: bool = False,
+    unchanged_since: datetime | None = None,
     **values: Any,
 ) -> bool:
     """Conditional status change; False when another writer got there first (nothing changed).
 
     With `fence_attempt`, the task must still belong to `attempt_id`: a stale writer
-    whose attempt was reaped or superseded changes nothing.
+    whose attempt was reaped or superseded changes nothing. With `unchanged_since`, the
+    task must not have been written since it was read with that `updated_at` (every
+    write of a task sets it).
     """
     values = {**values, "status": target.value, "updated_at": utcnow()}
     sql = f"UPDATE tasks SET {_assignments(values, TaskRow._fields)}"
     sql += " WHERE id = :where_id AND status = :where_status"
     params = {**values, "where_id": task_id, "where_status": expected.value}
+    if unchanged_since is not None:
+        sql += " AND updated_at = :where_updated"
+        params["where_updated"] = unchanged_since
     if fence_attempt and attempt_id is None:  # a task stuck without an attempt
         sql += " AND current_attempt_id IS NULL"
     elif fence_attempt:

@@ -7,13 +7,13 @@ intent on the attempt row, so a sweep can finish the undo of a dispatcher that d
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -144,7 +144,13 @@ def _claim_values(d: Dispatch) -> _ClaimValues:
         "started_at": now,
         "session_id": str(uuid.uuid4()),  # kept only where the task has none to resume
     }
-    return _ClaimValues(settings.worktree_root.expanduser().resolve(), attempt)
+    return _ClaimValues(_resolved(settings.worktree_root), attempt)
+
+
+@functools.lru_cache(maxsize=8)
+def _resolved(path: Path) -> Path:
+    """`worktree_root` as a real path: resolved once a process, not on every claim."""
+    return path.expanduser().resolve()
 
 
 @dataclass(frozen=True)
@@ -195,7 +201,7 @@ def _claim_named(d: Dispatch, task_id: int, fixed: _ClaimValues) -> _Claimed:
     for _ in range(_CLAIM_TRIES):
         plan = _plan(d, d.app.direct.read(check), fixed)
         try:
-            return d.app.direct.write(partial(_write_claim, d=d, plan=plan, fixed=fixed))
+            return d.app.direct.write(functools.partial(_write_claim, d=d, plan=plan, fixed=fixed))
         except _Changed:
             continue
     raise Conflict(f"task {task_id} changed while claiming it; try again")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from dispatch.adapters.protocols import Worktrees
+from dispatch.adapters.wakeup import Waiter, address, listen
 from dispatch.app import App
 from dispatch.errors import Conflict, DispatchError, DispatchFailed, NotFound, UsageError
 from dispatch.lifecycle import RETRYABLE, Action, AttemptState, Status, next_status
@@ -39,6 +40,9 @@ from dispatch.store.statements import AttemptRow, TaskRow, list_tasks
 # How often confirm reads whether the wrapper acknowledged: a read costs about a millisecond,
 # and every `dispatch run` waits for this.
 POLL_SECONDS = 0.02
+# With the wrapper's nudge (adapters.wakeup), how long confirm waits for one at most
+# before it looks anyway.
+NUDGED_POLL_SECONDS = 0.1
 # How often confirm asks tmux whether the window is still there.
 WINDOW_CHECK_SECONDS = 0.25
 
@@ -472,6 +476,17 @@ def confirm(d: Dispatch) -> bool:
     it is still `starting`. Whichever conditional update lands first wins.
     """
     assert d.attempt_id and d.window_id
+    # Listening before the first look: a nudge sent after it is never missed.
+    waiter = listen(address(d.app.settings.database, d.attempt_id))
+    try:
+        return _confirm(d, waiter)
+    finally:
+        if waiter is not None:
+            waiter.close()
+
+
+def _confirm(d: Dispatch, waiter: Waiter | None) -> bool:
+    assert d.attempt_id and d.window_id
     app, attempt_id, window = d.app, d.attempt_id, d.window_id
     timeout = app.settings.spawn_timeout
     deadline = time.monotonic() + timeout
@@ -508,7 +523,12 @@ def confirm(d: Dispatch) -> bool:
                 raise DispatchError(
                     f"no acknowledgement from the agent wrapper within {timeout:g}s"
                 )
-        time.sleep(POLL_SECONDS)
+        if waiter is None:
+            time.sleep(POLL_SECONDS)
+        else:
+            # Woken by the wrapper's nudge as soon as it has written; else look again
+            # when the window is due a check.
+            waiter.wait(min(max(next_window_check - time.monotonic(), 0.0), NUDGED_POLL_SECONDS))
 
 
 def _started(attempt: AttemptRow) -> bool:

@@ -110,7 +110,7 @@ def list_(
         array = out.JsonArray()
         stream_task_list(
             app,
-            lambda t: array.add(out.json_text(out.task_json(t))),
+            lambda t: array.add_object(out.task_json(t)),
             query,
             limit=_limit(limit, None),
             reap=not no_reap,

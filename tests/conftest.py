@@ -116,6 +116,12 @@ class Result:
         return json.loads(self.stdout)
 
 
+# The fixtures' types, for annotating tests.
+Cli = Callable[..., Result]
+MakeApp = Callable[..., App]
+GitRunner = Callable[..., str]
+
+
 @pytest.fixture
 def cli(env: Env) -> Callable[..., Result]:
     """The real `dispatch` program in a subprocess: `cli("add", "x", cwd=repo)`."""

@@ -29,6 +29,10 @@ class Faulty:
     """A real adapter with some methods replaced by faults."""
 
     def __init__(self, real: Any, **faults: Fault) -> None:
+        # A fault named after no method of the adapter would silently never fire.
+        unknown = sorted(n for n in faults if not callable(getattr(real, n, None)))
+        if unknown:
+            raise TypeError(f"{type(real).__name__} has no method {', '.join(unknown)}")
         self._real = real
         self._faults = faults
         self.calls: list[str] = []
@@ -141,7 +145,7 @@ def write_config(env: Env, *profiles: str, **settings: object) -> None:
 # -- witnesses --------------------------------------------------------------------------------
 
 
-def wait_for(probe: Callable[[], T], what: str, timeout: float = 20.0) -> T:
+def wait_for(probe: Callable[[], T | None], what: str, timeout: float = 20.0) -> T:
     """Poll until probe returns something truthy; fail naming what never happened."""
     deadline = time.monotonic() + timeout
     while True:

@@ -8,7 +8,7 @@ import re
 import socket
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,22 +58,32 @@ BUILTIN_AGENTS: dict[str, AgentProfile] = {
 }
 
 
+_NUMBER = (int, float)
+_NO_PATH = Path()
+_DURATION_TYPES = (str, int, float)
+
+
+def _key(kinds: type | tuple[type, ...], expected: str, *, default: Any) -> Any:
+    """A setting the config file may give: what it takes, said once with its default."""
+    return field(default=default, metadata={"config": (kinds, expected)})
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything dispatch reads from outside its database, resolved once per process."""
 
     home: Path
-    database: str
+    database: str = _key(str, "a database URL or path", default="")
     config_path: Path | None = None
-    worktree_root: Path = Path()
-    default_agent: str = "claude"
-    max_running: int = 0
-    max_dispatch_failures: int = 3
-    lease_seconds: float = 120.0
-    spawn_timeout: float = 10.0
-    heartbeat_interval: float = 15.0
-    stale_after: float = 600.0
-    gc_after: float = 7 * 86400.0
+    worktree_root: Path = _key(str, "a directory path", default=_NO_PATH)  # noqa: RUF009
+    default_agent: str = _key(str, "an agent profile name", default="claude")
+    max_running: int = _key(int, "a whole number >= 0", default=0)
+    max_dispatch_failures: int = _key(int, "a whole number >= 0", default=3)
+    lease_seconds: float = _key(_NUMBER, "a number of seconds > 0", default=120.0)
+    spawn_timeout: float = _key(_NUMBER, "a number of seconds > 0", default=10.0)
+    heartbeat_interval: float = _key(_NUMBER, "a number of seconds > 0", default=15.0)
+    stale_after: float = _key(_DURATION_TYPES, "a duration such as 10m", default=600.0)
+    gc_after: float = _key(_DURATION_TYPES, "a duration such as 7d", default=7 * 86400.0)
     tmux_socket: str = ""
     # Reads (list, show, run --next, the monitor) write nothing, not even a reap.
     no_reap: bool = False
@@ -217,18 +227,11 @@ def _toml_error(path: Path, text: str, exc: tomllib.TOMLDecodeError) -> str:
     return f"config {path}:{line}: invalid TOML: {message[: found.start()]}"
 
 
+# The top-level keys of the config file, from the Settings fields that declare one.
 _SCALARS: dict[str, tuple[type | tuple[type, ...], str]] = {
-    "database": (str, "a database URL or path"),
-    "worktree_root": (str, "a directory path"),
-    "default_agent": (str, "an agent profile name"),
-    "max_running": (int, "a whole number >= 0"),
-    "max_dispatch_failures": (int, "a whole number >= 0"),
-    "lease_seconds": ((int, float), "a number of seconds > 0"),
-    "spawn_timeout": ((int, float), "a number of seconds > 0"),
-    "heartbeat_interval": ((int, float), "a number of seconds > 0"),
-    "stale_after": ((str, int, float), "a duration such as 10m"),
-    "gc_after": ((str, int, float), "a duration such as 7d"),
+    f.name: f.metadata["config"] for f in fields(Settings) if "config" in f.metadata
 }
+_SECONDS = ("lease_seconds", "spawn_timeout", "heartbeat_interval", "stale_after", "gc_after")
 
 
 Fail = Callable[[tuple[str, ...], str], EnvironmentProblem]
@@ -264,26 +267,21 @@ def _from_mapping(raw: Mapping[str, Any], text: str, path: Path, home: Path) -> 
     for name, spec in table.items():
         agents[name] = _profile(name, spec, fail)
 
-    default_agent = values.get("default_agent", "claude")
+    values.pop("database", None)  # the environment and --db may override it: load_settings
+    default_agent = values.get("default_agent", Settings.default_agent)
     if default_agent not in agents:
         raise fail(("default_agent",), f"no agent profile named {default_agent!r}")
-    root = values.get("worktree_root")
+    root = values.pop("worktree_root", None)
+    given: dict[str, Any] = {k: float(v) if k in _SECONDS else v for k, v in values.items()}
     return Settings(
         home=home,
         database=f"sqlite:///{home / 'dispatch.db'}",
         config_path=path,
         worktree_root=_absolute(root) if root else home / "worktrees",
-        default_agent=default_agent,
-        max_running=values.get("max_running", 0),
-        max_dispatch_failures=values.get("max_dispatch_failures", 3),
-        lease_seconds=float(values.get("lease_seconds", 120)),
-        spawn_timeout=float(values.get("spawn_timeout", 10)),
-        heartbeat_interval=float(values.get("heartbeat_interval", 15)),
-        stale_after=float(values.get("stale_after", 600)),
-        gc_after=float(values.get("gc_after", 7 * 86400)),
         tmux_socket=tmux.get("socket", ""),
         tmux_session=tmux.get("session", "dispatch"),
         agents=agents,
+        **given,
     )
 
 
@@ -299,7 +297,7 @@ _DURATIONS = ("stale_after", "gc_after")
 
 def _scalar(key: str, value: Any, fail: Fail) -> Any:
     kinds, expected = _SCALARS[key]
-    seconds = key in ("lease_seconds", "spawn_timeout", "heartbeat_interval", *_DURATIONS)
+    seconds = key in _SECONDS
     if isinstance(value, bool) or not isinstance(value, kinds):
         raise fail((key,), f"expected {expected}, got {value!r}")
     number: Any = value

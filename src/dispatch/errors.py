@@ -75,3 +75,16 @@ def _command_name(argv: list[str]) -> str:
     while len(rest) >= 2 and rest[0] in ("-C", "-L", "-S", "-c"):
         rest = rest[2:]
     return f"{program} {rest[0]}" if rest else program
+
+
+class DispatchRolledBack(DispatchFailed):
+    """A dispatch failed at some step and was rolled back."""
+
+    def __init__(self, message: str, *, task_id: int | None, step: str) -> None:
+        super().__init__(message)
+        self.task_id = task_id
+        self.step = step
+
+
+class DispatchInterrupted(DispatchRolledBack):
+    """Ctrl-C or SIGTERM stopped a dispatch; it was rolled back, and nothing more is started."""

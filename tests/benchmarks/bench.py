@@ -38,15 +38,30 @@ from typing import Any
 from dispatch.adapters.tmux import PANE_FORMAT  # time the raw listing the sweep makes
 
 FULL = {
-    "startup": 20, "list": 10, "run_big": 7, "run_small": 15, "sweep": 10, "claim": 3,
+    "startup": 20,
+    "list": 10,
+    "run_big": 7,
+    "run_small": 15,
+    "sweep": 10,
+    "claim": 3,
+    "serve": 20,
     "scale": 5,
-}  # fmt: skip
+}
 QUICK = {
-    "startup": 5, "list": 3, "run_big": 3, "run_small": 5, "sweep": 3, "claim": 1, "scale": 2,
-}  # fmt: skip
+    "startup": 5,
+    "list": 3,
+    "run_big": 3,
+    "run_small": 5,
+    "sweep": 3,
+    "claim": 1,
+    "serve": 7,
+    "scale": 2,
+}
 # Seconds one claim run may last (each side): the rate is measured, not the time to drain.
 CLAIM_CAP = {"full": 40.0, "quick": 20.0}
-SECTIONS = ("startup", "list", "run", "sweep", "claim", "scale")
+SECTIONS = ("startup", "list", "run", "sweep", "claim", "serve", "scale")
+SERVE_TASKS = 10_000
+IDLE_SECONDS = 10.0
 
 LIST_TASKS = 10_000
 CLAIM_TASKS = 10_000
@@ -381,8 +396,8 @@ def seed_tasks(world: World, count: int, *, repo: str, status: str = "ready") ->
     """Insert tasks through the store's models (not 10,000 CLI calls)."""
     from sqlalchemy import insert
 
+    from dispatch.clock import utcnow
     from dispatch.store.database import Database
-    from dispatch.store.direct import utcnow
     from dispatch.store.models import Task
 
     now = utcnow()
@@ -689,8 +704,8 @@ def _seed_running(world: World, windows: list[str]) -> None:
     """One in-progress task and one running attempt per live window, on this host."""
     from sqlalchemy import insert, update
 
+    from dispatch.clock import utcnow
     from dispatch.store.database import Database
-    from dispatch.store.direct import utcnow
     from dispatch.store.models import Attempt, Task
 
     now = utcnow()
@@ -1008,7 +1023,7 @@ def bench_scale(lab: Lab, reps: int) -> list[Figure]:
     try:
         from tests.benchmarks import scale
     except ImportError:  # run as a script: this directory is on the path
-        import scale  # type: ignore[no-redef]
+        import scale  # type: ignore[import-not-found, no-redef]
     return scale.bench_scale(lab, reps, sys.modules[__name__])
 
 
@@ -1034,6 +1049,146 @@ def _filesystem(path: Path) -> str:
 
 def _load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+# -- the monitor ---------------------------------------------------------------------------
+
+
+# What RAW_LIST reads: the rows of `GET /api/tasks` without their attempts.
+LIST_QUERY = (
+    "SELECT id, title, status, repo, agent, base_ref, priority, closed_at, last_error,"
+    " created_at, updated_at, branch, worktree FROM tasks WHERE closed_at IS NULL"
+    " ORDER BY priority DESC, id"
+)
+
+
+def _seed_attempts(world: World) -> None:
+    """One ended attempt for every task: the monitor lists each task with its latest."""
+    con = sqlite3.connect(world.db_path)
+    try:
+        with con:
+            con.execute(
+                "INSERT INTO attempts (task_id, number, state, outcome, exit_code, prior_status,"
+                " host, resume, intent, started_at, ended_at) SELECT id, 1, 'ended', 'failed',"
+                " 1, 'ready', 'bench', 0, '{}', created_at, created_at FROM tasks"
+            )
+    finally:
+        con.close()
+
+
+def _start_server(world: World) -> tuple[subprocess.Popen[str], int, str]:
+    proc = subprocess.Popen(
+        [*dispatch_argv(), "serve", "--port", "0", "--sweep-every", "0"],
+        env=world.env, cwd=world.root, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    line = proc.stdout.readline().strip()
+    if "#token=" not in line:
+        proc.kill()
+        raise BenchError(f"dispatch serve printed {line!r}")
+    address, token = line.split("/#token=")
+    return proc, int(address.rsplit(":", 1)[1]), token
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def bench_serve(lab: Lab, reps: int) -> list[Figure]:
+    import http.client
+
+    world = lab.world("serve")
+    repo = make_repo(world.root / "repo", world.env, 1)
+    migrate(world)
+    seed_tasks(world, SERVE_TASKS, repo=str(repo))
+    _seed_attempts(world)
+    proc, port, token = _start_server(world)
+    auth = {"Authorization": f"Bearer {token}"}
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+
+        def get_tasks() -> float:
+            start = time.perf_counter()
+            conn.request("GET", "/api/tasks", headers=auth)
+            response = conn.getresponse()
+            body = response.read()
+            took = time.perf_counter() - start
+            if response.status != 200 or len(json.loads(body)) != SERVE_TASKS:
+                raise BenchError(f"GET /api/tasks answered {response.status}")
+            return took
+
+        get_tasks()  # warm: imports, page cache
+        listed = [get_tasks() for _ in range(reps)]
+        raw: list[float] = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            con = sqlite3.connect(world.db_path)
+            con.row_factory = sqlite3.Row
+            json.dumps([dict(r) for r in con.execute(LIST_QUERY)])
+            con.close()
+            raw.append(time.perf_counter() - start)
+
+        # One page open: its stream, then CLI changes and when their frames arrive.
+        stream = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        stream.request("GET", "/api/events", headers=auth)
+        feed = stream.getresponse()
+        feed.readline()  # ": connected"
+        feed.readline()
+        latencies: list[float] = []
+        for i in range(reps):
+            checked(world.dispatch("add", f"live {i}", "--repo", str(repo)), "add")
+            while True:
+                line = feed.readline().decode()
+                if line.startswith("data: "):
+                    event = json.loads(line[6:])
+                    at = datetime.fromisoformat(event["at"].replace("Z", "+00:00"))
+                    latencies.append((datetime.now(at.tzinfo) - at).total_seconds())
+                    break
+
+        before = _cpu_seconds(proc.pid)
+        time.sleep(IDLE_SECONDS)
+        idle = (_cpu_seconds(proc.pid) - before) / IDLE_SECONDS * 100
+        stream.close()
+        conn.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+    if proc.returncode != 0:
+        raise BenchError(f"dispatch serve exited {proc.returncode} on SIGTERM")
+    value, base = median_ms(listed), median_ms(raw)
+    latency = median_ms(latencies)
+    return [
+        Figure(
+            f"GET /api/tasks, {SERVE_TASKS:,} tasks",
+            ms(value),
+            "raw sqlite3 query + json, in process",
+            ms(base),
+            f"{value / base:.1f}x",
+            "<= 150 ms",
+            value <= 150,
+        ),
+        Figure(
+            "CLI change -> SSE frame",
+            ms(latency),
+            "the watcher's poll interval",
+            ms(500),
+            f"{latency / 500:.1f}x",
+            "<= 1 s",
+            latency <= 1000,
+            [f"max {ms(max(latencies) * 1000)}"],
+        ),
+        Figure(
+            f"idle CPU, one stream, {IDLE_SECONDS:.0f} s",
+            f"{idle:.2f} %",
+            "-",
+            "-",
+            "-",
+            "<= 1 %",
+            idle <= 1.0,
+        ),
+    ]
 
 
 def machine(lab: Lab) -> dict[str, str]:
@@ -1105,6 +1260,7 @@ def main(argv: list[str] | None = None) -> int:
             ("run", lambda: bench_run(lab, reps["run_big"], reps["run_small"])),
             ("sweep", lambda: bench_sweep(lab, reps["sweep"])),
             ("claim", lambda: bench_claim(lab, reps["claim"], CLAIM_CAP[mode])),
+            ("serve", lambda: bench_serve(lab, reps["serve"])),
             ("scale", lambda: bench_scale(lab, reps["scale"])),
         ]
         for name, bench in plan:

@@ -14,28 +14,30 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "cli.md"
 HELP_TEXT = ROOT / "src" / "dispatch" / "cli" / "help_text.py"
-COMMANDS = [
-    [],
-    ["add"],
-    ["list"],
-    ["show"],
-    ["run"],
-    ["redispatch"],
-    ["cancel"],
-    ["done"],
-    ["reset"],
-    ["close"],
-    ["reopen"],
-    ["sweep"],
-    ["gc"],
-    ["restore"],
-    ["attach"],
-    ["logs"],
-    ["events"],
-    ["doctor"],
-    ["db", "upgrade"],
-    ["db", "current"],
-]
+
+
+def _registered() -> list[list[str]]:
+    """Every command the CLI registers (a group's subcommands each), in help order."""
+    import importlib
+
+    import typer
+
+    from dispatch.cli.main import COMMANDS as REGISTRY
+    from dispatch.cli.main import HIDDEN
+
+    found: list[list[str]] = [[]]
+    for name, (module, attribute) in REGISTRY.items():
+        if name in HIDDEN:
+            continue
+        target = getattr(importlib.import_module(f"dispatch.cli.{module}"), attribute)
+        if isinstance(target, typer.Typer):
+            found += [[name, str(c.name)] for c in target.registered_commands]
+        else:
+            found.append([name])
+    return found
+
+
+COMMANDS = _registered()
 
 HEADER = """\
 # CLI reference

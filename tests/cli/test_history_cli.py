@@ -223,11 +223,12 @@ def test_follow_prints_events_another_process_writes_until_ctrl_c(
     _first(cli, repo)  # event 1
     args = ["events", "--follow", "--task", "1"] + (["--json"] if json_mode else [])
     errors = env.root / "follow.err"
+    lines: list[str] = []
     with errors.open("w") as stderr, subprocess.Popen(
         [sys.executable, "-m", "dispatch", *args],
         stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=env.root,
     ) as proc:  # fmt: skip
-        code = _follow_and_interrupt(proc, repo, env, lines := [], 1 if json_mode else 2)
+        code = _follow_and_interrupt(proc, repo, env, lines, 1 if json_mode else 2)
     assert code == 0, errors.read_text()
     if json_mode:
         events = [json.loads(text) for text in lines]  # one JSON object a line

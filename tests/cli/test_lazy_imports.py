@@ -7,6 +7,7 @@ slowness that a change most easily brings back: an import at module level.
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -156,6 +157,30 @@ def test_run_dispatches_without_sqlalchemy(
     assert not names & HEAVY, sorted(names & HEAVY)
 
 
+WEB = {"starlette", "uvicorn", "anyio", "h11"}
+
+
+def test_only_serve_imports_the_web_server(
+    env: Env, cli: Callable[..., Result], repo: Path
+) -> None:
+    assert cli("add", "busy", "--agent", "shell", "--prompt", "sleep 30", cwd=repo).code == 0
+    for args, cwd in (
+        (["--version"], env.root),
+        (["--help"], env.root),
+        (["list", "--json"], env.root),
+        (["run", "1", "--json"], env.root),
+        (["sweep", "--json"], env.root),
+        (["add", "other"], repo),
+    ):
+        code, names = _imported(*args, cwd=cwd)
+        assert code == 0, args
+        assert not names & WEB, (args, sorted(names & WEB))
+    # The probe sees them when they are imported: `serve` with a port that cannot be had.
+    code, names = _imported("serve", "--port", "1", "--host", "192.0.2.1", cwd=env.root)
+    assert code == 7
+    assert {"starlette", "uvicorn"} <= names
+
+
 def test_gc_reads_repositories_with_gitpython_and_only_when_there_is_a_worktree(
     env: Env, cli: Callable[..., Result], repo: Path
 ) -> None:
@@ -169,3 +194,25 @@ def test_gc_reads_repositories_with_gitpython_and_only_when_there_is_a_worktree(
     code, names, stdout = _run("gc", "--dry-run", "--older-than", "0s", "--json", cwd=env.root)
     assert code == 0 and [r["task_id"] for r in json.loads(stdout)["removed"]] == [1]
     assert "git" in names and "libtmux" not in names
+
+
+def test_shell_completion_completes_commands_and_options_and_stays_off_other_commands(
+    env: Env, cli: Callable[..., Result], repo: Path
+) -> None:
+    script = cli("--show-completion", "bash")
+    assert script.code == 0, script.stderr
+    assert "_DISPATCH_COMPLETE=complete_bash" in script.stdout
+    asked = {"_DISPATCH_COMPLETE": "complete_bash", "COMP_WORDS": "dispatch re", "COMP_CWORD": "1"}
+    words = cli(extra_env=asked).stdout.split()
+    assert {"redispatch", "reset", "reopen", "restore"} <= set(words)
+    asked.update(COMP_WORDS="dispatch list --st", COMP_CWORD="2")
+    assert cli(extra_env=asked).stdout.split() == ["--status"]
+
+    installed = cli("--install-completion", "bash")
+    assert installed.code == 0, installed.stderr
+    bashrc = Path(os.environ["HOME"]) / ".bashrc"  # the test's own home, never the user's
+    assert "dispatch" in bashrc.read_text()
+
+    # What answers at once stays without any of it (typer itself imports shellingham).
+    _, names = _imported("--version", cwd=repo)
+    assert not names & {"typer", "click", "shellingham"}, sorted(names)

@@ -8,7 +8,7 @@ import pytest
 
 from dispatch.errors import DispatchFailed
 from dispatch.services.dispatching import dispatch_task
-from tests.conftest import BASE_CONFIG, Env
+from tests.conftest import BASE_CONFIG, Cli, Env, MakeApp
 from tests.integration.recovery_helpers import events_of, new_task, run_all, task_row
 
 NO_SUCH_AGENT = """
@@ -19,7 +19,7 @@ command = ["dispatch-test-no-such-agent"]
 """
 
 
-def test_unknown_tasks_and_attempts_are_not_found(cli, make_app, repo: Path) -> None:
+def test_unknown_tasks_and_attempts_are_not_found(cli: Cli, make_app: MakeApp, repo: Path) -> None:
     make_app().db.ensure_schema()
     commands = [
         ("cancel", "999"),
@@ -35,7 +35,7 @@ def test_unknown_tasks_and_attempts_are_not_found(cli, make_app, repo: Path) -> 
         assert result.stderr.startswith("dispatch: error: no ") and "999" in result.stderr
 
 
-def test_json_errors_go_to_stdout_only(cli, make_app, repo: Path) -> None:
+def test_json_errors_go_to_stdout_only(cli: Cli, make_app: MakeApp, repo: Path) -> None:
     task_id = new_task(make_app(), repo)
     calls = [
         ("redispatch", str(task_id), "--json"),
@@ -52,7 +52,7 @@ def test_json_errors_go_to_stdout_only(cli, make_app, repo: Path) -> None:
     assert reset.code == 3 and reset.json()["error"]["code"] == 3
 
 
-def test_usage_errors(cli) -> None:
+def test_usage_errors(cli: Cli) -> None:
     neither, both, duration = run_all(
         cli, ("redispatch",), ("redispatch", "1", "--attempt", "2"), ("sweep", "--stale-after", "x")
     )
@@ -61,7 +61,9 @@ def test_usage_errors(cli) -> None:
         assert result.stdout == ""
 
 
-def test_reopening_an_open_task_is_a_no_op(cli, make_app, repo: Path, env: Env) -> None:
+def test_reopening_an_open_task_is_a_no_op(
+    cli: Cli, make_app: MakeApp, repo: Path, env: Env
+) -> None:
     task_id = new_task(make_app(), repo)
 
     result = cli("reopen", str(task_id))
@@ -71,7 +73,7 @@ def test_reopening_an_open_task_is_a_no_op(cli, make_app, repo: Path, env: Env) 
     assert events_of(env, task_id, "reopened") == []
 
 
-def test_reset_clears_the_failure_count(cli, make_app, repo: Path, env: Env) -> None:
+def test_reset_clears_the_failure_count(cli: Cli, make_app: MakeApp, repo: Path, env: Env) -> None:
     env.write_config(BASE_CONFIG + NO_SUCH_AGENT)
     task_id = new_task(make_app(), repo, agent="missing")
 
@@ -96,7 +98,9 @@ def test_reset_clears_the_failure_count(cli, make_app, repo: Path, env: Env) -> 
     assert task_row(env, task_id)["status"] == "ready"
 
 
-def test_reset_refuses_what_is_not_retryable(cli, make_app, repo: Path, env: Env) -> None:
+def test_reset_refuses_what_is_not_retryable(
+    cli: Cli, make_app: MakeApp, repo: Path, env: Env
+) -> None:
     task_id = new_task(make_app(), repo)
 
     result = cli("reset", str(task_id))
@@ -106,7 +110,7 @@ def test_reset_refuses_what_is_not_retryable(cli, make_app, repo: Path, env: Env
     assert events_of(env, task_id, "reset") == []
 
 
-def test_sweep_quiet_json_when_idle_prints_nothing(cli, make_app) -> None:
+def test_sweep_quiet_json_when_idle_prints_nothing(cli: Cli, make_app: MakeApp) -> None:
     make_app().db.ensure_schema()
     result = cli("sweep", "-q", "--json")
     assert (result.code, result.stdout, result.stderr) == (0, "", "")

@@ -42,7 +42,8 @@ EVENT_KEYS = {"id", "task_id", "attempt_id", "kind", "from_status", "to_status",
 
 def _iso_utc(text: str) -> datetime:
     parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    assert parsed.utcoffset() is not None and parsed.utcoffset().total_seconds() == 0
+    offset = parsed.utcoffset()
+    assert offset is not None and offset.total_seconds() == 0
     return parsed
 
 

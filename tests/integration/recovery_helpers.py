@@ -17,9 +17,9 @@ from typing import Any
 from sqlalchemy import select
 
 from dispatch.app import App
+from dispatch.clock import utcnow
 from dispatch.lifecycle import Status
 from dispatch.services.tasks import add_task
-from dispatch.store.direct import utcnow
 from dispatch.store.models import Attempt, Task
 from tests.conftest import Env, tmux
 from tests.faults import wait_for as wait_for  # one poller for every test module

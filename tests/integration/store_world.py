@@ -12,10 +12,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from dispatch.app import App
+from dispatch.clock import utcnow
 from dispatch.lifecycle import AttemptState, Status
 from dispatch.services.tasks import add_task
 from dispatch.store import statements as st
-from dispatch.store.direct import Direct, Tx, utcnow
+from dispatch.store.direct import Direct, Tx
 from dispatch.store.models import Attempt, Event, Task
 
 T = TypeVar("T")
@@ -28,6 +29,12 @@ def read_with(direct: Direct, statement: Callable[..., T], *args: Any) -> T:
 
 def write_with(direct: Direct, statement: Callable[..., T], *args: Any) -> T:
     return direct.write(lambda tx: statement(tx, *args))
+
+
+def must(row: T | None) -> T:
+    """A row the test made (a read of it returns None only if something is wrong)."""
+    assert row is not None
+    return row
 
 
 def set_columns(row: object, **values: object) -> None:
@@ -142,9 +149,9 @@ def claim_like(app: App, direct: Direct, task_id: int) -> None:
     attempt_id, first, kept, renewed = direct.write(claim)
 
     assert (first, kept, renewed) == ("one", "one", "three")
-    stored_task = app.db.read(lambda s: s.get(Task, task_id))
+    stored_task = must(app.db.read(lambda s: s.get(Task, task_id)))
     assert (stored_task.status, stored_task.current_attempt_id) == ("in-progress", attempt_id)
-    stored = app.db.read(lambda s: s.get(Attempt, attempt_id))
+    stored = must(app.db.read(lambda s: s.get(Attempt, attempt_id)))
     assert (stored.intent, stored.resume, stored.started_at.tzinfo) == (
         {"branch": HOSTILE},
         False,

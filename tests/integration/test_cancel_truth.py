@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import pytest
+
+from dispatch.services import control
 from dispatch.services.control import attach_argv
 from dispatch.services.dispatching import dispatch_task
-from tests.conftest import TMUX, Env, Result, tmux, windows
+from tests.conftest import TMUX, Cli, Env, MakeApp, Result, tmux, windows
 from tests.integration.recovery_helpers import (
     attempt_row,
     events_of,
@@ -59,7 +66,7 @@ def sleepers(worktree: str) -> set[int]:
     return found
 
 
-def _start(make_app, repo: Path, env: Env, prompt: str) -> tuple[int, dict]:  # type: ignore[no-untyped-def]
+def _start(make_app: MakeApp, repo: Path, env: Env, prompt: str) -> tuple[int, dict[str, Any]]:
     app = make_app()
     task_id = new_task(app, repo, prompt)
     dispatch_task(app, task_id)
@@ -68,7 +75,7 @@ def _start(make_app, repo: Path, env: Env, prompt: str) -> tuple[int, dict]:  # 
     return task_id, attempt
 
 
-def _assert_cancelled(env: Env, task_id: int, attempt: dict, cancel: Result) -> None:
+def _assert_cancelled(env: Env, task_id: int, attempt: dict[str, Any], cancel: Result) -> None:
     assert cancel.code == 0, cancel.stderr
     assert f"task {task_id} is cancelled" in cancel.stderr
     assert in_worktree(attempt["worktree"]) == set()
@@ -78,7 +85,7 @@ def _assert_cancelled(env: Env, task_id: int, attempt: dict, cancel: Result) -> 
 
 
 def test_cancel_ends_the_children_that_ignore_every_signal(
-    cli, make_app, repo: Path, env: Env
+    cli: Cli, make_app: MakeApp, repo: Path, env: Env
 ) -> None:
     task_id, attempt = _start(make_app, repo, env, DEAF)
     children = sleepers(attempt["worktree"])
@@ -91,7 +98,7 @@ def test_cancel_ends_the_children_that_ignore_every_signal(
 
 
 def test_cancel_finds_the_window_on_the_attempts_own_tmux_server(
-    cli, make_app, repo: Path, env: Env
+    cli: Cli, make_app: MakeApp, repo: Path, env: Env
 ) -> None:
     task_id, attempt = _start(make_app, repo, env, DEAF)
 
@@ -114,7 +121,7 @@ done
 
 
 def test_a_window_whose_id_was_never_recorded_is_found_attached_and_cancelled(
-    cli, make_app, repo: Path, env: Env, tmp_path: Path
+    cli: Cli, make_app: MakeApp, repo: Path, env: Env, tmp_path: Path
 ) -> None:
     """The dispatcher dies right after tmux made the window: the attempt runs unrecorded."""
     shim = tmp_path / "shim"
@@ -141,7 +148,9 @@ def test_a_window_whose_id_was_never_recorded_is_found_attached_and_cancelled(
     assert windows(env) == []
 
 
-def test_what_an_agent_leaves_running_ends_with_it(cli, make_app, repo: Path, env: Env) -> None:
+def test_what_an_agent_leaves_running_ends_with_it(
+    cli: Cli, make_app: MakeApp, repo: Path, env: Env
+) -> None:
     app = make_app()
     # The agent starts a deaf background job and exits 0 at once.
     task_id = new_task(app, repo, f"({DEAF}) & sleep 0.5; exit 0")
@@ -154,13 +163,13 @@ def test_what_an_agent_leaves_running_ends_with_it(cli, make_app, repo: Path, en
     assert len(events_of(env, task_id, "finished")) == 1
 
 
-def attempt_row_of(env: Env, task_id: int) -> dict | None:
+def attempt_row_of(env: Env, task_id: int) -> dict[str, Any] | None:
     current = task_row(env, task_id)["current_attempt_id"]
     return dict(attempt_row(env, current)) if current else None
 
 
 def test_redispatch_refuses_while_the_last_attempts_processes_run(
-    cli, make_app, repo: Path, env: Env
+    cli: Cli, make_app: MakeApp, repo: Path, env: Env
 ) -> None:
     """The wrapper is killed: its window closes, the sweep reaps, the deaf agent lives on."""
     task_id, attempt = _start(make_app, repo, env, DEAF)
@@ -181,3 +190,56 @@ def test_redispatch_refuses_while_the_last_attempts_processes_run(
     wait_for(lambda: not sleepers(attempt["worktree"]), "the leftovers to die")
     again = cli("redispatch", str(task_id))
     assert again.code == 0, again.stderr
+
+
+FREEZER = Path("/sys/fs/cgroup/freezer")
+
+
+@contextlib.contextmanager
+def frozen(pids: set[int]) -> Iterator[None]:
+    """The processes frozen by the cgroup freezer, which tmux cannot undo (as it does a
+    SIGSTOP): no signal takes effect on them until they are thawed."""
+    group = FREEZER / f"dispatch-test-{uuid.uuid4().hex[:10]}"
+    group.mkdir()
+    try:
+        for pid in pids:
+            (group / "cgroup.procs").write_text(str(pid))
+        (group / "freezer.state").write_text("FROZEN")
+        wait_for(lambda: (group / "freezer.state").read_text().strip() == "FROZEN", "the freeze")
+        yield
+    finally:
+        (group / "freezer.state").write_text("THAWED")
+        for member in (group / "cgroup.procs").read_text().split():
+            with contextlib.suppress(OSError):
+                (FREEZER / "cgroup.procs").write_text(member)
+        group.rmdir()
+
+
+@pytest.mark.skipif(
+    not (FREEZER / "cgroup.procs").exists() or os.geteuid() != 0,
+    reason="needs the cgroup v1 freezer, as root",
+)
+def test_a_cancel_that_cannot_stop_the_agent_says_so_and_leaves_it_in_progress(
+    make_app: MakeApp, repo: Path, env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(control, "CANCEL_GRACE_SECONDS", 0.3)
+    monkeypatch.setattr(control, "KILL_GRACE_SECONDS", 0.5)
+    monkeypatch.setattr(control, "STOP_GRACE_SECONDS", 0.2)
+    task_id, attempt = _start(make_app, repo, env, DEAF)
+    agent = in_worktree(attempt["worktree"])
+
+    with frozen(agent):
+        view = control.cancel_task(make_app(), task_id)
+
+        assert view.task.status == "in-progress"
+        [notice] = view.notices
+        assert f"cancel requested; attempt {attempt['id']} processes" in notice
+        assert "of its agent are still running" in notice
+        assert in_worktree(attempt["worktree"]) == agent
+        assert attempt_row(env, attempt["id"])["cancel_requested_at"] is not None
+        assert terminal_events(env, task_id) == []
+
+    # Thawed, the signals already sent take effect and the wrapper records the end.
+    wait_for(lambda: settled(env, task_id) == "cancelled", "the cancel to land")
+    assert in_worktree(attempt["worktree"]) == set()
+    assert len(terminal_events(env, task_id)) == 1

@@ -33,7 +33,12 @@ def test_confirm_is_woken_by_the_wrappers_nudge(
         if waiter is None:
             pytest.skip("no abstract Unix sockets here")
         real_wait = waiter.wait
-        monkeypatch.setattr(waiter, "wait", lambda s: woken.append(real_wait(s)) or woken[-1])
+
+        def wait(seconds: float) -> bool:
+            woken.append(real_wait(seconds))
+            return woken[-1]
+
+        monkeypatch.setattr(waiter, "wait", wait)
         return waiter
 
     monkeypatch.setattr(dispatching, "listen", listen)

@@ -5,17 +5,20 @@ from __future__ import annotations
 import json
 import select
 import signal
+import sqlite3
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import pytest
 
+from dispatch.app import App
 from dispatch.services import control
 from dispatch.services.control import attach_argv, cancel_task, close_task
 from dispatch.services.dispatching import dispatch_task, redispatch
-from tests.conftest import BASE_CONFIG, Env, tmux, windows
+from tests.conftest import BASE_CONFIG, Cli, Env, MakeApp, tmux, windows
 from tests.integration.recovery_helpers import (
     attempt_row,
     attempts_of,
@@ -39,10 +42,22 @@ completion = "signal"
 """
 
 
-def _start(app, repo: Path, env: Env, prompt: str = "sleep 30", agent: str = "shell"):  # type: ignore[no-untyped-def]
+def _start(
+    app: App, repo: Path, env: Env, prompt: str = "sleep 30", agent: str = "shell"
+) -> tuple[int, sqlite3.Row]:
     task_id = new_task(app, repo, prompt, agent=agent)
     dispatch_task(app, task_id)
     return task_id, wait_for(lambda: running(env, task_id), "the agent to start")
+
+
+def _is_agent_of(pid: int, attempt_id: int) -> bool:
+    """Whether pid is a live (not zombie) process started for the attempt."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return state != "Z" and f"DISPATCH_ATTEMPT_ID={attempt_id}".encode() in environ
 
 
 def _window_gone(env: Env, task_id: int) -> bool:
@@ -52,7 +67,9 @@ def _window_gone(env: Env, task_id: int) -> bool:
 # -- cancel -----------------------------------------------------------------------------------
 
 
-def test_cancel_stops_the_agent_and_is_idempotent(cli, make_app, repo: Path, env: Env) -> None:
+def test_cancel_stops_the_agent_and_is_idempotent(
+    cli: Cli, make_app: MakeApp, repo: Path, env: Env
+) -> None:
     task_id, attempt = _start(make_app(), repo, env)
 
     first = cli("cancel", str(task_id))
@@ -77,7 +94,7 @@ def test_cancel_stops_the_agent_and_is_idempotent(cli, make_app, repo: Path, env
 
 @pytest.mark.parametrize("stopped", [False, True], ids=["ignores-ctrl-c", "wrapper-stopped"])
 def test_cancel_kills_the_window_after_the_grace(
-    make_app, repo: Path, env: Env, monkeypatch: pytest.MonkeyPatch, stopped: bool
+    make_app: MakeApp, repo: Path, env: Env, monkeypatch: pytest.MonkeyPatch, stopped: bool
 ) -> None:
     monkeypatch.setattr(control, "CANCEL_GRACE_SECONDS", 0.3)
     monkeypatch.setattr(control, "KILL_GRACE_SECONDS", 0.5)
@@ -88,9 +105,9 @@ def test_cancel_kills_the_window_after_the_grace(
         signal_quietly(attempt["wrapper_pid"], signal.SIGSTOP)
     try:
         view = cancel_task(app, task_id)
-        # Cancelled means stopped: the agent is gone before the wrapper runs again.
-        agent = Path(f"/proc/{attempt['agent_pid']}/stat")
-        assert not agent.exists() or agent.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        # Cancelled means stopped: the agent is gone before the wrapper runs again (its
+        # pid may already be another process's on a busy machine: look at who has it).
+        assert not _is_agent_of(attempt["agent_pid"], attempt["id"])
     finally:
         resume_process(attempt["wrapper_pid"])
 
@@ -100,7 +117,9 @@ def test_cancel_kills_the_window_after_the_grace(
     assert len(terminal_events(env, task_id)) == 1
 
 
-def test_cancel_a_ready_task_and_refuse_a_done_one(cli, make_app, repo: Path, env: Env) -> None:
+def test_cancel_a_ready_task_and_refuse_a_done_one(
+    cli: Cli, make_app: MakeApp, repo: Path, env: Env
+) -> None:
     app = make_app()
     ready = new_task(app, repo)
     finished = new_task(app, repo, "true")
@@ -123,7 +142,7 @@ def test_cancel_a_ready_task_and_refuse_a_done_one(cli, make_app, repo: Path, en
 
 
 def test_close_cancels_the_running_attempt_and_archives(
-    cli, make_app, repo: Path, env: Env
+    cli: Cli, make_app: MakeApp, repo: Path, env: Env
 ) -> None:
     task_id, attempt = _start(make_app(), repo, env)
 
@@ -147,7 +166,9 @@ def test_close_cancels_the_running_attempt_and_archives(
     assert len(events_of(env, task_id, "closed")) == 1
 
 
-def test_concurrent_closes_archive_once_with_one_event(cli, make_app, repo: Path, env: Env) -> None:
+def test_concurrent_closes_archive_once_with_one_event(
+    cli: Cli, make_app: MakeApp, repo: Path, env: Env
+) -> None:
     task_id = new_task(make_app(), repo)
 
     results = run_all(cli, *[("close", str(task_id))] * 4)
@@ -158,7 +179,9 @@ def test_concurrent_closes_archive_once_with_one_event(cli, make_app, repo: Path
     assert task_row(env, task_id)["closed_at"] is not None
 
 
-def test_closed_tasks_are_hidden_refused_and_reopened(cli, make_app, repo: Path, env: Env) -> None:
+def test_closed_tasks_are_hidden_refused_and_reopened(
+    cli: Cli, make_app: MakeApp, repo: Path, env: Env
+) -> None:
     app = make_app()
     ready = new_task(app, repo)
     cancelled = new_task(app, repo)
@@ -190,7 +213,9 @@ def test_closed_tasks_are_hidden_refused_and_reopened(cli, make_app, repo: Path,
 # -- done -------------------------------------------------------------------------------------
 
 
-def test_done_resolves_task_then_attempt_env_then_cwd(cli, make_app, repo: Path, env: Env) -> None:
+def test_done_resolves_task_then_attempt_env_then_cwd(
+    cli: Cli, make_app: MakeApp, repo: Path, env: Env
+) -> None:
     env.write_config(BASE_CONFIG + WAITER)
     app = make_app()
     by_task, a1 = _start(app, repo, env, agent="waiter")
@@ -219,7 +244,7 @@ def test_done_resolves_task_then_attempt_env_then_cwd(cli, make_app, repo: Path,
     for attempt in (a1, a2, a3, a4):
         (Path(attempt["worktree"]) / "stop").touch()
     outcomes = {
-        t: wait_for(lambda t=t: settled(env, t), "the agent to finish")
+        t: wait_for(partial(settled, env, t), "the agent to finish")
         for t in (by_task, by_env, by_cwd, unsignalled)
     }
     assert outcomes == {
@@ -230,7 +255,7 @@ def test_done_resolves_task_then_attempt_env_then_cwd(cli, make_app, repo: Path,
     }
 
 
-def test_done_twice_records_one_signal(cli, make_app, repo: Path, env: Env) -> None:
+def test_done_twice_records_one_signal(cli: Cli, make_app: MakeApp, repo: Path, env: Env) -> None:
     env.write_config(BASE_CONFIG + WAITER)
     task_id, attempt = _start(make_app(), repo, env, agent="waiter")
 
@@ -245,7 +270,7 @@ def test_done_twice_records_one_signal(cli, make_app, repo: Path, env: Env) -> N
     assert wait_for(lambda: settled(env, task_id), "the agent to finish") == "done"
 
 
-def test_done_refuses_to_guess(cli, make_app, repo: Path, env: Env) -> None:
+def test_done_refuses_to_guess(cli: Cli, make_app: MakeApp, repo: Path, env: Env) -> None:
     app = make_app()
     first, a1 = _start(app, repo, env)
     second, a2 = _start(app, repo, env)
@@ -274,7 +299,9 @@ def test_done_refuses_to_guess(cli, make_app, repo: Path, env: Env) -> None:
 # -- logs -------------------------------------------------------------------------------------
 
 
-def test_logs_outlive_the_window_and_pick_an_attempt(cli, make_app, repo: Path, env: Env) -> None:
+def test_logs_outlive_the_window_and_pick_an_attempt(
+    cli: Cli, make_app: MakeApp, repo: Path, env: Env
+) -> None:
     app = make_app()
     task_id = new_task(app, repo, "echo output-of-attempt-$DISPATCH_ATTEMPT_ID; exit 1")
     dispatch_task(app, task_id)
@@ -298,7 +325,9 @@ def test_logs_outlive_the_window_and_pick_an_attempt(cli, make_app, repo: Path, 
     assert missing.code == 4
 
 
-def test_logs_follow_ends_when_the_attempt_ends(cli, make_app, repo: Path, env: Env) -> None:
+def test_logs_follow_ends_when_the_attempt_ends(
+    cli: Cli, make_app: MakeApp, repo: Path, env: Env
+) -> None:
     app = make_app()
     release = env.root / "release"
     task_id, _attempt = _start(
@@ -329,7 +358,7 @@ def test_logs_follow_ends_when_the_attempt_ends(cli, make_app, repo: Path, env: 
     assert settled(env, task_id) == "done"
 
 
-def test_logs_of_a_task_never_dispatched(cli, make_app, repo: Path) -> None:
+def test_logs_of_a_task_never_dispatched(cli: Cli, make_app: MakeApp, repo: Path) -> None:
     task_id = new_task(make_app(), repo)
     result = cli("logs", str(task_id))
     assert result.code == 4
@@ -339,7 +368,9 @@ def test_logs_of_a_task_never_dispatched(cli, make_app, repo: Path) -> None:
 # -- attach -----------------------------------------------------------------------------------
 
 
-def test_attach_without_a_window_is_a_conflict(cli, make_app, repo: Path, env: Env) -> None:
+def test_attach_without_a_window_is_a_conflict(
+    cli: Cli, make_app: MakeApp, repo: Path, env: Env
+) -> None:
     task_id = new_task(make_app(), repo)
     result = cli("attach", str(task_id))
     assert result.code == 3
@@ -347,7 +378,7 @@ def test_attach_without_a_window_is_a_conflict(cli, make_app, repo: Path, env: E
 
 
 def test_attach_argv_inside_and_outside_tmux(
-    make_app, repo: Path, env: Env, monkeypatch: pytest.MonkeyPatch
+    make_app: MakeApp, repo: Path, env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     app = make_app()
     task_id, attempt = _start(app, repo, env)

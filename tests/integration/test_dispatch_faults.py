@@ -22,10 +22,11 @@ from dispatch.adapters.git import GitWorktrees
 from dispatch.adapters.tmux import TmuxTerminal
 from dispatch.app import App
 from dispatch.cli import main as cli_main
-from dispatch.errors import DispatchFailed, EnvironmentProblem
+from dispatch.cli.context import Invocation
+from dispatch.errors import DispatchFailed, DispatchInterrupted, EnvironmentProblem
 from dispatch.lifecycle import AttemptState
 from dispatch.services import dispatching
-from dispatch.services.dispatching import DispatchInterrupted, dispatch_task, redispatch
+from dispatch.services.dispatching import dispatch_task, redispatch
 from dispatch.services.saga import Step
 from dispatch.services.tasks import add_task, reset_task
 from dispatch.store import statements as st
@@ -266,7 +267,7 @@ def _dispatch_via_cli(
     app: App, task_id: int, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> tuple[int, str]:
     """The real CLI entry point, in this process so that it uses the faulty adapters."""
-    monkeypatch.setattr(cli_main.State, "get_app", lambda _self: app)
+    monkeypatch.setattr(Invocation, "app", lambda _self: app)
     capsys.readouterr()
     code = cli_main.run(["run", str(task_id)])
     return code, capsys.readouterr().err
@@ -332,7 +333,7 @@ def test_intent_is_written_before_each_action(
     seen: dict[str, dict[str, Any]] = {}
 
     def intent_now() -> dict[str, Any]:
-        return attempts(env, 1)[-1]["intent"]
+        return dict(attempts(env, 1)[-1]["intent"])
 
     def add(real: Callable[..., bool], *args: Any, **kwargs: Any) -> bool:
         seen["add"] = intent_now()
@@ -624,7 +625,7 @@ def test_the_json_error_of_a_failed_dispatch(
     write_config(env)
     app = make_app(terminal=Faulty(real_tmux(env), spawn=returns("")))
     _add(app, repo)
-    monkeypatch.setattr(cli_main.State, "get_app", lambda _self: app)
+    monkeypatch.setattr(Invocation, "app", lambda _self: app)
     capsys.readouterr()
     assert cli_main.run(["run", "1", "--json"]) == 6
     error = json.loads(capsys.readouterr().out)["error"]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from dispatch.services.dispatching import Dispatch, claim
 from dispatch.services.tasks import add_task
-from tests.conftest import Env
+from tests.conftest import Cli, Env, MakeApp
 from tests.faults import agent_profile, events, write_config
 from tests.integration.recovery_helpers import rows, running, task_row, wait_for
 
@@ -24,13 +24,15 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def _add(cli, repo: Path, prompt: str, *extra: str) -> int:  # type: ignore[no-untyped-def]
+def _add(cli: Cli, repo: Path, prompt: str, *extra: str) -> int:
     added = cli("add", "job", "--agent", "shell", "--prompt", prompt, *extra, cwd=repo)
     assert added.code == 0, added.stderr
     return int(added.stdout)
 
 
-def test_cancel_kills_an_agent_that_ignores_every_polite_signal(cli, repo: Path, env: Env) -> None:
+def test_cancel_kills_an_agent_that_ignores_every_polite_signal(
+    cli: Cli, repo: Path, env: Env
+) -> None:
     # A distinctive sleep so the orphan it leaves (sh is killed, sleep is not) can be found.
     nap = "61.4321"
     task_id = _add(cli, repo, f"trap '' INT HUP TERM; sleep {nap}; echo after > stubborn.txt")
@@ -52,7 +54,7 @@ def test_cancel_kills_an_agent_that_ignores_every_polite_signal(cli, repo: Path,
 
 
 def test_close_of_a_task_running_on_another_host_archives_it_and_stops_it_there(
-    cli, repo: Path, env: Env
+    cli: Cli, repo: Path, env: Env
 ) -> None:
     task_id = _add(cli, repo, "sleep 30")
     elsewhere = {"DISPATCH_HOST": "host-b"}
@@ -73,7 +75,7 @@ def test_close_of_a_task_running_on_another_host_archives_it_and_stops_it_there(
 
 
 def test_run_next_skips_a_task_whose_profile_is_gone_and_says_why(
-    cli, repo: Path, env: Env
+    cli: Cli, repo: Path, env: Env
 ) -> None:
     write_config(env, agent_profile("custom", ["true"]))
     orphan = int(cli("add", "first", "--agent", "custom", "--priority", "5", cwd=repo).stdout)
@@ -90,7 +92,7 @@ def test_run_next_skips_a_task_whose_profile_is_gone_and_says_why(
 
 
 def test_run_after_a_reset_starts_a_new_session_and_redispatch_keeps_it(
-    cli, repo: Path, env: Env
+    cli: Cli, repo: Path, env: Env
 ) -> None:
     task_id = _add(cli, repo, "exit 3")
     assert cli("run", str(task_id)).code == 0
@@ -109,7 +111,7 @@ def test_run_after_a_reset_starts_a_new_session_and_redispatch_keeps_it(
     assert sessions[2] != sessions[1]  # the run after the reset started over
 
 
-def test_run_json_shows_the_task_with_its_attempts(cli, repo: Path, env: Env) -> None:
+def test_run_json_shows_the_task_with_its_attempts(cli: Cli, repo: Path, env: Env) -> None:
     task_id = _add(cli, repo, "exit 1")
     assert cli("run", str(task_id)).code == 0
     wait_for(lambda: task_row(env, task_id)["status"] == "failed", "the failure")
@@ -123,7 +125,7 @@ def test_run_json_shows_the_task_with_its_attempts(cli, repo: Path, env: Env) ->
 
 
 def test_any_number_of_tasks_whose_profile_is_gone_never_block_the_queue(
-    make_app, repo: Path, env: Env
+    make_app: MakeApp, repo: Path, env: Env
 ) -> None:
     write_config(env, agent_profile("custom", ["true"]))
     app = make_app()

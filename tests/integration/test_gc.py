@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -474,7 +475,7 @@ def test_gc_racing_a_redispatch_never_takes_the_worktree_from_the_attempt(
     for task_id in tasks:
         # Whichever went first, the agent found its work: the attempt succeeded in a
         # worktree that is there, holding that work.
-        assert wait_for(lambda t=task_id: settled(env, t), "the redispatch to end") == "done"
+        assert wait_for(partial(settled, env, task_id), "the redispatch to end") == "done"
         path = worktree_of(env, task_id)
         assert (path / "seen.txt").exists() and (path / "new" / "work.txt").exists()
         assert str(path) in worktree_list(project)

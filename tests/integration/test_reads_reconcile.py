@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from dispatch.services.dispatching import dispatch_task
-from tests.conftest import Env, windows
+from tests.conftest import Cli, Env, MakeApp, windows
 from tests.integration.recovery_helpers import (
     events_of,
     new_task,
@@ -18,7 +18,7 @@ from tests.integration.recovery_helpers import (
 )
 
 
-def _killed_agent(make_app, repo: Path, env: Env) -> int:  # type: ignore[no-untyped-def]
+def _killed_agent(make_app: MakeApp, repo: Path, env: Env) -> int:
     """A task whose wrapper and agent were SIGKILLed: nothing recorded their end."""
     app = make_app()
     task_id = new_task(app, repo, "sleep 30")
@@ -32,7 +32,7 @@ def _killed_agent(make_app, repo: Path, env: Env) -> int:  # type: ignore[no-unt
 
 
 def test_list_shows_a_killed_agent_as_interrupted_at_once(
-    cli, make_app, repo: Path, env: Env
+    cli: Cli, make_app: MakeApp, repo: Path, env: Env
 ) -> None:
     task_id = _killed_agent(make_app, repo, env)
 
@@ -51,7 +51,7 @@ def test_list_shows_a_killed_agent_as_interrupted_at_once(
     assert reaped["to_status"] == "interrupted"
 
 
-def test_racing_readers_reap_once(cli, make_app, repo: Path, env: Env) -> None:
+def test_racing_readers_reap_once(cli: Cli, make_app: MakeApp, repo: Path, env: Env) -> None:
     task_id = _killed_agent(make_app, repo, env)
 
     results = run_all(
@@ -66,7 +66,7 @@ def test_racing_readers_reap_once(cli, make_app, repo: Path, env: Env) -> None:
 
 
 def test_run_next_counts_a_dead_agent_out_of_max_running(
-    cli, make_app, repo: Path, env: Env
+    cli: Cli, make_app: MakeApp, repo: Path, env: Env
 ) -> None:
     env.write_config(env.config.read_text() + "max_running = 1\n")
     dead = _killed_agent(make_app, repo, env)
@@ -79,7 +79,9 @@ def test_run_next_counts_a_dead_agent_out_of_max_running(
     assert task_row(env, dead)["status"] == "interrupted"
 
 
-def test_a_live_agent_is_left_alone_by_a_read(cli, make_app, repo: Path, env: Env) -> None:
+def test_a_live_agent_is_left_alone_by_a_read(
+    cli: Cli, make_app: MakeApp, repo: Path, env: Env
+) -> None:
     app = make_app()
     task_id = new_task(app, repo, "sleep 30")
     dispatch_task(app, task_id)
@@ -92,7 +94,7 @@ def test_a_live_agent_is_left_alone_by_a_read(cli, make_app, repo: Path, env: En
 
 
 def test_a_database_deleted_under_a_running_agent_is_refused_not_recreated(
-    cli, make_app, repo: Path, env: Env
+    cli: Cli, make_app: MakeApp, repo: Path, env: Env
 ) -> None:
     app = make_app()
     task_id = new_task(app, repo, "sleep 30")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
+from dispatch.app import App
 from dispatch.services.control import close_task
 from dispatch.services.dispatching import dispatch_task, redispatch
-from tests.conftest import BASE_CONFIG, Env, windows
+from tests.conftest import BASE_CONFIG, Cli, Env, GitRunner, MakeApp, windows
 from tests.integration.recovery_helpers import (
     attempt_row,
     attempts_of,
@@ -36,7 +38,9 @@ resume = ["dispatch-test-no-such-agent"]
 """
 
 
-def _failed_once(app, repo: Path, env: Env, prompt: str = COUNTING, agent: str = "shell") -> int:  # type: ignore[no-untyped-def]
+def _failed_once(
+    app: App, repo: Path, env: Env, prompt: str = COUNTING, agent: str = "shell"
+) -> int:
     task_id = new_task(app, repo, prompt, agent=agent)
     dispatch_task(app, task_id)
     assert wait_for(lambda: settled(env, task_id), "the first attempt to end") == "failed"
@@ -52,7 +56,7 @@ RETRYABLE = ("failed", "incomplete", "interrupted", "cancelled")
 
 
 def test_redispatch_starts_a_fresh_attempt_in_the_same_worktree(
-    cli, make_app, repo: Path, env: Env
+    cli: Cli, make_app: MakeApp, repo: Path, env: Env
 ) -> None:
     app = make_app()
     # One task per status a redispatch may start from, run side by side.
@@ -60,7 +64,7 @@ def test_redispatch_starts_a_fresh_attempt_in_the_same_worktree(
     for task_id in tasks.values():
         dispatch_task(app, task_id)
     for status, task_id in tasks.items():
-        assert wait_for(lambda t=task_id: settled(env, t), "a first attempt") == "failed"
+        assert wait_for(partial(settled, env, task_id), "a first attempt") == "failed"
         execute(env, "UPDATE tasks SET status = ? WHERE id = ?", status, task_id)
     firsts = {status: attempts_of(env, task_id)[0] for status, task_id in tasks.items()}
     before = {status: task_row(env, task_id) for status, task_id in tasks.items()}
@@ -86,7 +90,7 @@ def test_redispatch_starts_a_fresh_attempt_in_the_same_worktree(
         assert data["warnings"] and "uncommitted changes" in data["warnings"][0]
 
 
-def test_redispatch_by_attempt_id(cli, make_app, repo: Path, env: Env) -> None:
+def test_redispatch_by_attempt_id(cli: Cli, make_app: MakeApp, repo: Path, env: Env) -> None:
     task_id = _failed_once(make_app(), repo, env)
     [first] = attempts_of(env, task_id)
 
@@ -102,7 +106,7 @@ def test_redispatch_by_attempt_id(cli, make_app, repo: Path, env: Env) -> None:
     _redispatched(env, task_id)
 
 
-def test_redispatch_refusals(cli, make_app, repo: Path, env: Env) -> None:
+def test_redispatch_refusals(cli: Cli, make_app: MakeApp, repo: Path, env: Env) -> None:
     app = make_app()
     ready = new_task(app, repo)
     busy = new_task(app, repo, "sleep 30")
@@ -135,7 +139,7 @@ def test_redispatch_refusals(cli, make_app, repo: Path, env: Env) -> None:
 
 
 def test_redispatch_keeps_commits_and_uncommitted_work(
-    cli, make_app, repo: Path, env: Env, git
+    cli: Cli, make_app: MakeApp, repo: Path, env: Env, git: GitRunner
 ) -> None:
     task_id = _failed_once(
         make_app(),
@@ -157,7 +161,7 @@ def test_redispatch_keeps_commits_and_uncommitted_work(
 
 
 def test_redispatch_recreates_a_removed_worktree_from_its_branch(
-    cli, make_app, repo: Path, env: Env, git
+    cli: Cli, make_app: MakeApp, repo: Path, env: Env, git: GitRunner
 ) -> None:
     task_id = _failed_once(
         make_app(),
@@ -178,7 +182,7 @@ def test_redispatch_recreates_a_removed_worktree_from_its_branch(
 
 
 def test_redispatch_refuses_a_worktree_off_its_branch(
-    cli, make_app, repo: Path, env: Env, git
+    cli: Cli, make_app: MakeApp, repo: Path, env: Env, git: GitRunner
 ) -> None:
     """Detached, or its branch deleted: the agent's commits would belong to no branch."""
     task_id = _failed_once(
@@ -213,7 +217,9 @@ def test_redispatch_refuses_a_worktree_off_its_branch(
     assert git(worktree, "branch", "--show-current").strip() == branch
 
 
-def test_redispatch_resumes_the_agent_session(cli, make_app, repo: Path, env: Env) -> None:
+def test_redispatch_resumes_the_agent_session(
+    cli: Cli, make_app: MakeApp, repo: Path, env: Env
+) -> None:
     env.write_config(BASE_CONFIG + RESUMABLE)
     app = make_app()
     task_id = _failed_once(app, repo, env, agent="resumable")
@@ -231,7 +237,7 @@ def test_redispatch_resumes_the_agent_session(cli, make_app, repo: Path, env: En
 
 
 def test_a_failed_redispatch_rolls_back_and_keeps_the_work(
-    cli, make_app, repo: Path, env: Env, git
+    cli: Cli, make_app: MakeApp, repo: Path, env: Env, git: GitRunner
 ) -> None:
     env.write_config(BASE_CONFIG + BROKEN_RESUME)
     task_id = _failed_once(make_app(), repo, env, agent="broken-resume")

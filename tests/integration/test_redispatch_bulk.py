@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import shutil
+from functools import partial
 from pathlib import Path
 
-from tests.conftest import Env, Result
+from tests.conftest import Cli, Env, Result
 from tests.integration.recovery_helpers import rows, wait_for
 
 
@@ -13,7 +14,11 @@ def _status(env: Env, task_id: int) -> str:
     return str(rows(env, "SELECT status FROM tasks WHERE id = ?", task_id)[0]["status"])
 
 
-def _failed_task(cli, repo: Path, env: Env, title: str) -> int:  # type: ignore[no-untyped-def]
+def _status_is(env: Env, task_id: int, status: str) -> bool:
+    return _status(env, task_id) == status
+
+
+def _failed_task(cli: Cli, repo: Path, env: Env, title: str) -> int:
     # The agent succeeds only once a file named `ok` exists in its worktree.
     added = cli("add", title, "--agent", "shell", "--prompt", "test -f ok", cwd=repo)
     assert added.code == 0, added.stderr
@@ -24,7 +29,9 @@ def _failed_task(cli, repo: Path, env: Env, title: str) -> int:  # type: ignore[
     return task_id
 
 
-def test_bulk_redispatch_takes_every_open_task_in_the_status(cli, repo: Path, env: Env) -> None:
+def test_bulk_redispatch_takes_every_open_task_in_the_status(
+    cli: Cli, repo: Path, env: Env
+) -> None:
     first, second, closed = (_failed_task(cli, repo, env, f"job {n}") for n in range(3))
     assert cli("close", str(closed)).code == 0
     for task_id in (first, second):
@@ -38,12 +45,12 @@ def test_bulk_redispatch_takes_every_open_task_in_the_status(cli, repo: Path, en
     assert [d["task_id"] for d in data] == [first, second]
     assert all(d["error"] is None and d["attempt"]["number"] == 2 for d in data)
     for task_id in (first, second):
-        wait_for(lambda t=task_id: _status(env, t) == "done", f"task {task_id} done")
+        wait_for(partial(_status_is, env, task_id, "done"), f"task {task_id} done")
     assert _status(env, closed) == "failed"  # closed tasks are left alone
 
 
 def test_bulk_redispatch_goes_on_after_a_failure_and_exits_non_zero(
-    cli, repo: Path, env: Env
+    cli: Cli, repo: Path, env: Env
 ) -> None:
     broken, fine = (_failed_task(cli, repo, env, f"job {n}") for n in range(2))
     # Squat the broken task's worktree path with a plain directory: its redispatch must fail.
@@ -63,7 +70,7 @@ def test_bulk_redispatch_goes_on_after_a_failure_and_exits_non_zero(
     assert (worktree / "mine.txt").read_text() == "user data"
 
 
-def test_bulk_redispatch_refuses_statuses_it_cannot_take(cli, env: Env) -> None:
+def test_bulk_redispatch_refuses_statuses_it_cannot_take(cli: Cli, env: Env) -> None:
     result = cli("redispatch", "--status", "ready")
     assert result.code == 2
     assert "cannot redispatch 'ready'" in result.stderr

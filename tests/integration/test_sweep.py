@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
@@ -12,12 +13,14 @@ from typing import Any
 
 import pytest
 
+from dispatch.adapters.tmux import TmuxTerminal
 from dispatch.app import App
+from dispatch.clock import utcnow
 from dispatch.services.dispatching import dispatch_task, redispatch
 from dispatch.services.sweep import sweep
 from dispatch.services.wrapper import finish
-from dispatch.store.direct import Direct, Tx, utcnow
-from tests.conftest import Env, tmux, windows
+from dispatch.store.direct import Direct, Tx
+from tests.conftest import Cli, Env, GitRunner, MakeApp, tmux, windows
 from tests.integration.recovery_helpers import (
     attempt_row,
     attempts_of,
@@ -93,8 +96,11 @@ def _run_to_done(app: App, env: Env, task_id: int) -> None:
     assert wait_for(lambda: settled(env, task_id), "the agent to finish") == "done"
 
 
+Gated = list[subprocess.Popen[str]]
+
+
 @pytest.fixture
-def gated_proc() -> Iterator[list[subprocess.Popen[str]]]:
+def gated_proc() -> Iterator[Gated]:
     """Background dispatchers, killed with their process groups if a test leaves them."""
     procs: list[subprocess.Popen[str]] = []
     yield procs
@@ -107,7 +113,12 @@ def gated_proc() -> Iterator[list[subprocess.Popen[str]]]:
 
 
 def test_dispatcher_killed_inside_git_worktree_add_is_undone_by_sweep(
-    cli, make_app, repo: Path, env: Env, git, gated_proc
+    cli: Cli,
+    make_app: MakeApp,
+    repo: Path,
+    env: Env,
+    git: GitRunner,
+    gated_proc: list[subprocess.Popen[str]],
 ) -> None:
     env.write_config(FAST_LEASE)
     task_id = new_task(make_app(), repo, "echo hi > out.txt")
@@ -155,7 +166,12 @@ def test_dispatcher_killed_inside_git_worktree_add_is_undone_by_sweep(
 
 
 def test_dispatcher_killed_mid_checkout_leaves_a_locked_worktree_that_sweep_removes(
-    cli, make_app, repo: Path, env: Env, git, gated_proc
+    cli: Cli,
+    make_app: MakeApp,
+    repo: Path,
+    env: Env,
+    git: GitRunner,
+    gated_proc: list[subprocess.Popen[str]],
 ) -> None:
     started, release, script = _gate(env)
     (repo / ".gitattributes").write_text("*.slow filter=slow\n")
@@ -195,7 +211,12 @@ def test_dispatcher_killed_mid_checkout_leaves_a_locked_worktree_that_sweep_remo
 
 
 def test_a_live_dispatcher_past_its_lease_is_never_touched(
-    cli, make_app, repo: Path, env: Env, git, gated_proc
+    cli: Cli,
+    make_app: MakeApp,
+    repo: Path,
+    env: Env,
+    git: GitRunner,
+    gated_proc: list[subprocess.Popen[str]],
 ) -> None:
     task_id = new_task(make_app(), repo, "echo hi > out.txt")
     started, release, script = _gate(env)
@@ -221,7 +242,7 @@ def test_a_live_dispatcher_past_its_lease_is_never_touched(
 
 
 def test_a_dead_dispatcher_is_told_from_a_live_process_that_reuses_its_pid(
-    make_app, repo: Path, env: Env
+    make_app: MakeApp, repo: Path, env: Env
 ) -> None:
     app = make_app()
     stranger = subprocess.Popen(["sleep", "30"])
@@ -251,7 +272,7 @@ def test_a_dead_dispatcher_is_told_from_a_live_process_that_reuses_its_pid(
 
         report = sweep(app)
 
-        assert sorted(r.attempt_id for r in report.reaped) == [reused, undead]
+        assert sorted(r.attempt_id or 0 for r in report.reaped) == [reused, undead]
         assert {r.reason for r in report.reaped} == {"dispatcher died"}
         assert attempt_row(env, alive)["state"] == "starting"
     finally:
@@ -268,7 +289,7 @@ def _is_zombie(pid: int) -> bool:
 # -- running attempts on this host: tmux is the authority ----------------------------------------
 
 
-def _start(app, repo: Path, env: Env, prompt: str = "sleep 30"):  # type: ignore[no-untyped-def]
+def _start(app: App, repo: Path, env: Env, prompt: str = "sleep 30") -> tuple[int, sqlite3.Row]:
     """A task whose shell agent is running in its window; (task id, attempt row)."""
     task_id = new_task(app, repo, prompt)
     dispatch_task(app, task_id)
@@ -278,7 +299,7 @@ def _start(app, repo: Path, env: Env, prompt: str = "sleep 30"):  # type: ignore
 
 @pytest.mark.parametrize("requeue", [False, True], ids=["reap", "requeue"])
 def test_sigkilled_wrapper_is_reaped_as_interrupted(
-    cli, make_app, repo: Path, env: Env, requeue: bool
+    cli: Cli, make_app: MakeApp, repo: Path, env: Env, requeue: bool
 ) -> None:
     task_id, attempt = _start(make_app(), repo, env)
     signal_quietly(attempt["wrapper_pid"], signal.SIGKILL)
@@ -308,7 +329,7 @@ def test_sigkilled_wrapper_is_reaped_as_interrupted(
 
 
 def test_a_live_pane_is_never_reaped_even_with_a_stale_heartbeat(
-    cli, make_app, repo: Path, env: Env
+    cli: Cli, make_app: MakeApp, repo: Path, env: Env
 ) -> None:
     task_id, attempt = _start(make_app(), repo, env)
     # A laptop that slept: the wrapper cannot beat, its heartbeat is an hour old.
@@ -330,7 +351,7 @@ def test_a_live_pane_is_never_reaped_even_with_a_stale_heartbeat(
 
 
 def test_killed_window_of_a_stopped_wrapper_is_not_left_in_progress(
-    cli, make_app, repo: Path, env: Env
+    cli: Cli, make_app: MakeApp, repo: Path, env: Env
 ) -> None:
     task_id, attempt = _start(make_app(), repo, env)
     signal_quietly(attempt["wrapper_pid"], signal.SIGSTOP)
@@ -346,7 +367,9 @@ def test_killed_window_of_a_stopped_wrapper_is_not_left_in_progress(
         resume_process(attempt["wrapper_pid"])
 
 
-def test_tmux_server_killed_under_several_agents(cli, make_app, repo: Path, env: Env) -> None:
+def test_tmux_server_killed_under_several_agents(
+    cli: Cli, make_app: MakeApp, repo: Path, env: Env
+) -> None:
     app = make_app()
     started = [_start(app, repo, env) for _ in range(3)]
     assert tmux(env, "kill-server").returncode == 0
@@ -361,7 +384,9 @@ def test_tmux_server_killed_under_several_agents(cli, make_app, repo: Path, env:
         assert len(terminal_events(env, task_id)) == 1
 
 
-def test_a_dead_pane_without_a_recorded_exit_is_reaped(make_app, repo: Path, env: Env) -> None:
+def test_a_dead_pane_without_a_recorded_exit_is_reaped(
+    make_app: MakeApp, repo: Path, env: Env
+) -> None:
     app = make_app()
     open_window(env, "keep", "sleep", "30")
     assert tmux(env, "set-option", "-g", "remain-on-exit", "on").returncode == 0
@@ -384,7 +409,7 @@ def test_a_dead_pane_without_a_recorded_exit_is_reaped(make_app, repo: Path, env
     ]
 
 
-def test_the_pane_is_known_by_the_wrapper_it_runs(make_app, repo: Path, env: Env) -> None:
+def test_the_pane_is_known_by_the_wrapper_it_runs(make_app: MakeApp, repo: Path, env: Env) -> None:
     app = make_app()
     # The window id recorded now names a window running something else (tmux restarted).
     reused = seed_attempt(app, new_task(app, repo))
@@ -401,7 +426,7 @@ def test_the_pane_is_known_by_the_wrapper_it_runs(make_app, repo: Path, env: Env
 
 
 def test_a_cancel_whose_agent_vanished_is_reaped_as_cancelled(
-    make_app, repo: Path, env: Env
+    make_app: MakeApp, repo: Path, env: Env
 ) -> None:
     app = make_app()
     task_id = new_task(app, repo)
@@ -418,7 +443,7 @@ def test_a_cancel_whose_agent_vanished_is_reaped_as_cancelled(
 
 
 def test_an_attempt_from_another_tmux_server_is_judged_by_its_heartbeat(
-    make_app, repo: Path, env: Env
+    make_app: MakeApp, repo: Path, env: Env
 ) -> None:
     app = make_app()
     fresh = seed_attempt(
@@ -447,7 +472,7 @@ def _wrapper_like(attempt_id: int, script: str = "sleep 60") -> list[str]:
 
 
 def test_other_host_attempt_is_reaped_by_heartbeat_and_its_late_exit_is_fenced(
-    cli, make_app, repo: Path, env: Env
+    cli: Cli, make_app: MakeApp, repo: Path, env: Env
 ) -> None:
     app = make_app()
     lost_task = new_task(app, repo)
@@ -487,7 +512,7 @@ def test_other_host_attempt_is_reaped_by_heartbeat_and_its_late_exit_is_fenced(
 # -- options and output --------------------------------------------------------------------------
 
 
-def _reapable(app, repo: Path, env: Env) -> dict[str, int]:  # type: ignore[no-untyped-def]
+def _reapable(app: App, repo: Path, env: Env) -> dict[str, int]:
     """One attempt of each kind a sweep reaps, made of rows only; task ids by kind."""
     gone = new_task(app, repo)
     seed_attempt(app, gone, target="dispatch:@999")
@@ -504,7 +529,7 @@ def _reapable(app, repo: Path, env: Env) -> dict[str, int]:  # type: ignore[no-u
     return {"gone": gone, "remote": remote, "crashed": crashed}
 
 
-def test_dry_run_changes_nothing(cli, make_app, repo: Path, env: Env) -> None:
+def test_dry_run_changes_nothing(cli: Cli, make_app: MakeApp, repo: Path, env: Env) -> None:
     tasks = _reapable(make_app(), repo, env)
     before = dump(env)
 
@@ -530,7 +555,7 @@ def test_dry_run_changes_nothing(cli, make_app, repo: Path, env: Env) -> None:
     }
 
 
-def test_quiet_prints_nothing_when_idle(cli, make_app, repo: Path, env: Env) -> None:
+def test_quiet_prints_nothing_when_idle(cli: Cli, make_app: MakeApp, repo: Path, env: Env) -> None:
     new_task(make_app(), repo)
 
     quiet = cli("sweep", "-q")
@@ -541,7 +566,7 @@ def test_quiet_prints_nothing_when_idle(cli, make_app, repo: Path, env: Env) -> 
     assert "checked 0 attempt(s), reaped 0" in loud.stderr
 
 
-def test_quiet_still_reports_reaps(cli, make_app, repo: Path, env: Env) -> None:
+def test_quiet_still_reports_reaps(cli: Cli, make_app: MakeApp, repo: Path, env: Env) -> None:
     tasks = _reapable(make_app(), repo, env)
 
     quiet = cli("sweep", "-q")
@@ -551,7 +576,7 @@ def test_quiet_still_reports_reaps(cli, make_app, repo: Path, env: Env) -> None:
     assert f"reaped task {tasks['gone']}" in quiet.stdout
 
 
-def test_json_shape(cli, make_app, repo: Path, env: Env) -> None:
+def test_json_shape(cli: Cli, make_app: MakeApp, repo: Path, env: Env) -> None:
     tasks = _reapable(make_app(), repo, env)
 
     data = cli("sweep", "--json").json()
@@ -563,7 +588,9 @@ def test_json_shape(cli, make_app, repo: Path, env: Env) -> None:
     assert data["orphan_windows"] == [] and data["orphan_worktrees"] == []
 
 
-def test_orphans_are_reported_and_never_deleted(cli, make_app, repo: Path, env: Env) -> None:
+def test_orphans_are_reported_and_never_deleted(
+    cli: Cli, make_app: MakeApp, repo: Path, env: Env
+) -> None:
     app = make_app()
     task_id, _attempt = _start(app, repo, env)
     # A wrapper window whose attempt is not live, a user's own window, and a shell.
@@ -592,7 +619,9 @@ def test_orphans_are_reported_and_never_deleted(cli, make_app, repo: Path, env: 
     assert "not removed" in text.stdout and "not killed" in text.stdout
 
 
-def test_undo_kills_only_the_dead_dispatch_s_own_window(make_app, repo: Path, env: Env) -> None:
+def test_undo_kills_only_the_dead_dispatch_s_own_window(
+    make_app: MakeApp, repo: Path, env: Env
+) -> None:
     app = make_app()
     crashed_task = new_task(app, repo)
     crashed = seed_attempt(
@@ -618,7 +647,7 @@ def test_undo_kills_only_the_dead_dispatch_s_own_window(make_app, repo: Path, en
 # -- cost ----------------------------------------------------------------------------------------
 
 
-def _live_attempts(app, repo: Path, env: Env, count: int) -> None:  # type: ignore[no-untyped-def]
+def _live_attempts(app: App, repo: Path, env: Env, count: int) -> None:
     """`count` running attempts whose windows are alive, half of them on other hosts."""
     for n in range(count):
         task_id = new_task(app, repo)
@@ -631,15 +660,17 @@ def _live_attempts(app, repo: Path, env: Env, count: int) -> None:  # type: igno
             execute(env, "UPDATE attempts SET tmux_target = ? WHERE id = ?", target, attempt_id)
 
 
-def test_one_tmux_listing_per_sweep(make_app, repo: Path, env: Env) -> None:
+def test_one_tmux_listing_per_sweep(make_app: MakeApp, repo: Path, env: Env) -> None:
     app = make_app()
     _live_attempts(app, repo, env, 10)
-    calls_before = len(app.terminal.calls)
+    terminal = app.terminal
+    assert isinstance(terminal, TmuxTerminal)
+    calls_before = len(terminal.calls)
 
     report = sweep(app)
 
     assert report.reaped == [] and report.checked == 10
-    calls = app.terminal.calls[calls_before:]
+    calls = terminal.calls[calls_before:]
     assert len(calls) == 1
     assert "list-panes" in calls[0]
 
@@ -653,6 +684,10 @@ class _CountingTx:
     def rows(self, sql: str, params: Any = None) -> Any:
         self.seen.append(sql)
         return self.real.rows(sql, params)
+
+    def stream(self, sql: str, params: Any = None) -> Any:
+        self.seen.append(sql)
+        return self.real.stream(sql, params)
 
     def change(self, sql: str, params: Any = None) -> int:
         self.seen.append(sql)
@@ -673,7 +708,7 @@ class _CountingDirect:
         self.real.close()
 
 
-def _statements_for_sweep(make_app, repo: Path, env: Env, count: int) -> int:  # type: ignore[no-untyped-def]
+def _statements_for_sweep(make_app: MakeApp, repo: Path, env: Env, count: int) -> int:
     _live_attempts(make_app(), repo, env, count)
     app = make_app()
     seen: list[str] = []
@@ -684,7 +719,7 @@ def _statements_for_sweep(make_app, repo: Path, env: Env, count: int) -> int:  #
 
 
 def test_sql_statements_do_not_grow_with_the_number_of_tasks(
-    make_app, repo: Path, env: Env
+    make_app: MakeApp, repo: Path, env: Env
 ) -> None:
     few = _statements_for_sweep(make_app, repo, env, 3)
     execute(env, "UPDATE tasks SET status = 'cancelled', current_attempt_id = NULL")
@@ -694,7 +729,7 @@ def test_sql_statements_do_not_grow_with_the_number_of_tasks(
 
 
 def test_an_in_progress_task_without_an_attempt_is_reaped_once(
-    make_app, repo: Path, env: Env
+    make_app: MakeApp, repo: Path, env: Env
 ) -> None:
     """A task left in-progress with no attempt at all (its claim died half-written by
     hand or by a tool) is put back, once: the fence is `current_attempt_id IS NULL`."""

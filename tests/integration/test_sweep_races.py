@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from dispatch.app import App
+from dispatch.clock import utcnow
 from dispatch.services.dispatching import dispatch_task
 from dispatch.services.naming import branch_name, worktree_path
 from dispatch.services.panes import Panes
 from dispatch.services.reaping import _finish_undo
-from dispatch.services.sweep import SweepReport, sweep
-from dispatch.store.direct import utcnow
-from tests.conftest import Env
+from dispatch.services.sweep import sweep
+from tests.conftest import Env, GitRunner, MakeApp
 from tests.integration.recovery_helpers import (
     attempt_row,
     dead_pid,
@@ -61,7 +61,7 @@ def _crashed(app: App, git: Callable[..., str], repo: Path, **extra: Any) -> tup
 
 
 def test_four_concurrent_sweeps_reap_each_task_exactly_once(
-    make_app, repo: Path, env: Env, git
+    make_app: MakeApp, repo: Path, env: Env, git: GitRunner
 ) -> None:
     app = make_app()
     tasks: list[int] = []
@@ -93,7 +93,7 @@ def test_four_concurrent_sweeps_reap_each_task_exactly_once(
 
 
 def test_sweeps_running_alongside_dispatches_touch_none_of_them(
-    make_app, repo: Path, env: Env
+    make_app: MakeApp, repo: Path, env: Env
 ) -> None:
     app = make_app()
     tasks = [new_task(app, repo) for _ in range(3)]
@@ -115,7 +115,7 @@ def test_sweeps_running_alongside_dispatches_touch_none_of_them(
 
 
 def test_an_unfinished_rollback_is_finished_once_its_dispatcher_is_gone(
-    make_app, repo: Path, env: Env, git
+    make_app: MakeApp, repo: Path, env: Env, git: GitRunner
 ) -> None:
     app = make_app()
     # The dispatcher fenced its attempt, then died before its undos and rollback ran.
@@ -146,7 +146,7 @@ def test_an_unfinished_rollback_is_finished_once_its_dispatcher_is_gone(
 
 
 def test_a_sweep_with_an_old_snapshot_never_undoes_a_newer_dispatch(
-    make_app, repo: Path, env: Env, git
+    make_app: MakeApp, repo: Path, env: Env, git: GitRunner
 ) -> None:
     app = make_app()
     task_id = new_task(app, repo)
@@ -173,7 +173,7 @@ def test_a_sweep_with_an_old_snapshot_never_undoes_a_newer_dispatch(
     window = attempt["tmux_target"].split(":")[1]
 
     # A second sweep that read its snapshot before the first one's rollback now acts on it.
-    late = _finish_undo(app, crashed, "dispatcher died", Panes.of([]), SweepReport())
+    late, _ = _finish_undo(app, crashed, "dispatcher died", Panes.of([]))
 
     assert late is None
     assert Path(attempt["worktree"]).is_dir()

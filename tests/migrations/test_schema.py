@@ -3,6 +3,11 @@ dispatch must refuse and leave byte-for-byte untouched (SPEC §7)."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from alembic.script import ScriptDirectory
+
 import json
 import os
 import sqlite3
@@ -20,8 +25,9 @@ from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
+from dispatch.clock import utcnow
 from dispatch.store.database import Database, migrations_dir
-from dispatch.store.direct import BUSY_TIMEOUT_MS, utcnow
+from dispatch.store.direct import BUSY_TIMEOUT_MS
 from dispatch.store.models import Attempt, Base, Event, Task
 from dispatch.store.revisions import HEAD_REVISION, KNOWN_REVISIONS
 from tests.cli.inprocess import InProcess
@@ -44,7 +50,7 @@ def db(env: Env) -> Iterator[Database]:
     database.dispose()
 
 
-def _script_directory():  # type: ignore[no-untyped-def]
+def _script_directory() -> ScriptDirectory:
     from alembic.config import Config
     from alembic.script import ScriptDirectory
 

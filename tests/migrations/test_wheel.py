@@ -26,7 +26,7 @@ def _run(*argv: str | Path, **kwargs: object) -> subprocess.CompletedProcess[str
         **kwargs,  # type: ignore[call-overload]
     )
     assert done.returncode == 0, f"{argv}\n{done.stdout}\n{done.stderr}"
-    return done
+    return done  # type: ignore[no-any-return]
 
 
 @pytest.mark.slow
@@ -69,3 +69,15 @@ def test_the_installed_wheel_migrates_a_new_database(env: Env, repo: Path) -> No
     current = _run(dispatch, "db", "current", cwd=repo, env=environ)
     assert current.stdout == f"{HEAD_REVISION} (head)\n"
     assert env.db_path.is_file()
+
+    # The monitor's page ships in the wheel, as plain files beside its code.
+    page = _run(
+        python, "-c",
+        "from importlib import resources; s = resources.files('dispatch.web') / 'static';"
+        "print(s); print(*sorted(p.name for p in (s / 'js').iterdir()))",
+        cwd=repo, env=environ,
+    )  # fmt: skip
+    static, scripts = page.stdout.splitlines()
+    assert Path(static).is_relative_to(venv)
+    assert (Path(static) / "index.html").is_file() and (Path(static) / "task.html").is_file()
+    assert {"api.js", "stream.js", "table.js", "toast.js"} <= set(scripts.split())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import pytest
 
@@ -73,7 +74,9 @@ LEGAL = [
 
 
 @pytest.mark.parametrize("current,action,kwargs,expected", LEGAL)
-def test_every_legal_move(current: Status, action: Action, kwargs: dict, expected: Status) -> None:
+def test_every_legal_move(
+    current: Status, action: Action, kwargs: dict[str, Any], expected: Status
+) -> None:
     assert next_status(current, action, task_id=7, **kwargs) is expected
     assert is_edge(current, expected)
 

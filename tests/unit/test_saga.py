@@ -281,3 +281,17 @@ def test_an_exception_without_a_message_is_named_by_its_type() -> None:
         run([Step("a", fail_with("a", ConnectionError()), undo("a"))], log)
     assert caught.value.reason == "ConnectionError"
     assert str(caught.value) == "a: ConnectionError"
+
+
+def test_a_fault_named_after_no_method_of_the_adapter_is_refused() -> None:
+    from tests.faults import Faulty, raises
+
+    class Adapter:
+        def add(self) -> str:
+            return "added"
+
+    with pytest.raises(TypeError, match="Adapter has no method ad, remove"):
+        Faulty(Adapter(), ad=raises(RuntimeError("x")), remove=raises(RuntimeError("y")))
+    faulty = Faulty(Adapter(), add=raises(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        faulty.add()

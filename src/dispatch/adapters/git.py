@@ -14,7 +14,6 @@ import contextlib
 import hashlib
 import os
 import shutil
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dispatch.adapters.program import run_program
 from dispatch.errors import EnvironmentProblem, ToolFailed
 
 if TYPE_CHECKING:
@@ -123,22 +123,9 @@ class GitWorktrees:
             argv += ["-C", str(_absolute(repo))]
         argv += args
         self.calls.append(argv)
-        try:
-            done = subprocess.run(
-                argv,
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                text=True,
-                encoding="utf-8",
-                errors="replace",
-                env={**os.environ, "LC_ALL": "C", "LANGUAGE": ""},
-                timeout=_TIMEOUT_SECONDS,
-                check=False,
-            )
-        except FileNotFoundError as exc:
-            raise EnvironmentProblem(f"git cannot be run: {argv[0]} is gone") from exc
-        except subprocess.TimeoutExpired as exc:
-            raise ToolFailed(argv, -1, f"no answer within {_TIMEOUT_SECONDS:g} s") from exc
+        done = run_program(
+            argv, timeout=_TIMEOUT_SECONDS, env={**os.environ, "LC_ALL": "C", "LANGUAGE": ""}
+        )
         status, stdout, stderr = done.returncode, done.stdout, done.stderr.rstrip("\n")
         # 128 is git's own "fatal"; a failing hook exits with its status, whatever it printed.
         if status == 128 and repo is not None:

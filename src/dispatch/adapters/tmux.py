@@ -16,6 +16,7 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from dispatch.adapters.program import run_program
 from dispatch.adapters.protocols import Pane
 from dispatch.errors import EnvironmentProblem, ToolFailed
 
@@ -105,21 +106,7 @@ class TmuxTerminal:
         for command in then:
             argv += [";", *map(_unseparated, command)]
         self.calls.append(argv)
-        try:
-            result = subprocess.run(
-                argv,
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                text=True,
-                encoding="utf-8",
-                errors="replace",
-                timeout=_TIMEOUT_SECONDS,
-                check=False,
-            )
-        except FileNotFoundError as exc:
-            raise EnvironmentProblem(f"tmux cannot be run: {argv[0]} is gone") from exc
-        except subprocess.TimeoutExpired as exc:
-            raise ToolFailed(argv, -1, f"no answer within {_TIMEOUT_SECONDS:g} s") from exc
+        result = run_program(argv, timeout=_TIMEOUT_SECONDS)
         if check and result.returncode != 0:
             raise ToolFailed(argv, result.returncode, result.stderr)
         return result

@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from dispatch.cli import output as out
+from dispatch.cli.context import invocation
 
 db_app = typer.Typer(help="Database migrations.", rich_markup_mode=None)
 
@@ -19,9 +20,7 @@ def _db(ctx: typer.Context) -> None:
 @db_app.command("upgrade")
 def upgrade(ctx: typer.Context) -> None:
     """Apply pending migrations (also done automatically on first use)."""
-    from dispatch.cli.main import state
-
-    db = state(ctx).get_app().db
+    db = invocation(ctx).app().db
     before = db.current_revision()
     after = db.upgrade()
     out.line(f"{before or 'empty'} -> {after}" if before != after else f"already at {after}")
@@ -30,10 +29,9 @@ def upgrade(ctx: typer.Context) -> None:
 @db_app.command("current")
 def current(ctx: typer.Context) -> None:
     """Print the database's schema revision."""
-    from dispatch.cli.main import state
     from dispatch.store.revisions import HEAD_REVISION, KNOWN_REVISIONS
 
-    revision = state(ctx).get_app().db.current_revision()
+    revision = invocation(ctx).app().db.current_revision()
     if revision == HEAD_REVISION:
         suffix = " (head)"
     elif revision is None or revision in KNOWN_REVISIONS:
@@ -49,11 +47,9 @@ def doctor(ctx: typer.Context, json: bool = typer.Option(False, "--json")) -> No
     tmux, git, the database and its migrations, the config and the agent commands;
     exit 0 only if every check passes.
     """
-    from dispatch.cli.main import state
     from dispatch.services.doctor import run_checks
 
-    st = state(ctx)
-    checks = run_checks(st.config, st.db, st.get_app)
+    checks = run_checks(invocation(ctx).app)
     if json:
         out.emit_json([{"name": c.name, "detail": c.detail, "ok": c.ok} for c in checks])
     else:

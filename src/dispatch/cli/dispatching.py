@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from dispatch.cli import output as out
+from dispatch.cli.context import invocation
 from dispatch.cli.tasks import NO_REAP
 from dispatch.errors import UsageError
 
@@ -14,12 +15,6 @@ if TYPE_CHECKING:
     from dispatch.services.dispatching import DispatchResult
 
 JSON = typer.Option(False, "--json", help="Print JSON.")
-
-
-def _app(ctx: typer.Context):  # type: ignore[no-untyped-def]
-    from dispatch.cli.main import state
-
-    return state(ctx).get_app()
 
 
 def _print_result(result: DispatchResult, json: bool) -> None:
@@ -54,7 +49,7 @@ def run(
         raise UsageError("give a TASK id or --next, not both" if next_ else "give a TASK or --next")
     if task is not None and max_ != 1:
         raise UsageError("--max goes with --next")
-    app = _app(ctx)
+    app = invocation(ctx).app()
     if task is not None:
         result = dispatch_task(app, task)
         assert result is not None
@@ -102,14 +97,14 @@ def redispatch(
     if status:
         _redispatch_all(ctx, status, json)
         return
-    _print_result(redispatch_service(_app(ctx), task, attempt), json)
+    _print_result(redispatch_service(invocation(ctx).app(), task, attempt), json)
 
 
 def _redispatch_all(ctx: typer.Context, statuses: list[str], json: bool) -> None:
     from dispatch.errors import DispatchError
     from dispatch.services.dispatching import DispatchResult, redispatch_each, retryable_task_ids
 
-    app = _app(ctx)
+    app = invocation(ctx).app()
     task_ids = retryable_task_ids(app, statuses)
     outcomes: list[tuple[int, DispatchResult | DispatchError]] = []
     with out.progress(len(task_ids), "redispatching", quiet=json) as advance:
@@ -140,13 +135,9 @@ def _redispatch_all(ctx: typer.Context, statuses: list[str], json: bool) -> None
 
 
 def _result_json(result: DispatchResult) -> dict[str, Any]:
-    data: dict[str, Any] = {
-        "task": out.task_json(result.task, result.attempts),
-        "attempt": out.attempt_json(result.attempt),
-    }
-    if result.warnings:
-        data["warnings"] = result.warnings
-    return data
+    from dispatch.shapes import dispatch_result_json
+
+    return dispatch_result_json(result)
 
 
 def cancel(ctx: typer.Context, task: int = typer.Argument(...), json: bool = JSON) -> None:
@@ -156,7 +147,7 @@ def cancel(ctx: typer.Context, task: int = typer.Argument(...), json: bool = JSO
     """
     from dispatch.services.control import cancel_task
 
-    view = cancel_task(_app(ctx), task)
+    view = cancel_task(invocation(ctx).app(), task)
     for text in view.notices:
         out.notice(text)
     if json:
@@ -173,7 +164,7 @@ def done(ctx: typer.Context, task: int | None = typer.Argument(None), json: bool
     """
     from dispatch.services.control import signal_done
 
-    attempt, recorded = signal_done(_app(ctx), task)
+    attempt, recorded = signal_done(invocation(ctx).app(), task)
     if json:
         out.emit_json(out.attempt_json(attempt))
     elif recorded:
@@ -194,7 +185,7 @@ def logs(
     from dispatch.errors import NotFound
     from dispatch.services.control import follow_log, log_path
 
-    app = _app(ctx)
+    app = invocation(ctx).app()
     row, path = log_path(app, task, attempt)
     if follow:
         for chunk in follow_log(app, row, path):
@@ -212,7 +203,7 @@ def attach(ctx: typer.Context, task: int = typer.Argument(...)) -> None:
 
     from dispatch.services.control import attach_argv
 
-    argv = attach_argv(_app(ctx), task)
+    argv = attach_argv(invocation(ctx).app(), task)
     os.execvp(argv[0], argv)
 
 
@@ -220,4 +211,4 @@ def agent_exec(ctx: typer.Context, attempt: int = typer.Argument(...)) -> None:
     """Internal: the wrapper that runs inside the task's tmux window."""
     from dispatch.services.wrapper import agent_exec as run_wrapper
 
-    raise typer.Exit(run_wrapper(_app(ctx), attempt))
+    raise typer.Exit(run_wrapper(invocation(ctx).app(), attempt))

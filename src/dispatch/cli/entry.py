@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import sys
-from collections.abc import Callable
 from typing import NoReturn
 
 from dispatch import __version__
-from dispatch.errors import DispatchError
+from dispatch.cli.funnel import funnel, python_interrupts
 
 
 def main() -> NoReturn:
@@ -48,16 +46,6 @@ def _dispatch(args: list[str]) -> int:
     return run(args)
 
 
-def python_interrupts() -> None:
-    """From here on a Ctrl-C is Python's KeyboardInterrupt, for the command to handle.
-
-    Until then the console script's handler ends the process at once: a KeyboardInterrupt
-    raised while modules are still being imported can surface as a traceback, or be
-    "ignored" inside an import lock's callback and lost."""
-    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
 def _interrupted() -> int:
     raise KeyboardInterrupt
 
@@ -85,33 +73,6 @@ def _agent_exec(attempt_id: int) -> int:
         return agent_exec(app, attempt_id)
     finally:
         app.close()
-
-
-def funnel(work: Callable[[], int]) -> int:
-    """Run `work`; every error leaves as one line (no traceback unless DISPATCH_DEBUG=1)."""
-    try:
-        return work()
-    except DispatchError as exc:
-        report(exc)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        report(DispatchError("interrupted"))
-        return 130
-    except BrokenPipeError:
-        return 0
-    except Exception as exc:
-        report(DispatchError(f"{type(exc).__name__}: {exc}"))
-        return 1
-
-
-def report(exc: DispatchError) -> None:
-    if os.environ.get("DISPATCH_DEBUG") == "1" and sys.exc_info()[0] is not None:
-        import traceback
-
-        traceback.print_exc()
-    from dispatch.cli.output import error
-
-    error(exc)
 
 
 def _flush() -> None:

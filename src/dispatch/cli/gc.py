@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from dispatch.cli import output as out
+from dispatch.cli.context import invocation
 from dispatch.errors import UsageError
 
 # More worktrees than this and a person sees a progress bar (on a terminal only).
@@ -39,11 +40,10 @@ def gc(
     --older-than. Anything uncommitted is saved first as a commit at
     refs/dispatch/wip/TASK-ATTEMPT; `dispatch restore TASK` brings it back.
     """
-    from dispatch.cli.main import state
     from dispatch.config import parse_duration
     from dispatch.services.gc import GcOptions, collect
 
-    app = state(ctx).get_app()
+    app = invocation(ctx).app()
     try:
         age = parse_duration(older_than) if older_than else app.settings.gc_after
     except ValueError as exc:
@@ -68,10 +68,9 @@ def restore(
     json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Bring back a collected worktree, uncommitted work too."""
-    from dispatch.cli.main import state
     from dispatch.services.restore import restore as restore_service
 
-    result = restore_service(state(ctx).get_app(), task)
+    result = restore_service(invocation(ctx).app(), task)
     if json:
         out.emit_json(out.restored_json(result))
     else:

@@ -12,10 +12,13 @@ Usage: dispatch [OPTIONS] COMMAND [ARGS]...
   Run coding agents on tasks, each in its own git worktree and tmux window.
 
 Options:
-  --db URL_OR_PATH  Database URL or SQLite file (env DISPATCH_DB).
-  --config PATH     Config file (env DISPATCH_CONFIG).
-  --version         Show the version and exit.
-  -h, --help        Show this message and exit.
+  --db URL_OR_PATH      Database URL or SQLite file (env DISPATCH_DB).
+  --config PATH         Config file (env DISPATCH_CONFIG).
+  --version             Show the version and exit.
+  --install-completion  Install completion for the current shell.
+  --show-completion     Show completion for the current shell, to copy it or
+                        customize the installation.
+  -h, --help            Show this message and exit.
 
 Commands:
   add         Create a ready task and print its id.
@@ -32,6 +35,7 @@ Commands:
   logs        Print an attempt's pane log, also after its window is gone.
   attach      Switch to (inside tmux) or attach to the task's window.
   sweep       Reap tasks left in-progress without a live agent.
+  serve       Serve the monitor: a web page and JSON API over every task.
   gc          Reclaim finished tasks' worktrees, saving their work first.
   restore     Bring back a collected worktree, uncommitted work too.
   doctor      Check that everything dispatch needs works.

@@ -2,42 +2,24 @@
 
 from __future__ import annotations
 
+import os
 import sys
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from dispatch import __version__
-from dispatch.cli.entry import funnel, python_interrupts
-from dispatch.cli.output import Mode
+from dispatch.cli.context import Invocation, invocation
+from dispatch.cli.funnel import funnel, python_interrupts
 from dispatch.errors import DispatchError, UsageError
 
 if TYPE_CHECKING:
-    from dispatch.app import App
-
-
-@dataclass
-class State:
-    """Global options, turned into an App on first use."""
-
-    db: str | None = None
-    config: str | None = None
-    app: App | None = field(default=None, repr=False)
-
-    def get_app(self) -> App:
-        if self.app is None:
-            from dispatch.app import App
-            from dispatch.config import load_settings
-
-            self.app = App(load_settings(config=self.config, db=self.db))
-        return self.app
+    pass
 
 
 _SETTINGS = dict(
     name="dispatch",
     help="Run coding agents on tasks, each in its own git worktree and tmux window.",
-    add_completion=False,
     pretty_exceptions_enable=False,
     # Plain help: rich's help renderer (and the markdown parser it pulls in) would more
     # than double the start-up time of `dispatch --help`.
@@ -64,14 +46,10 @@ def _global(
         False, "--version", callback=_version, is_eager=True, help="Show the version and exit."
     ),
 ) -> None:
-    global _current
-    ctx.obj = _current = State(db=db, config=config)
+    invocation(ctx).db, invocation(ctx).config = db, config
     if ctx.invoked_subcommand is None:  # no command: the usage says it all, as a usage error
         sys.stdout.write(ctx.get_help() + "\n")
         raise typer.Exit(2)
-
-
-_current: State | None = None
 
 
 # Command name -> (module, function), in help order. Only the command being run is
@@ -91,13 +69,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "logs": ("dispatching", "logs"),
     "attach": ("dispatching", "attach"),
     "sweep": ("sweep", "sweep"),
+    "serve": ("serve", "serve"),
     "gc": ("gc", "gc"),
     "restore": ("gc", "restore"),
     "doctor": ("db", "doctor"),
     "db": ("db", "db_app"),
     "agent-exec": ("dispatching", "agent_exec"),
 }
-_HIDDEN = {"agent-exec"}
+HIDDEN = {"agent-exec"}
+# How the shell asks `dispatch` for completions (click's `_<PROG>_COMPLETE`).
+COMPLETE_VAR = "_DISPATCH_COMPLETE"
+_COMPLETION_OPTIONS = {"--install-completion", "--show-completion"}
 # What typer returns, without a word, when a Ctrl-C interrupted the command.
 TYPER_INTERRUPTED = 130
 _GLOBAL_WITH_VALUE = {"--db", "--config"}
@@ -116,51 +98,60 @@ def _command_of(args: list[str]) -> str | None:
     return None
 
 
-def build(command: str | None = None) -> typer.Typer:
-    """The CLI with just `command` when it is known, else with every command (help, typos)."""
+def build(command: str | None = None, *, completing: bool = False) -> typer.Typer:
+    """The CLI with just `command` when it is known, else with every command (help, typos).
+
+    Shell completion (`--install-completion`, `--show-completion`, and the shell asking
+    through `_DISPATCH_COMPLETE`) gets the whole CLI with every command's parameters;
+    everything else is spared the cost of typer's completion machinery."""
     import importlib
 
-    cli = typer.Typer(**_SETTINGS)  # type: ignore[arg-type]
+    add_completion = completing or command not in COMMANDS
+    cli = typer.Typer(**{**_SETTINGS, "add_completion": add_completion})  # type: ignore[arg-type]
     cli.callback(invoke_without_command=True)(_global)
+    if completing and COMPLETE_VAR in os.environ:
+        for name, (module, attribute) in COMMANDS.items():
+            _register(
+                cli, name, getattr(importlib.import_module(f"dispatch.cli.{module}"), attribute)
+            )
+        return cli
     if command in COMMANDS:
         module, attribute = COMMANDS[command]
-        target = getattr(importlib.import_module(f"dispatch.cli.{module}"), attribute)
-        if isinstance(target, typer.Typer):
-            cli.add_typer(target, name=command)
-        else:
-            cli.command(command, hidden=command in _HIDDEN)(target)
+        _register(
+            cli, command, getattr(importlib.import_module(f"dispatch.cli.{module}"), attribute)
+        )
         return cli
     # No command, or an unknown one: only the list of commands is shown, so each is a
     # stand-in with its help and no parameters (typer would build every parameter).
     for name, (module, attribute) in COMMANDS.items():
         target = getattr(importlib.import_module(f"dispatch.cli.{module}"), attribute)
         summary = target.info.help if isinstance(target, typer.Typer) else target.__doc__
-        cli.command(name, help=summary, hidden=name in _HIDDEN)(_stand_in)
+        cli.command(name, help=summary, hidden=name in HIDDEN)(_stand_in)
     return cli
+
+
+def _register(cli: typer.Typer, name: str, target: Any) -> None:
+    if isinstance(target, typer.Typer):
+        cli.add_typer(target, name=name)
+    else:
+        cli.command(name, hidden=name in HIDDEN)(target)
 
 
 def _stand_in() -> None:
     """Never run: a command is registered for real when it is the one invoked."""
 
 
-def state(ctx: typer.Context) -> State:
-    root = ctx.find_root()
-    if not isinstance(root.obj, State):
-        root.obj = State()
-    return root.obj
-
-
 def run(args: list[str]) -> int:
     """Parse and run one command; errors leave through the funnel as one line and a code."""
-    global _current
-    _current = None
-    Mode.json = "--json" in args
+    # Known before parsing, so that a usage error is JSON too when JSON was asked for.
+    this = Invocation(json="--json" in args)
 
     def work() -> int:
-        cli = build(_command_of(args))
+        completing = COMPLETE_VAR in os.environ or bool(_COMPLETION_OPTIONS & set(args))
+        cli = build(_command_of(args), completing=completing)
         python_interrupts()
         try:
-            result = cli(args=args, prog_name="dispatch", standalone_mode=False)
+            result = cli(args=args, prog_name="dispatch", standalone_mode=False, obj=this)
         except typer.Exit as exc:
             return exc.exit_code
         except typer.Abort:
@@ -174,10 +165,9 @@ def run(args: list[str]) -> int:
         return result if isinstance(result, int) else 0
 
     try:
-        return funnel(work)
+        return funnel(work, json=this.json)
     finally:
-        if _current is not None and _current.app is not None:
-            _current.app.close()
+        this.close()
 
 
 def _help_hint(exc: Exception) -> str | None:

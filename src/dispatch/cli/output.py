@@ -7,8 +7,13 @@ import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime
 from typing import TYPE_CHECKING, Any
+
+# The shapes are shared with the monitor; the CLI modules keep using them from here.
+from dispatch.shapes import attempt_json as attempt_json
+from dispatch.shapes import event_json as event_json
+from dispatch.shapes import iso as _iso
+from dispatch.shapes import task_json as task_json
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -18,76 +23,6 @@ if TYPE_CHECKING:
     from dispatch.services.restore import Restored
     from dispatch.store.pages import EventLine
     from dispatch.store.statements import AttemptRow, EventRow, TaskRow, TaskSummary
-
-
-class Mode:
-    """Whether this invocation asked for JSON; the error funnel reads it too."""
-
-    json = False
-
-
-def _iso(value: datetime | str | None) -> str | None:
-    """A timestamp as JSON gives it; `list`'s summaries hold that text already."""
-    if value is None or isinstance(value, str):
-        return value
-    return value.isoformat().replace("+00:00", "Z")
-
-
-def attempt_json(a: AttemptRow) -> dict[str, Any]:
-    return {
-        "id": a.id,
-        "task_id": a.task_id,
-        "number": a.number,
-        "state": a.state,
-        "outcome": a.outcome,
-        "exit_code": a.exit_code,
-        "host": a.host,
-        "tmux_target": a.tmux_target,
-        "worktree": a.worktree,
-        "branch": a.branch,
-        "session_id": a.session_id,
-        "started_at": _iso(a.started_at),
-        "ended_at": _iso(a.ended_at),
-        "heartbeat_at": _iso(a.heartbeat_at),
-        "error": a.error,
-        "redispatch_of": a.redispatch_of,
-    }
-
-
-def task_json(
-    t: TaskRow | TaskSummary, attempts: Sequence[AttemptRow] | None = None
-) -> dict[str, Any]:
-    data: dict[str, Any] = {
-        "id": t.id,
-        "title": t.title,
-        "status": t.status,
-        "repo": t.repo,
-        "agent": t.agent,
-        "base_ref": t.base_ref,
-        "priority": t.priority,
-        "closed": t.closed_at is not None,
-        "last_error": t.last_error,
-        "created_at": _iso(t.created_at),
-        "updated_at": _iso(t.updated_at),
-        "branch": t.branch,
-        "worktree": t.worktree,
-    }
-    if attempts is not None:
-        data["attempts"] = [attempt_json(a) for a in attempts]
-    return data
-
-
-def event_json(e: EventRow) -> dict[str, Any]:
-    return {
-        "id": e.id,
-        "task_id": e.task_id,
-        "attempt_id": e.attempt_id,
-        "kind": e.kind,
-        "from_status": e.from_status,
-        "to_status": e.to_status,
-        "at": _iso(e.at),
-        "detail": e.detail,
-    }
 
 
 def emit_json(data: Any) -> None:
@@ -107,8 +42,9 @@ def notice(text: str) -> None:
     sys.stderr.flush()
 
 
-def error(exc: DispatchError) -> None:
-    if Mode.json:
+def error(exc: DispatchError, *, json: bool = False) -> None:
+    """One error: a line on stderr, or with --json the error object on stdout."""
+    if json:
         emit_json({"error": {"code": exc.exit_code, "kind": exc.kind, "message": exc.message}})
         return
     text = f"dispatch: error: {exc.message}"

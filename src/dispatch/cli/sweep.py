@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from dispatch.cli import output as out
+from dispatch.cli.context import invocation
 from dispatch.errors import UsageError
 
 
@@ -25,11 +26,11 @@ def sweep(
     Safe from cron and alongside dispatches. Also reports, without deleting, windows
     and worktrees that no task owns.
     """
-    from dispatch.cli.main import state
     from dispatch.config import parse_duration
     from dispatch.services.sweep import sweep as sweep_service
+    from dispatch.shapes import sweep_json
 
-    app = state(ctx).get_app()
+    app = invocation(ctx).app()
     try:
         stale = parse_duration(stale_after) if stale_after else app.settings.stale_after
     except ValueError as exc:
@@ -41,7 +42,7 @@ def sweep(
     if quiet and not report.reaped:
         return
     if json:
-        out.emit_json(report.as_json())
+        out.emit_json(sweep_json(report))
         return
     verb = "would reap" if dry_run else "reaped"
     for r in report.reaped:

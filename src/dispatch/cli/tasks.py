@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from dispatch.cli import output as out
+from dispatch.cli.context import invocation
 from dispatch.errors import UsageError
 
 if TYPE_CHECKING:
@@ -21,12 +22,6 @@ NO_REAP = typer.Option(
     "--no-reap",
     help="Only read: do not first reap this host's dead agents (env DISPATCH_NO_REAP=1).",
 )
-
-
-def _state(ctx: typer.Context):  # type: ignore[no-untyped-def]
-    from dispatch.cli.main import state
-
-    return state(ctx).get_app()
 
 
 def add(
@@ -50,7 +45,13 @@ def add(
     if prompt_file is not None:
         prompt = _read_prompt(prompt_file)
     task = add_task(
-        _state(ctx), title, prompt=prompt, repo=repo, agent=agent, base=base, priority=priority
+        invocation(ctx).app(),
+        title,
+        prompt=prompt,
+        repo=repo,
+        agent=agent,
+        base=base,
+        priority=priority,
     )
     if json:
         out.emit_json(out.task_json(task))
@@ -105,7 +106,7 @@ def list_(
 
     where = None if repo is None else str(repo.expanduser().resolve())
     query = task_query(status, all_, repo=where, agent=agent, host=host)
-    app = _state(ctx)
+    app = invocation(ctx).app()
     if json:
         array = out.JsonArray()
         stream_task_list(
@@ -142,12 +143,13 @@ def show(
 ) -> None:
     """Show a task, its attempts and its event timeline."""
     from dispatch.services.tasks import show_task
+    from dispatch.shapes import task_detail_json
 
-    view = show_task(_state(ctx), task, reap=not no_reap, events=_limit(events, SHOW_EVENTS))
+    view = show_task(
+        invocation(ctx).app(), task, reap=not no_reap, events=_limit(events, SHOW_EVENTS)
+    )
     if json:
-        data = out.task_json(view.task, view.attempts)
-        data["events"] = [out.event_json(e) for e in view.events]
-        out.emit_json(data)
+        out.emit_json(task_detail_json(view))
     else:
         out.task_detail(view.task, view.attempts, view.events)
     out.more_line(view.events_more, "earlier events not shown", "--events")
@@ -180,7 +182,7 @@ def events(
     """
     from dispatch.services.tasks import event_query, follow_event_log, stream_event_log
 
-    app = _state(ctx)
+    app = invocation(ctx).app()
     query = event_query(task, after, since)
     if json and follow:
 
@@ -227,7 +229,7 @@ def reset(ctx: typer.Context, task: int = typer.Argument(...), json: bool = JSON
     """
     from dispatch.services.tasks import reset_task
 
-    row = reset_task(_state(ctx), task)
+    row = reset_task(invocation(ctx).app(), task)
     if json:
         out.emit_json(out.task_json(row))
     else:
@@ -238,7 +240,7 @@ def close(ctx: typer.Context, task: int = typer.Argument(...), json: bool = JSON
     """Archive a task; a running attempt is cancelled with it."""
     from dispatch.services.control import close_task
 
-    view = close_task(_state(ctx), task)
+    view = close_task(invocation(ctx).app(), task)
     for text in view.notices:
         out.notice(text)
     if json:
@@ -251,7 +253,7 @@ def reopen(ctx: typer.Context, task: int = typer.Argument(...), json: bool = JSO
     """Unarchive a task; it keeps its status."""
     from dispatch.services.tasks import reopen_task
 
-    view = reopen_task(_state(ctx), task)
+    view = reopen_task(invocation(ctx).app(), task)
     for text in view.notices:
         out.notice(text)
     if json:

@@ -8,24 +8,26 @@ from typing import Any
 from dispatch.adapters.protocols import Terminal
 from dispatch.app import App
 from dispatch.lifecycle import Action, AttemptState, Status, next_status
+from dispatch.services.intent import Intent
 from dispatch.services.naming import prompt_path, wrapper_marker
 from dispatch.store import statements as st
 from dispatch.store.direct import Tx
 
 
-def remove_created(app: App, intent: dict[str, Any], *, agent_started: bool) -> list[str]:
+def remove_created(app: App, intent: Intent, *, agent_started: bool) -> list[str]:
     """Shared with the sweep: undo a worktree and branch from a write-ahead intent."""
-    git, repo = app.worktrees, Path(intent["repo"])
-    path, branch = Path(intent["worktree"]), intent.get("branch")
+    if intent.repo is None or intent.worktree is None:
+        return []  # nothing was about to be made
+    git, repo = app.worktrees, Path(intent.repo)
+    path, branch = Path(intent.worktree), intent.branch
     kept: list[str] = []
-    if not intent.get("worktree_existed"):
+    if not intent.worktree_existed:
         if agent_started and path.exists() and git.has_changes(path):
             kept.append(f"kept worktree {path}: it has changes")
         else:
             git.remove(repo, path)
-    if branch and not intent.get("branch_existed") and not kept:
-        base = intent.get("base")
-        if agent_started and base and git.commits_ahead(repo, base, branch) > 0:
+    if branch and not intent.branch_existed and not kept:
+        if agent_started and intent.base and git.commits_ahead(repo, intent.base, branch) > 0:
             kept.append(f"kept branch {branch}: it has commits")
         else:
             git.delete_branch(repo, branch)
@@ -77,10 +79,8 @@ def roll_back(app: App, attempt_id: int, error: str, detail: dict[str, Any]) -> 
             attempt_id=attempt_id,
             target=target,
             kind="dispatch-failed",
-            values={"dispatch_failures": failures, "last_error": error},
-            error=error,
-            failures=failures,
-            **detail,
+            columns={"dispatch_failures": failures, "last_error": error},
+            detail={"error": error, "failures": failures, **detail},
         ):
             return None
         return target

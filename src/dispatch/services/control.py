@@ -11,12 +11,13 @@ from pathlib import Path
 from dispatch.adapters.processes import attempt_marker, attempt_processes, stop_processes
 from dispatch.adapters.protocols import Pane
 from dispatch.app import App
+from dispatch.clock import utcnow
 from dispatch.errors import Conflict, NotFound, ToolFailed, UsageError
 from dispatch.lifecycle import Action, AttemptState, Outcome, Status, next_status
 from dispatch.services.panes import Panes
 from dispatch.services.tasks import TaskView
 from dispatch.store import statements as st
-from dispatch.store.direct import Tx, utcnow
+from dispatch.store.direct import Tx
 from dispatch.store.statements import AttemptRow, TaskRow
 
 # How long an agent gets to stop after C-c, and then after its window is killed.
@@ -44,7 +45,8 @@ class _Plan:
 
 
 def cancel_task(app: App, task_id: int, *, reason: str | None = None) -> TaskView:
-    """Stop the agent (C-c, grace, kill), attempt and task `cancelled`; idempotent."""
+    """Stop the agent (Ctrl-C, the window's hangup, then its processes), and only once
+    none of them is left record the attempt and task `cancelled`; idempotent."""
 
     def request(tx: Tx) -> _Plan:
         task = st.get_task(tx, task_id)
@@ -103,8 +105,8 @@ def _still_running(app: App, attempt: AttemptRow, why: str) -> TaskView:
 
 
 def agent_processes(app: App, attempt: AttemptRow) -> set[int]:
-    """The live processes of an attempt of this host: its agent's group, and every process
-    carrying the attempt's variables (the wrapper itself is not one of them)."""
+    """The live processes of an attempt of this host: every process carrying the
+    attempt's variables, whatever group it is in (the wrapper itself is not one)."""
     marker = attempt_marker(attempt.id, app.settings.database)
     exclude = [attempt.wrapper_pid] if attempt.wrapper_pid else []
     return attempt_processes(marker, group=attempt.agent_pid, exclude=exclude)
@@ -168,7 +170,7 @@ def _force_cancel(app: App, attempt_id: int, reason: str | None) -> TaskRow:
                 attempt_id=attempt_id,
                 target=Status.CANCELLED,
                 kind="cancelled",
-                reason=reason,
+                detail={"reason": reason},
             )
         return st.get_task(tx, task.id)
 

@@ -12,7 +12,7 @@ import os
 import time
 import uuid
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -20,10 +20,20 @@ from typing import Any
 from dispatch.adapters.protocols import Worktrees
 from dispatch.adapters.wakeup import Waiter, address, listen
 from dispatch.app import App
-from dispatch.errors import Conflict, DispatchError, DispatchFailed, NotFound, UsageError
+from dispatch.clock import utcnow
+from dispatch.errors import (
+    Conflict,
+    DispatchError,
+    DispatchFailed,
+    DispatchInterrupted,
+    DispatchRolledBack,
+    NotFound,
+    UsageError,
+)
 from dispatch.lifecycle import RETRYABLE, Action, AttemptState, Status, next_status
 from dispatch.services.cleanup import kill_attempt_windows, remove_created, remove_prompt, roll_back
 from dispatch.services.control import agent_processes
+from dispatch.services.intent import Intent
 from dispatch.services.naming import (
     branch_name,
     prompt_path,
@@ -34,7 +44,7 @@ from dispatch.services.naming import (
 from dispatch.services.saga import NO_WORK, Saga, Step, StepFailed, describe, signals_interrupt
 from dispatch.services.sweep import reconcile
 from dispatch.store import statements as st
-from dispatch.store.direct import Tx, utcnow
+from dispatch.store.direct import Tx
 from dispatch.store.statements import AttemptRow, TaskRow, list_tasks
 
 # How often confirm reads whether the wrapper acknowledged: a read costs about a millisecond,
@@ -45,19 +55,6 @@ POLL_SECONDS = 0.02
 NUDGED_POLL_SECONDS = 0.1
 # How often confirm asks tmux whether the window is still there.
 WINDOW_CHECK_SECONDS = 0.25
-
-
-class DispatchRolledBack(DispatchFailed):
-    """A dispatch failed at some step and was rolled back."""
-
-    def __init__(self, message: str, *, task_id: int | None, step: str) -> None:
-        super().__init__(message)
-        self.task_id = task_id
-        self.step = step
-
-
-class DispatchInterrupted(DispatchRolledBack):
-    """Ctrl-C or SIGTERM stopped a dispatch; it was rolled back, and nothing more is started."""
 
 
 @dataclass
@@ -74,7 +71,7 @@ class Dispatch:
     worktree: Path | None = None
     branch: str | None = None
     window_id: str | None = None
-    intent: dict[str, Any] = field(default_factory=dict)
+    intent: Intent = field(default_factory=Intent)
     warnings: list[str] = field(default_factory=list)
     # `run --next`: tasks this run already tried, so one broken task is not retried at once.
     exclude: frozenset[int] = frozenset()
@@ -302,9 +299,9 @@ def _running_conflict(tx: Tx, task: TaskRow) -> Conflict:
 
 def _write_intent(d: Dispatch, columns: dict[str, Any] | None = None, **intent: Any) -> None:
     """Record what the next action is about to create, renewing the lease as we go."""
-    d.intent.update(intent)
+    d.intent = replace(d.intent, **intent)
     lease = utcnow() + timedelta(seconds=d.app.settings.lease_seconds)
-    values = {**(columns or {}), "intent": dict(d.intent), "lease_expires_at": lease}
+    values = {**(columns or {}), "intent": d.intent.stored(), "lease_expires_at": lease}
     assert d.attempt_id is not None
     attempt_id = d.attempt_id
     d.app.direct.write(lambda tx: st.update_attempt(tx, attempt_id, **values))
@@ -382,10 +379,9 @@ def _check_on_branch(git: Worktrees, worktree: Path, branch: str, *, exists: boo
 
 def undo_worktree(d: Dispatch) -> None:
     """Remove what this attempt created, never what existed before or holds work."""
-    intent = d.intent
-    if not intent.get("worktree"):
+    if d.intent.worktree is None:
         return
-    d.kept.extend(remove_created(d.app, intent, agent_started=_agent_started(d)))
+    d.kept.extend(remove_created(d.app, d.intent, agent_started=_agent_started(d)))
 
 
 def _attempt(d: Dispatch) -> AttemptRow:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from dispatch.app import App
-from dispatch.config import BUILTIN_AGENTS, load_settings
+from dispatch.config import BUILTIN_AGENTS
 from dispatch.errors import DispatchError
 
 
@@ -18,16 +18,16 @@ class Check:
     ok: bool
 
 
-def run_checks(config: str | None, db: str | None, make_app: Callable[[], App]) -> list[Check]:
+def run_checks(make_app: Callable[[], App]) -> list[Check]:
     """Every check runs, whatever failed before it, so one run shows every problem."""
     checks: list[Check] = []
     try:
-        settings = load_settings(config=config, db=db)
+        app = make_app()  # reads the settings: a config that does not load is the finding
     except DispatchError as exc:
         return [Check("config", exc.message, False)]
+    settings = app.settings
     where = str(settings.config_path) if settings.config_path else "defaults (no config file)"
     checks.append(Check("config", where, True))
-    app = make_app()
     checks.append(_check("tmux", lambda: app.terminal.version()))
     checks.append(_check("git", lambda: app.worktrees.version()))
     checks.append(_check("database", lambda: _database(app)))

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from dispatch.adapters.snapshots import WIP_PREFIX, Snapshots, disk_usage
 from dispatch.app import App
+from dispatch.clock import utcnow
 from dispatch.errors import DispatchError
 from dispatch.lifecycle import RETRYABLE, Status
 from dispatch.services.guards import path_guard, task_guard
@@ -37,7 +38,7 @@ from dispatch.store.collected import (
     last_collection,
     live_worktrees,
 )
-from dispatch.store.direct import Tx, utcnow
+from dispatch.store.direct import Tx
 from dispatch.store.statements import census
 
 # How long gc waits for a task's guard (a dispatch making its worktree, another gc)

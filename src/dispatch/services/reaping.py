@@ -6,16 +6,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from dispatch.app import App
+from dispatch.clock import utcnow
 from dispatch.errors import DispatchError
 from dispatch.lifecycle import Action, AttemptState, Outcome, Status, next_status
 from dispatch.services.cleanup import remove_created, remove_prompt, roll_back
+from dispatch.services.intent import Intent
 from dispatch.store import statements as st
-from dispatch.store.direct import Tx, utcnow
+from dispatch.store.direct import Tx
 from dispatch.store.statements import AttemptCheck, AttemptRow
 
 if TYPE_CHECKING:
     from dispatch.services.panes import Panes
-    from dispatch.services.sweep import SweepReport
 
 # How long a sweep waits for another sweep that is finishing an undo on this host.
 UNDO_LOCK_SECONDS = 60.0
@@ -55,8 +56,8 @@ def reap_running(app: App, attempt: AttemptCheck, reason: str, requeue: bool) ->
             attempt_id=attempt.id,
             target=target,
             kind="reaped",
-            values={"last_error": f"{outcome.value}: {reason}"},
-            reason=reason,
+            columns={"last_error": f"{outcome.value}: {reason}"},
+            detail={"reason": reason},
         ):
             return None  # a superseded attempt: its end is recorded, the task is not ours
         return Reap(attempt.task_id, attempt.id, reason, target.value)
@@ -64,9 +65,12 @@ def reap_running(app: App, attempt: AttemptCheck, reason: str, requeue: bool) ->
     return app.direct.write(work)
 
 
-def reap_dispatch(
-    app: App, attempt: AttemptCheck, reason: str, panes: Panes, report: SweepReport
-) -> Reap | None:
+# What a reap that undoes a dispatch gives back: the reap (None if someone else got
+# there first) and what it could not clean up, for a person to look at.
+Undone = tuple["Reap | None", list[str]]
+
+
+def reap_dispatch(app: App, attempt: AttemptCheck, reason: str, panes: Panes) -> Undone:
     """A dispatcher died mid-saga: fence its attempt, finish its undo, roll back."""
     won = app.direct.write(
         lambda tx: st.end_failed_dispatch(
@@ -74,8 +78,8 @@ def reap_dispatch(
         )
     )
     if not won:
-        return None  # another sweep, or its wrapper acknowledging, got there first
-    return _finish_undo(app, attempt.id, reason, panes, report)
+        return None, []  # another sweep, or its wrapper acknowledging, got there first
+    return _finish_undo(app, attempt.id, reason, panes)
 
 
 def reap_stuck(
@@ -84,10 +88,9 @@ def reap_stuck(
     attempt: AttemptCheck | None,
     reason: str,
     panes: Panes,
-    report: SweepReport,
-) -> Reap | None:
+) -> Undone:
     if attempt is not None:
-        return _finish_undo(app, attempt.id, attempt.error or reason, panes, report)
+        return _finish_undo(app, attempt.id, attempt.error or reason, panes)
 
     def work(tx: Tx) -> Reap | None:
         target = next_status(Status.IN_PROGRESS, Action.REAP, task_id=task_id)
@@ -97,13 +100,13 @@ def reap_stuck(
             attempt_id=None,
             target=target,
             kind="reaped",
-            values={"last_error": reason},
-            reason=reason,
+            columns={"last_error": reason},
+            detail={"reason": reason},
         ):
             return None
         return Reap(task_id, None, reason, target.value)
 
-    return app.direct.write(work)
+    return app.direct.write(work), []
 
 
 def _still_to_undo(app: App, attempt_id: int) -> AttemptRow | None:
@@ -122,9 +125,7 @@ def _still_to_undo(app: App, attempt_id: int) -> AttemptRow | None:
     return app.direct.read(work)
 
 
-def _finish_undo(
-    app: App, attempt_id: int, reason: str, panes: Panes, report: SweepReport
-) -> Reap | None:
+def _finish_undo(app: App, attempt_id: int, reason: str, panes: Panes) -> Undone:
     """Undo, from the write-ahead intent, what a dead dispatch created; then roll back.
 
     Serialised on this host and re-checked under the lock: a sweep working from an
@@ -135,43 +136,44 @@ def _finish_undo(
 
     settings = app.settings
     settings.locks_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    problems: list[str] = []
     try:
         with FileLock(str(settings.locks_dir / "sweep-undo.lock"), timeout=UNDO_LOCK_SECONDS):
             attempt = _still_to_undo(app, attempt_id)
             if attempt is None:
-                return None
+                return None, problems
             if attempt.host == settings.host:
-                report.problems.extend(_undo_here(app, attempt, panes))
-            elif (attempt.intent or {}).get("worktree"):
-                report.problems.append(
-                    f"attempt {attempt_id}: worktree {attempt.intent['worktree']} and branch "
-                    f"{attempt.intent.get('branch')} were made on {attempt.host}; "
+                problems.extend(_undo_here(app, attempt, panes))
+            elif (made := Intent.of(attempt.intent)).worktree:
+                problems.append(
+                    f"attempt {attempt_id}: worktree {made.worktree} and branch "
+                    f"{made.branch} were made on {attempt.host}; "
                     "a sweep there cannot undo them any more, check them by hand"
                 )
             status = roll_back(app, attempt_id, reason, {"step": "sweep"})
     except Timeout:
-        report.problems.append(f"attempt {attempt_id}: another sweep is still undoing it")
-        return None
+        problems.append(f"attempt {attempt_id}: another sweep is still undoing it")
+        return None, problems
     if status is None:
-        return None
-    return Reap(attempt.task_id, attempt_id, reason, status.value)
+        return None, problems
+    return Reap(attempt.task_id, attempt_id, reason, status.value), problems
 
 
 def _undo_here(app: App, attempt: AttemptRow, panes: Panes) -> list[str]:
     """Kill the attempt's window, remove its prompt file, worktree and branch it created."""
     problems: list[str] = []
-    intent = attempt.intent or {}
+    intent = Intent.of(attempt.intent)
     try:
         # Only windows that run this very attempt's wrapper: a window id from the intent
         # may have been reused by a newer tmux server for another task's agent.
-        session = intent.get("session") or attempt.tmux_session
+        session = intent.session or attempt.tmux_session
         for pane in panes.by_attempt.get(attempt.id, []):
             if pane.session == session:
                 app.terminal.kill_window(pane.window_id)
     except DispatchError as exc:
         problems.append(f"attempt {attempt.id}: undo window: {exc.message}")
     try:
-        if intent.get("worktree"):
+        if intent.worktree:
             problems.extend(
                 remove_created(app, intent, agent_started=attempt.agent_pid is not None)
             )

@@ -10,7 +10,6 @@ import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 from dispatch.adapters.processes import process_alive
 from dispatch.app import App
@@ -29,22 +28,6 @@ class SweepReport:
     orphan_windows: list[str] = field(default_factory=list)
     orphan_worktrees: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "checked": self.checked,
-            "reaped": [
-                {
-                    "task_id": r.task_id,
-                    "attempt_id": r.attempt_id,
-                    "reason": r.reason,
-                    "status": r.status,
-                }
-                for r in self.reaped
-            ],
-            "orphan_windows": self.orphan_windows,
-            "orphan_worktrees": self.orphan_worktrees,
-        }
 
 
 def _task_dirs(root: Path) -> list[tuple[Path, int | None]]:
@@ -94,7 +77,8 @@ def sweep(
             report.reaped.append(Reap(attempt.task_id, attempt.id, reason, status))
             continue
         if attempt.state == AttemptState.STARTING.value:
-            reap = reap_dispatch(app, attempt, reason, panes, report)
+            reap, problems = reap_dispatch(app, attempt, reason, panes)
+            report.problems += problems
         else:
             reap = reap_running(app, attempt, reason, requeue)
         if reap is not None:
@@ -109,7 +93,8 @@ def sweep(
             status = _rollback_status(app, ended) if ended else Status.INTERRUPTED.value
             report.reaped.append(Reap(stuck.id, ended.id if ended else None, reason, status))
             continue
-        reap = reap_stuck(app, stuck.id, ended, reason, panes, report)
+        reap, problems = reap_stuck(app, stuck.id, ended, reason, panes)
+        report.problems += problems
         if reap is not None:
             report.reaped.append(reap)
 
@@ -129,14 +114,14 @@ def reconcile(app: App) -> list[Reap]:
     panes = Panes.of(app.terminal.list_panes())
     now = datetime.now(UTC)
     stale = timedelta(seconds=app.settings.stale_after)
-    scratch = SweepReport()  # what a reap could not clean up is the sweep's to report
     reaped: list[Reap] = []
     for attempt in live:
         reason = _verdict(app, attempt, panes, now, stale)
         if reason is None:
             continue
         if attempt.state == AttemptState.STARTING.value:
-            reap = reap_dispatch(app, attempt, reason, panes, scratch)
+            # What its undo could not clean up stays for `dispatch sweep` to report.
+            reap, _ = reap_dispatch(app, attempt, reason, panes)
         else:
             reap = reap_running(app, attempt, reason, False)
         if reap is not None:

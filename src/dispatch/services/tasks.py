@@ -10,12 +10,13 @@ from functools import partial
 from pathlib import Path
 
 from dispatch.app import App
+from dispatch.clock import utcnow
 from dispatch.errors import Conflict, EnvironmentProblem, UsageError
 from dispatch.lifecycle import Action, Status, next_status
 from dispatch.services.sweep import reconcile
 from dispatch.store import pages
 from dispatch.store import statements as st
-from dispatch.store.direct import Tx, utcnow
+from dispatch.store.direct import Tx
 from dispatch.store.statements import AttemptRow, EventRow, TaskRow, TaskSummary
 
 # What every database dispatch runs on stores in an INTEGER column.

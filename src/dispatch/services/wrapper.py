@@ -28,18 +28,19 @@ from typing import TypeVar
 from dispatch.adapters.processes import attempt_marker, attempt_processes, stop_processes
 from dispatch.adapters.wakeup import address, nudge
 from dispatch.app import App
+from dispatch.clock import utcnow
 from dispatch.errors import DispatchError
 from dispatch.lifecycle import Action, AttemptState, Completion, Outcome, Status, derive_outcome
 from dispatch.lifecycle import next_status as lifecycle_next
 from dispatch.services.naming import prompt_path
 from dispatch.store import statements as st
-from dispatch.store.direct import Tx, utcnow
+from dispatch.store.direct import Tx
 from dispatch.store.statements import (
     AttemptRow,
     TaskRow,
     WrapperStart,
     acknowledge,
-    heartbeat,
+    heartbeat_and_cancel_asked,
     record_agent_pid,
     wrapper_start,
 )
@@ -270,7 +271,7 @@ def _heartbeat(
     """Prove liveness to other hosts' sweeps, and honour a cancel made from another host."""
 
     def beat(tx: Tx) -> bool:
-        return heartbeat(tx, attempt_id, datetime.now(UTC))
+        return heartbeat_and_cancel_asked(tx, attempt_id, datetime.now(UTC))
 
     while not stop.wait(app.settings.heartbeat_interval):
         try:
@@ -373,9 +374,8 @@ def _record(tx: Tx, attempt_id: int, code: int, outcome: Outcome) -> Status | No
         attempt_id=attempt_id,
         target=target,
         kind="finished",
-        values={"last_error": error},
-        exit_code=code,
-        outcome=outcome.value,
+        columns={"last_error": error},
+        detail={"exit_code": code, "outcome": outcome.value},
     ):
         return None
     return target

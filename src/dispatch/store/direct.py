@@ -293,10 +293,6 @@ def _text(sql: str, params: Params) -> Any:
 # -- records ----------------------------------------------------------------------------
 
 
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
 def json_value(value: Any) -> Any:
     """A JSON column as read back: SQLite keeps text, other backends decode it."""
     return json.loads(value) if isinstance(value, str) else value

@@ -21,7 +21,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from dispatch.store.direct import utcnow
+from dispatch.clock import utcnow
 
 # Deterministic constraint names: Alembic's batch mode on SQLite needs them.
 NAMING_CONVENTION = {

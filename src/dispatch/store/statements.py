@@ -7,13 +7,14 @@ the models' Python-side defaults apply to ORM inserts only.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypedDict, Unpack
 
+from dispatch.clock import utcnow
 from dispatch.errors import NotFound
 from dispatch.lifecycle import AttemptState, Outcome, Status
-from dispatch.store.direct import Tx, in_clause, iso_utc, json_value, records, utcnow
+from dispatch.store.direct import Tx, in_clause, iso_utc, json_value, records
 
 
 class TaskSummary(NamedTuple):
@@ -182,7 +183,7 @@ def record_agent_pid(tx: Tx, attempt_id: int, agent_pid: int) -> bool:
     return move_attempt(tx, attempt_id, expected=[AttemptState.RUNNING], agent_pid=agent_pid)
 
 
-def heartbeat(tx: Tx, attempt_id: int, now: datetime) -> bool:
+def heartbeat_and_cancel_asked(tx: Tx, attempt_id: int, now: datetime) -> bool:
     """Beat while `running`; whether a cancel was requested (from any host)."""
     move_attempt(tx, attempt_id, expected=[AttemptState.RUNNING], heartbeat_at=now)
     sql = "SELECT cancel_requested_at FROM attempts WHERE id = :id"
@@ -400,31 +401,85 @@ def use_agent_session(
 
 
 # -- writes ---------------------------------------------------------------------------------
+
+
+class TaskColumns(TypedDict, total=False):
+    """The columns a write may set on a task, typed: a misspelt one fails the type check."""
+
+    title: str
+    prompt: str
+    repo: str
+    agent: str
+    base_ref: str
+    priority: int
+    status: str
+    closed_at: datetime | None
+    last_error: str | None
+    dispatch_failures: int
+    current_attempt_id: int | None
+    branch: str | None
+    worktree: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class AttemptColumns(TypedDict, total=False):
+    """The columns a write may set on an attempt."""
+
+    task_id: int
+    number: int
+    state: str
+    outcome: str | None
+    exit_code: int | None
+    prior_status: str
+    host: str
+    dispatcher_pid: int | None
+    wrapper_pid: int | None
+    agent_pid: int | None
+    tmux_session: str | None
+    tmux_socket: str | None
+    tmux_target: str | None
+    worktree: str | None
+    branch: str | None
+    base_commit: str | None
+    session_id: str | None
+    resume: bool
+    intent: dict[str, Any]
+    done_signalled_at: datetime | None
+    cancel_requested_at: datetime | None
+    heartbeat_at: datetime | None
+    lease_expires_at: datetime | None
+    started_at: datetime
+    ended_at: datetime | None
+    error: str | None
+    redispatch_of: int | None
+
+
 # Column names come from code, never from users; they are checked against the rows' fields
 # all the same, since they are spelled into the SQL.
 
 
-def _assignments(values: dict[str, Any], allowed: Sequence[str]) -> str:
+def _assignments(values: Mapping[str, Any], allowed: Sequence[str]) -> str:
     unknown = set(values) - set(allowed)
     if unknown:
         raise ValueError(f"unknown columns {sorted(unknown)}")
     return ", ".join(f"{column} = :{column}" for column in values)
 
 
-def _insert(tx: Tx, table: str, allowed: Sequence[str], values: dict[str, Any]) -> int:
+def _insert(tx: Tx, table: str, allowed: Sequence[str], values: Mapping[str, Any]) -> int:
     _assignments(values, allowed)
     columns = ", ".join(values)
     placeholders = ", ".join(f":{column}" for column in values)
     sql = f"INSERT INTO {table} ({columns}) VALUES ({placeholders}) RETURNING id"
-    return int(tx.rows(sql, values)[0][0])
+    return int(tx.rows(sql, dict(values))[0][0])
 
 
-def insert_task(tx: Tx, **values: Any) -> int:
+def insert_task(tx: Tx, **values: Unpack[TaskColumns]) -> int:
     """A new task row; its id."""
     return _insert(tx, "tasks", TaskRow._fields, values)
 
 
-def insert_attempt(tx: Tx, **values: Any) -> int:
+def insert_attempt(tx: Tx, **values: Unpack[AttemptColumns]) -> int:
     """A new attempt row; its id."""
     return _insert(tx, "attempts", AttemptRow._fields, values)
 
@@ -465,7 +520,7 @@ def move_task(
     attempt_id: int | None = None,
     fence_attempt: bool = False,
     unchanged_since: datetime | None = None,
-    **values: Any,
+    **values: Unpack[TaskColumns],
 ) -> bool:
     """Conditional status change; False when another writer got there first (nothing changed).
 
@@ -474,10 +529,10 @@ def move_task(
     task must not have been written since it was read with that `updated_at` (every
     write of a task sets it).
     """
-    values = {**values, "status": target.value, "updated_at": utcnow()}
-    sql = f"UPDATE tasks SET {_assignments(values, TaskRow._fields)}"
+    changes: dict[str, Any] = {**values, "status": target.value, "updated_at": utcnow()}
+    sql = f"UPDATE tasks SET {_assignments(changes, TaskRow._fields)}"
     sql += " WHERE id = :where_id AND status = :where_status"
-    params = {**values, "where_id": task_id, "where_status": expected.value}
+    params = {**changes, "where_id": task_id, "where_status": expected.value}
     if unchanged_since is not None:
         sql += " AND updated_at = :where_updated"
         params["where_updated"] = unchanged_since
@@ -489,10 +544,10 @@ def move_task(
     return tx.change(sql, params) == 1
 
 
-def update_task(tx: Tx, task_id: int, **values: Any) -> bool:
-    values = {**values, "updated_at": utcnow()}
-    sql = f"UPDATE tasks SET {_assignments(values, TaskRow._fields)} WHERE id = :where_id"
-    return tx.change(sql, {**values, "where_id": task_id}) == 1
+def update_task(tx: Tx, task_id: int, **values: Unpack[TaskColumns]) -> bool:
+    changes: dict[str, Any] = {**values, "updated_at": utcnow()}
+    sql = f"UPDATE tasks SET {_assignments(changes, TaskRow._fields)} WHERE id = :where_id"
+    return tx.change(sql, {**changes, "where_id": task_id}) == 1
 
 
 def close_task(tx: Tx, task_id: int) -> bool:
@@ -508,19 +563,20 @@ def move_attempt(
     *,
     expected: Iterable[AttemptState],
     target: AttemptState | None = None,
-    **values: Any,
+    **values: Unpack[AttemptColumns],
 ) -> bool:
     """Conditional attempt update: only from one of the `expected` states."""
+    changes: dict[str, Any] = dict(values)
     if target is not None:
-        values["state"] = target.value
+        changes["state"] = target.value
     clause, states = in_clause("where_state", [s.value for s in expected])
-    sql = f"UPDATE attempts SET {_assignments(values, AttemptRow._fields)}"
+    sql = f"UPDATE attempts SET {_assignments(changes, AttemptRow._fields)}"
     sql += f" WHERE id = :where_id AND state {clause}"
-    return tx.change(sql, {**values, **states, "where_id": attempt_id}) == 1
+    return tx.change(sql, {**changes, **states, "where_id": attempt_id}) == 1
 
 
 def end_failed_dispatch(
-    tx: Tx, attempt_id: int, *, expected: Iterable[AttemptState], **values: Any
+    tx: Tx, attempt_id: int, *, expected: Iterable[AttemptState], error: str | None = None
 ) -> bool:
     """The attempt ends as a failed dispatch, only from one of the `expected` states:
     whoever ends it first — dispatcher, wrapper or sweep — decides, and once."""
@@ -531,11 +587,11 @@ def end_failed_dispatch(
         target=AttemptState.ENDED,
         outcome=Outcome.DISPATCH_FAILED.value,
         ended_at=utcnow(),
-        **values,
+        error=error,
     )
 
 
-def update_attempt(tx: Tx, attempt_id: int, **values: Any) -> None:
+def update_attempt(tx: Tx, attempt_id: int, **values: Unpack[AttemptColumns]) -> None:
     sql = f"UPDATE attempts SET {_assignments(values, AttemptRow._fields)} WHERE id = :where_id"
     tx.change(sql, {**values, "where_id": attempt_id})
 
@@ -574,11 +630,13 @@ def release_task(
     attempt_id: int | None,
     target: Status,
     kind: str,
-    values: dict[str, Any] | None = None,
-    **detail: Any,
+    columns: TaskColumns | None = None,
+    detail: Mapping[str, Any] | None = None,
 ) -> bool:
     """The task leaves in-progress on behalf of its current attempt: one fenced
-    conditional update and, only if it won, its one event. False: someone else did."""
+    conditional update (also setting `columns`) and, only if it won, its one event
+    (with `detail`). False: someone else did."""
+    changes: TaskColumns = {**(columns or TaskColumns()), "current_attempt_id": None}
     moved = move_task(
         tx,
         task_id,
@@ -586,8 +644,7 @@ def release_task(
         target=target,
         attempt_id=attempt_id,
         fence_attempt=True,
-        current_attempt_id=None,
-        **(values or {}),
+        **changes,
     )
     if moved:
         record_event(
@@ -597,6 +654,58 @@ def release_task(
             attempt_id=attempt_id,
             from_status=Status.IN_PROGRESS,
             to_status=target,
-            **detail,
+            **(detail or {}),
         )
     return moved
+
+
+class AttemptSummary(NamedTuple):
+    """An attempt as the monitor's task list shows it; its timestamps are ISO 8601 text."""
+
+    id: int
+    task_id: int
+    number: int
+    state: str
+    outcome: str | None
+    exit_code: int | None
+    host: str
+    tmux_target: str | None
+    worktree: str | None
+    branch: str | None
+    session_id: str | None
+    started_at: str
+    ended_at: str | None
+    heartbeat_at: str | None
+    error: str | None
+    redispatch_of: int | None
+
+
+_SUMMARY_TIMES = ("started_at", "ended_at", "heartbeat_at")
+
+
+def latest_attempts(tx: Tx) -> dict[int, AttemptSummary]:
+    """Each task's newest attempt, by task id: one statement whatever the number of tasks.
+    The times stay text, as in `list_tasks`: the monitor lists thousands of them."""
+    sql = (
+        f"SELECT {', '.join(AttemptSummary._fields)} FROM attempts"
+        " WHERE id IN (SELECT MAX(id) FROM attempts GROUP BY task_id)"
+    )
+    found = records(AttemptSummary, tx.rows(sql), _SUMMARY_TIMES, convert=iso_utc)
+    return {a.task_id: a for a in found}
+
+
+def events_after(
+    tx: Tx, after: int, task_id: int | None = None, limit: int = 1000
+) -> list[EventRow]:
+    """Events newer than `after`, oldest first: a range read on the primary key."""
+    sql = f"SELECT {', '.join(EventRow._fields)} FROM events WHERE id > :after"
+    params: dict[str, Any] = {"after": after, "limit": limit}
+    if task_id is not None:
+        sql += " AND task_id = :task"
+        params["task"] = task_id
+    found = records(EventRow, tx.rows(sql + " ORDER BY id LIMIT :limit", params), ("at",))
+    return [e._replace(detail=json_value(e.detail)) for e in found]
+
+
+def last_event_id(tx: Tx) -> int:
+    return int(tx.rows("SELECT COALESCE(MAX(id), 0) FROM events")[0][0])

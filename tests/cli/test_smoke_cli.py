@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from tests.conftest import Env, windows
+from tests.conftest import Cli, Env, windows
 
 
-def test_add_list_run_done(cli, repo: Path, env: Env) -> None:
+def test_add_list_run_done(cli: Cli, repo: Path, env: Env) -> None:
     added = cli("add", "hello", "--agent", "shell", "--prompt", "echo hi > out.txt", cwd=repo)
     assert added.code == 0, added.stderr
     assert added.stdout.strip() == "1"

@@ -1,0 +1,83 @@
+"""What the monitor reads and checks that no CLI command needs: the board, the feed,
+the diff, the log tail and the page's "expected attempt"."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from dispatch.app import App
+from dispatch.errors import Conflict, NotFound
+from dispatch.services.control import log_path
+from dispatch.services.tasks import list_tasks
+from dispatch.store import statements as st
+from dispatch.store.direct import Tx
+from dispatch.store.statements import AttemptSummary, EventRow, TaskSummary
+
+
+@dataclass(frozen=True)
+class BoardRow:
+    task: TaskSummary
+    attempt: AttemptSummary | None
+
+
+def board(app: App, statuses: Sequence[str] = (), include_closed: bool = False) -> list[BoardRow]:
+    """`list`'s tasks, each with its latest attempt."""
+    tasks = list_tasks(app, statuses, include_closed=include_closed)
+    latest = app.direct.read(st.latest_attempts)
+    return [BoardRow(t, latest.get(t.id)) for t in tasks]
+
+
+def events_after(
+    app: App, after: int, task_id: int | None = None, limit: int = 1000
+) -> list[EventRow]:
+    return app.direct.read(lambda tx: st.events_after(tx, after, task_id, limit))
+
+
+def last_event_id(app: App) -> int:
+    return app.direct.read(st.last_event_id)
+
+
+def check_expected_attempt(app: App, task_id: int, expected: int) -> None:
+    """Conflict when the task's latest attempt is not number `expected` (0: none yet):
+    the page acted on a state the task has since left."""
+
+    def work(tx: Tx) -> None:
+        task = st.get_task(tx, task_id)
+        latest = st.latest_attempt(tx, task_id)
+        number = latest.number if latest else 0
+        if number != expected:
+            now = f"attempt {number} ({task.status})" if latest else f"no attempt ({task.status})"
+            raise Conflict(
+                f"task {task_id} has moved on: it is at {now}, the page showed attempt {expected}",
+                hint="look again before acting",
+            )
+
+    app.direct.read(work)
+
+
+def log_tail(app: App, task_id: int, number: int | None, tail: int | None) -> bytes:
+    """The last `tail` bytes (all without it) of an attempt's pane log."""
+    attempt, path = log_path(app, task_id, number)
+    try:
+        with path.open("rb") as handle:
+            if tail is not None:
+                size = handle.seek(0, 2)
+                handle.seek(max(0, size - tail))
+            return handle.read()
+    except FileNotFoundError:
+        raise NotFound(f"attempt {attempt.number} of task {task_id} has no log yet") from None
+
+
+def task_diff(app: App, task_id: int) -> str:
+    """What the agent changed: its branch against the merge base with base_ref, then the
+    worktree's uncommitted changes, as one unified diff."""
+    from dispatch.adapters.gitdiff import GitChanges
+
+    task = app.direct.read(lambda tx: st.get_task(tx, task_id))
+    if not task.branch:
+        raise NotFound(f"task {task_id} has no branch yet: it has not been dispatched")
+    worktree = Path(task.worktree) if task.worktree else None
+    changes = GitChanges(app.settings.locks_dir)
+    return changes.diff(Path(task.repo), task.branch, task.base_ref, worktree)

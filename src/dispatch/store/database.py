@@ -8,8 +8,6 @@ the schema commands (`db`, `doctor`) use it directly.
 from __future__ import annotations
 
 import os
-import random
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib import resources
@@ -22,7 +20,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError, SQLAlche
 from sqlalchemy.orm import Session, sessionmaker
 
 from dispatch.errors import EnvironmentProblem
-from dispatch.store.direct import WRITE_PATIENCE_SECONDS, configure_sqlite, is_locked
+from dispatch.store.direct import begin_sqlite, configure_sqlite, retry_while_locked
 from dispatch.store.revisions import HEAD_REVISION, KNOWN_REVISIONS
 
 T = TypeVar("T")
@@ -105,15 +103,15 @@ class Database:
     def write(self, work: Callable[[Session], T]) -> T:
         """Run `work` in one write transaction (BEGIN IMMEDIATE on SQLite), retried when locked."""
         self.ensure_schema()
-        deadline = time.monotonic() + WRITE_PATIENCE_SECONDS
-        while True:
-            try:
-                with self._sessions() as session, session.begin():
-                    return work(session)
-            except OperationalError as exc:
-                if not is_locked(exc) or time.monotonic() > deadline:
-                    raise self._unusable(exc) from exc
-                time.sleep(random.uniform(0.001, 0.01))
+
+        def transaction() -> T:
+            with self._sessions() as session, session.begin():
+                return work(session)
+
+        try:
+            return retry_while_locked(transaction, OperationalError)
+        except OperationalError as exc:
+            raise self._unusable(exc) from exc
 
     def read(self, work: Callable[[Session], T]) -> T:
         """Run `work` in a read transaction (deferred: it takes no write lock)."""
@@ -247,4 +245,4 @@ def _install_sqlite_listeners(engine: Engine) -> None:
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
         read_only = conn.get_execution_options().get("dispatch_read", False)
-        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+        conn.exec_driver_sql(begin_sqlite(read_only))

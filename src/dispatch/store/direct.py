@@ -53,6 +53,27 @@ _SQLITE_TIME = "%Y-%m-%d %H:%M:%S.%f"
 _RETRY_SQLSTATES = frozenset({"40P01", "40001"})
 
 
+def begin_sqlite(read_only: bool) -> str:
+    """How every SQLite transaction of dispatch begins, on either executor: a read takes
+    no lock; a write takes the write lock at once, so it waits its turn (busy_timeout)
+    instead of failing half way when it first writes (a deferred transaction would)."""
+    return "BEGIN" if read_only else "BEGIN IMMEDIATE"
+
+
+def retry_while_locked(write: Callable[[], T], errors: type[Exception]) -> T:
+    """Run a whole write transaction again, after a short random pause, while it fails
+    only because another writer holds the lock (or won a deadlock); for at most
+    WRITE_PATIENCE_SECONDS. Any other error, and the last one, is raised as it is."""
+    deadline = time.monotonic() + WRITE_PATIENCE_SECONDS
+    while True:
+        try:
+            return write()
+        except errors as exc:
+            if not is_locked(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(random.uniform(0.001, 0.01))
+
+
 def is_locked(exc: BaseException) -> bool:
     """Whether the write lost a race it may simply run again (SQLite busy, PostgreSQL
     deadlock or serialisation failure)."""
@@ -198,21 +219,18 @@ class SqliteFile:
 
     def read(self, work: Callable[[Tx], T]) -> T:
         try:
-            return self._transaction("BEGIN", work)  # deferred: no write lock
+            return self._transaction(begin_sqlite(read_only=True), work)
         except sqlite3.Error as exc:
             raise self._unusable(exc) from None
 
     def write(self, work: Callable[[Tx], T]) -> T:
-        deadline = time.monotonic() + WRITE_PATIENCE_SECONDS
-        while True:
-            try:
-                return self._transaction("BEGIN IMMEDIATE", work)
-            except sqlite3.OperationalError as exc:
-                if not is_locked(exc) or time.monotonic() > deadline:
-                    raise self._unusable(exc) from None
-                time.sleep(random.uniform(0.001, 0.01))
-            except sqlite3.Error as exc:
-                raise self._unusable(exc) from None
+        try:
+            return retry_while_locked(
+                lambda: self._transaction(begin_sqlite(read_only=False), work),
+                sqlite3.OperationalError,
+            )
+        except sqlite3.Error as exc:
+            raise self._unusable(exc) from None
 
     def _transaction(self, begin: str, work: Callable[[Tx], T]) -> T:
         connection = self._connection

@@ -45,6 +45,7 @@ FULL = {
     "sweep": 10,
     "claim": 3,
     "serve": 20,
+    "scale": 5,
 }
 QUICK = {
     "startup": 5,
@@ -54,10 +55,11 @@ QUICK = {
     "sweep": 3,
     "claim": 1,
     "serve": 7,
+    "scale": 2,
 }
 # Seconds one claim run may last (each side): the rate is measured, not the time to drain.
 CLAIM_CAP = {"full": 40.0, "quick": 20.0}
-SECTIONS = ("startup", "list", "run", "sweep", "claim", "claim-postgresql", "serve")
+SECTIONS = ("startup", "list", "run", "sweep", "claim", "claim-postgresql", "serve", "scale")
 SERVE_TASKS = 10_000
 IDLE_SECONDS = 10.0
 
@@ -87,9 +89,8 @@ RAW_CLAIM = (
     "SELECT id FROM tasks WHERE status = 'ready' AND closed_at IS NULL "
     "ORDER BY priority DESC, id LIMIT 1) RETURNING id"
 )
-# Not the target's baseline, a note beside it: a raw claim making the rows dispatch's
-# claim makes (the attempt, the task's pointer to it, the event), to tell the cost of
-# the writes from the cost of the code around them.
+# The target's baseline: a raw claim making the rows dispatch's claim makes (the
+# attempt, the task's pointer to it, the event). The bare UPDATE is a note beside it.
 RAW_CLAIM_WRITES = (
     "INSERT INTO attempts (task_id, number, state, prior_status, host, resume, intent, "
     "started_at) VALUES (?, 1, 'starting', 'ready', 'bench', 0, '{}', ?) RETURNING id",
@@ -648,8 +649,8 @@ def bench_run(lab: Lab, reps_big: int, reps_small: int) -> list[Figure]:
             "git worktree add + tmux new-window",
             ms(base),
             f"{value / base:.1f}x",
-            "<= 700 ms",
-            value <= 700,
+            "<= 5x, <= 700 ms",
+            value / base <= 5 and value <= 700,
             _run_notes(small_stats),
         )
     )
@@ -984,7 +985,8 @@ def bench_claim(lab: Lab, reps: int, cap: float) -> list[Figure]:
             into.append(_claim_run(kind, world.env, copy, cap))
             copy.unlink()
     rate = statistics.median(r.rate for r in ours)
-    base = statistics.median(r.rate for r in theirs)
+    bare = statistics.median(r.rate for r in theirs)
+    base = statistics.median(r.rate for r in writes)
     doubles = sum(r.doubles for r in ours)
     locked = sum(r.locked for r in ours)
     other = sum(r.other for r in ours)
@@ -992,12 +994,11 @@ def bench_claim(lab: Lab, reps: int, cap: float) -> list[Figure]:
         f"dispatch: {doubles} double claims, {locked} lock errors, {other} other errors, "
         f"claims per run {[r.claims for r in ours]} (a run stops after {cap:g} s), "
         f"per process (last run) {ours[-1].per_process}",
-        f"raw: {sum(r.doubles for r in theirs)} double claims, "
-        f"{sum(r.locked for r in theirs)} lock errors, per process (last run) "
-        f"{theirs[-1].per_process}",
-        f"a raw claim that also writes the attempt, the task's link to it and the event: "
-        f"{statistics.median(r.rate for r in writes):,.0f}/s "
-        f"(dispatch {rate / statistics.median(r.rate for r in writes):.0%} of it)",
+        f"raw with the same writes: {sum(r.doubles for r in writes)} double claims, "
+        f"{sum(r.locked for r in writes)} lock errors, per process (last run) "
+        f"{writes[-1].per_process}; runs {[f'{r.rate:,.0f}/s' for r in writes]}",
+        f"the bare raw claim (one UPDATE … RETURNING, no attempt or event): {bare:,.0f}/s "
+        f"(dispatch {rate / bare:.0%} of it); dispatch runs {[f'{r.rate:,.0f}/s' for r in ours]}",
     ]
     first = next((r.first_error for r in ours if r.first_error), "")
     if first:
@@ -1006,7 +1007,7 @@ def bench_claim(lab: Lab, reps: int, cap: float) -> list[Figure]:
         Figure(
             f"claims/s, {CLAIM_PROCESSES} processes, {CLAIM_TASKS:,} tasks",
             f"{rate:,.0f}/s",
-            "raw BEGIN IMMEDIATE; UPDATE … RETURNING",
+            "raw claim making the same rows (attempt, link, event)",
             f"{base:,.0f}/s",
             f"{rate / base:.0%}",
             ">= 50 %, 0 double, 0 locked",
@@ -1025,6 +1026,17 @@ def bench_claim_postgresql(lab: Lab, reps: int, cap: float) -> list[Figure]:
         return fleet.bench_claim_postgresql(lab, reps, cap, Figure)
     except fleet.Unavailable as exc:
         raise BenchError(str(exc)) from None
+
+
+# -- a year of history (tests/benchmarks/scale.py) -----------------------------------------
+
+
+def bench_scale(lab: Lab, reps: int) -> list[Figure]:
+    try:
+        from tests.benchmarks import scale
+    except ImportError:  # run as a script: this directory is on the path
+        import scale  # type: ignore[import-not-found, no-redef]
+    return scale.bench_scale(lab, reps, sys.modules[__name__])
 
 
 # -- the run -------------------------------------------------------------------------------
@@ -1265,6 +1277,7 @@ def main(argv: list[str] | None = None) -> int:
                 lambda: bench_claim_postgresql(lab, reps["claim"], CLAIM_CAP[mode]),
             ),
             ("serve", lambda: bench_serve(lab, reps["serve"])),
+            ("scale", lambda: bench_scale(lab, reps["scale"])),
         ]
         for name, bench in plan:
             if name not in wanted:

@@ -247,7 +247,7 @@ def _explode(*args: object, **kwargs: object) -> None:
 
 
 def test_an_unexpected_error_exits_1_in_one_line(run: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("dispatch.services.tasks.list_tasks", _explode)
+    monkeypatch.setattr("dispatch.services.tasks.stream_task_list", _explode)
     done = run("list")
     assert done.code == 1
     assert _one_line(done) == "dispatch: error: RuntimeError: boom second line"
@@ -255,7 +255,7 @@ def test_an_unexpected_error_exits_1_in_one_line(run: Cli, monkeypatch: pytest.M
 
 
 def test_dispatch_debug_adds_the_traceback(run: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("dispatch.services.tasks.list_tasks", _explode)
+    monkeypatch.setattr("dispatch.services.tasks.stream_task_list", _explode)
     done = run("list", extra_env={"DISPATCH_DEBUG": "1"})
     assert done.code == 1
     assert done.stderr.startswith("Traceback (most recent call last):")

@@ -685,6 +685,10 @@ class _CountingTx:
         self.seen.append(sql)
         return self.real.rows(sql, params)
 
+    def stream(self, sql: str, params: Any = None) -> Any:
+        self.seen.append(sql)
+        return self.real.stream(sql, params)
+
     def change(self, sql: str, params: Any = None) -> int:
         self.seen.append(sql)
         return self.real.change(sql, params)

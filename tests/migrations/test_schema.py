@@ -86,10 +86,19 @@ def test_the_migrations_run_in_batch_mode() -> None:
     assert "render_as_batch=True" in env_py
 
 
+# Alembic cannot compare SQLite's expression indexes (`priority DESC`); the next test
+# checks the claim order's directly, and tests/integration/test_query_plans.py the others.
+EXPRESSION_INDEXES = {
+    "ix_tasks_claim_order",
+    "ix_tasks_list_order",
+    "ix_tasks_open_order",
+    "ix_tasks_repo_order",
+    "ix_tasks_agent_order",
+}
+
+
 def _comparable(name: str | None, type_: str, _parent: object) -> bool:
-    # Alembic cannot compare SQLite's expression indexes (the claim order's
-    # `priority DESC`); the next test checks that index directly.
-    return not (type_ == "index" and name == "ix_tasks_claim_order")
+    return not (type_ == "index" and name in EXPRESSION_INDEXES)
 
 
 @pytest.mark.filterwarnings("ignore:autogenerate skipping metadata-specified expression-based")

@@ -22,9 +22,9 @@ Options:
 
 Commands:
   add         Create a ready task and print its id.
-  list        List tasks (closed ones only with --all).
+  list        List tasks (closed ones only with --all), highest priority...
   show        Show a task, its attempts and its event timeline.
-  events      The audit log of every state change.
+  events      The audit log of every state change, oldest first.
   reset       Put a finished, unsuccessful task back to ready.
   close       Archive a task; a running attempt is cancelled with it.
   reopen      Unarchive a task; it keeps its status.

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from dispatch.errors import DispatchError
     from dispatch.services.gc import GcReport
     from dispatch.services.restore import Restored
+    from dispatch.store.pages import EventLine
     from dispatch.store.statements import AttemptRow, EventRow, TaskRow, TaskSummary
 
 
@@ -91,26 +92,11 @@ def _status(status: str, closed: bool = False) -> str:
 
 
 def task_table(tasks: Iterable[TaskSummary]) -> None:
-    from rich.table import Table
-
-    table = Table(box=None, pad_edge=False)
-    for name in ("ID", "STATUS", "PRI", "AGENT", "HOST", "TITLE", "LAST ERROR"):
-        table.add_column(name, overflow="fold")
-    rows = 0
+    table = StreamedTable(TASK_HEADERS, status_column=1)
     for t in tasks:
-        table.add_row(
-            str(t.id),
-            _status(t.status, t.closed_at is not None),
-            str(t.priority),
-            _safe(t.agent),
-            _safe(t.host) or "-",
-            _safe(t.title),
-            _safe(t.last_error),
-        )
-        rows += 1
-    if rows:
-        _console().print(table)
-    else:
+        table.add(task_cells(t), task_style(t))
+    table.flush()
+    if not table.rows:
         notice("no tasks")
 
 
@@ -133,8 +119,7 @@ def task_detail(t: TaskRow, attempts: Sequence[AttemptRow], events: Sequence[Eve
         console.print(f"  {label:<11}{_safe(value)}")
     if attempts:
         table = Table(title="attempts", box=None, title_justify="left")
-        columns = ("#", "ID", "STATE", "OUTCOME", "EXIT", "HOST", "WINDOW", "STARTED", "ERROR")
-        for name in columns:
+        for name in ("#", "ID", "STATE", "OUTCOME", "EXIT", "WINDOW", "STARTED", "ERROR"):
             table.add_column(name, overflow="fold")
         for a in attempts:
             table.add_row(
@@ -143,7 +128,6 @@ def task_detail(t: TaskRow, attempts: Sequence[AttemptRow], events: Sequence[Eve
                 a.state,
                 a.outcome or "-",
                 "-" if a.exit_code is None else str(a.exit_code),
-                _safe(a.host),
                 a.tmux_target or "-",
                 _iso(a.started_at) or "-",
                 _safe(a.error) or "-",
@@ -153,27 +137,21 @@ def task_detail(t: TaskRow, attempts: Sequence[AttemptRow], events: Sequence[Eve
 
 
 def event_table(events: Sequence[EventRow], console: Console | None = None) -> None:
-    from rich.table import Table
-
     if not events:
         notice("no events")
         return
-    table = Table(title="events", box=None, title_justify="left")
-    for name in ("ID", "AT", "TASK", "ATTEMPT", "KIND", "FROM", "TO", "DETAIL"):
-        table.add_column(name, overflow="fold")
+    if console is not None:
+        console.print("events")
+    table = StreamedTable(EVENT_HEADERS)
     for e in events:
-        detail = ", ".join(f"{k}={v}" for k, v in e.detail.items())
-        table.add_row(
-            str(e.id),
-            _iso(e.at) or "",
-            str(e.task_id or "-"),
-            str(e.attempt_id or "-"),
-            e.kind,
-            e.from_status or "-",
-            e.to_status or "-",
-            _safe(detail),
-        )
-    (console or _console()).print(table)
+        table.add(event_cells(e))
+    table.flush()
+
+
+def more_line(more: int, what: str, option: str) -> None:
+    """The last line of a limited listing: how many more matched, and how to see them."""
+    if more > 0:
+        notice(f"{more} {what}; `{option} 0` shows all")
 
 
 def key_values(title: str, rows: Sequence[tuple[str, str, bool]]) -> None:
@@ -275,3 +253,199 @@ def restored_line(r: Restored) -> None:
         return
     applied = f", uncommitted work from {r.snapshot}" if r.snapshot else ""
     notice(f"task {r.task_id}: restored worktree {r.worktree} on {r.branch}{applied}")
+
+
+# -- streamed output: memory flat however many rows ------------------------------------------
+
+# ANSI colours of STATUS_STYLE, for rows printed without building a rich Table.
+_SGR = {"cyan": "36", "yellow": "33", "green": "32", "red": "31", "magenta": "35", "dim": "2"}
+# Rows a streamed table measures its columns on before it prints anything.
+MEASURE_ROWS = 1000
+# Lines written at a time.
+_WRITE_LINES = 256
+
+
+def _colour() -> bool:
+    """What rich decides for a plain Console: colour on a terminal, unless NO_COLOR or dumb."""
+    term = os.environ.get("TERM", "")
+    return sys.stdout.isatty() and "NO_COLOR" not in os.environ and term not in ("dumb", "unknown")
+
+
+def _cell(text: str | None) -> str:
+    return (text or "").replace("\n", " ").replace("\r", " ")
+
+
+class StreamedTable:
+    """A table printed as its rows arrive, in columns measured on the first rows.
+
+    A rich `Table` holds every row and measures them all before printing: 100,000 rows
+    take half a minute and half a gigabyte. Here the columns are as wide as the first
+    `MEASURE_ROWS` rows need; a longer cell later only pushes its own row wider.
+    """
+
+    def __init__(self, headers: Sequence[str], *, status_column: int | None = None) -> None:
+        self._headers = list(headers)
+        self._status = status_column
+        self._colour = _colour()
+        self._widths: list[int] | None = None
+        self._pending: list[tuple[list[str], str | None]] = []
+        self._lines: list[str] = []
+        self.rows = 0
+
+    def add(self, cells: list[str], style: str | None = None) -> None:
+        self.rows += 1
+        if self._widths is None:
+            self._pending.append((cells, style))
+            if len(self._pending) >= MEASURE_ROWS:
+                self._measure()
+            return
+        self._emit(cells, style)
+
+    def _measure(self) -> None:
+        widths = [len(h) for h in self._headers]
+        for cells, _ in self._pending:
+            for i, cell in enumerate(cells):
+                widths[i] = max(widths[i], len(cell))
+        self._widths = widths
+        header = self._format(self._headers, None)
+        self._lines.append(f"\x1b[1m{header}\x1b[0m" if self._colour else header)
+        pending, self._pending = self._pending, []
+        for cells, style in pending:
+            self._emit(cells, style)
+
+    def _format(self, cells: list[str], style: str | None) -> str:
+        assert self._widths is not None
+        last = len(cells) - 1
+        parts = []
+        for i, cell in enumerate(cells):
+            padded = cell if i == last else cell.ljust(self._widths[i])
+            if style and i == self._status and self._colour and style in _SGR:
+                padded = f"\x1b[{_SGR[style]}m{cell}\x1b[0m" + padded[len(cell) :]
+            parts.append(padded)
+        return "  ".join(parts).rstrip()
+
+    def _emit(self, cells: list[str], style: str | None) -> None:
+        self._lines.append(self._format(cells, style))
+        if len(self._lines) >= _WRITE_LINES:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._widths is None and self._pending:
+            self._measure()
+        if self._lines:
+            sys.stdout.write("\n".join(self._lines) + "\n")
+            self._lines = []
+        sys.stdout.flush()
+
+
+class JsonArray:
+    """A JSON array written a chunk at a time: the same text `emit_json` gives a list.
+
+    Objects are encoded a chunk at a time, in one call of the C encoder each (about
+    twice as fast as one call per object); text already encoded is taken as it is.
+    """
+
+    def __init__(self) -> None:
+        self._parts: list[str] = []
+        self._objects: list[Any] = []
+        self._started = False
+
+    def add(self, text: str) -> None:
+        if self._objects:
+            self._encode()  # in the order given
+        self._parts.append(text)
+        if len(self._parts) >= _WRITE_LINES:
+            self._write()
+
+    def add_object(self, data: Any) -> None:
+        self._objects.append(data)
+        if len(self._objects) >= _ENCODE_OBJECTS:
+            self._encode()
+
+    def _encode(self) -> None:
+        if self._objects:
+            self._parts.append(json.dumps(self._objects, ensure_ascii=False)[1:-1])
+            self._objects = []
+        self._write()
+
+    def _write(self) -> None:
+        if not self._parts:
+            return
+        lead = ", " if self._started else "["
+        sys.stdout.write(lead + ", ".join(self._parts))
+        self._started = True
+        self._parts = []
+
+    def close(self) -> None:
+        self._encode()
+        sys.stdout.write("]\n" if self._started else "[]\n")
+        sys.stdout.flush()
+
+
+# Objects a streamed JSON array encodes at once.
+_ENCODE_OBJECTS = 1000
+
+
+def json_text(data: Any) -> str:
+    return json.dumps(data, ensure_ascii=False)
+
+
+TASK_HEADERS = ("ID", "STATUS", "PRI", "AGENT", "HOST", "TITLE", "LAST ERROR")
+
+
+def task_cells(t: TaskSummary) -> list[str]:
+    status = t.status + (" (closed)" if t.closed_at is not None else "")
+    return [
+        str(t.id),
+        _cell(status),
+        str(t.priority),
+        _cell(t.agent),
+        _cell(t.host) or "-",
+        _cell(t.title),
+        _cell(t.last_error),
+    ]
+
+
+def task_style(t: TaskSummary) -> str | None:
+    return STATUS_STYLE.get(t.status)
+
+
+_JSON_WORDS: dict[str | None, str] = {None: "null"}
+
+
+def _word(text: str | None) -> str:
+    """A short repeated string (a kind, a status) as JSON, encoded once."""
+    found = _JSON_WORDS.get(text)
+    if found is None:
+        found = _JSON_WORDS[text] = json.dumps(text, ensure_ascii=False)
+    return found
+
+
+def event_line_json(e: EventLine) -> str:
+    """One event as `event_json` shapes it, as JSON text; the stored detail is JSON already."""
+    detail = e.detail if isinstance(e.detail, str) else json_text(e.detail)
+    task = "null" if e.task_id is None else e.task_id
+    attempt = "null" if e.attempt_id is None else e.attempt_id
+    return (
+        f'{{"id": {e.id}, "task_id": {task}, "attempt_id": {attempt}, "kind": {_word(e.kind)}, '
+        f'"from_status": {_word(e.from_status)}, "to_status": {_word(e.to_status)}, '
+        f'"at": "{e.at}", "detail": {detail}}}'
+    )
+
+
+EVENT_HEADERS = ("ID", "AT", "TASK", "ATTEMPT", "KIND", "FROM", "TO", "DETAIL")
+
+
+def event_cells(e: EventLine | EventRow) -> list[str]:
+    detail = json.loads(e.detail) if isinstance(e.detail, str) else e.detail
+    text = ", ".join(f"{k}={v}" for k, v in detail.items()) if isinstance(detail, dict) else ""
+    return [
+        str(e.id),
+        _iso(e.at) or "",
+        str(e.task_id or "-"),
+        str(e.attempt_id or "-"),
+        _cell(e.kind),
+        e.from_status or "-",
+        e.to_status or "-",
+        _cell(text),
+    ]

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from dispatch.cli import output as out
 from dispatch.cli.context import invocation
 from dispatch.errors import UsageError
+
+if TYPE_CHECKING:
+    from dispatch.store.pages import EventLine
 
 JSON = typer.Option(False, "--json", help="Print JSON instead of a table.")
 NO_REAP = typer.Option(
@@ -64,26 +70,74 @@ def _read_prompt(path: Path) -> str:
         raise UsageError(f"cannot read prompt file {path}: {exc}") from None
 
 
+# How many rows a table shows unless told (JSON shows everything unless told).
+LIST_LIMIT = 100
+EVENTS_LIMIT = 200
+SHOW_EVENTS = 50
+
+
+def _limit(value: int | None, default: int | None) -> int | None:
+    """The option as the services take it: None for all."""
+    if value is None:
+        value = default
+    return None if value == 0 else value
+
+
 def list_(
     ctx: typer.Context,
     status: list[str] = typer.Option([], "--status", help="Only tasks in this status (repeat)."),
     all_: bool = typer.Option(False, "--all", help="Include closed tasks."),
+    repo: Path | None = typer.Option(None, "--repo", help="Only tasks of this repository."),
+    agent: str | None = typer.Option(None, "--agent", help="Only tasks of this agent profile."),
+    host: str | None = typer.Option(
+        None, "--host", help="Only tasks whose latest attempt ran on this host."
+    ),
+    limit: int | None = typer.Option(
+        None,
+        "--limit",
+        min=0,
+        help=f"At most N tasks (table: {LIST_LIMIT} unless given; JSON: all); 0: all.",
+    ),
     json: bool = JSON,
     no_reap: bool = NO_REAP,
 ) -> None:
-    """List tasks (closed ones only with --all)."""
-    from dispatch.services.tasks import list_tasks
+    """List tasks (closed ones only with --all), highest priority first."""
+    from dispatch.services.tasks import stream_task_list, task_query
 
-    tasks = list_tasks(invocation(ctx).app(), status, include_closed=all_, reap=not no_reap)
+    where = None if repo is None else str(repo.expanduser().resolve())
+    query = task_query(status, all_, repo=where, agent=agent, host=host)
+    app = invocation(ctx).app()
     if json:
-        out.emit_json([{**out.task_json(t), "host": t.host} for t in tasks])
-    else:
-        out.task_table(tasks)
+        array = out.JsonArray()
+        stream_task_list(
+            app,
+            lambda t: array.add_object({**out.task_json(t), "host": t.host}),
+            query,
+            limit=_limit(limit, None),
+            reap=not no_reap,
+        )
+        array.close()
+        return
+    table = out.StreamedTable(out.TASK_HEADERS, status_column=1)
+    page = stream_task_list(
+        app,
+        lambda t: table.add(out.task_cells(t), out.task_style(t)),
+        query,
+        limit=_limit(limit, LIST_LIMIT),
+        reap=not no_reap,
+    )
+    table.flush()
+    if not page.shown:
+        out.notice("no tasks")
+    out.more_line(page.more, "more tasks match", "--limit")
 
 
 def show(
     ctx: typer.Context,
     task: int = typer.Argument(..., help="Task id."),
+    events: int | None = typer.Option(
+        None, "--events", min=0, help=f"Show the newest N events (default {SHOW_EVENTS}); 0: all."
+    ),
     json: bool = JSON,
     no_reap: bool = NO_REAP,
 ) -> None:
@@ -91,27 +145,80 @@ def show(
     from dispatch.services.tasks import show_task
     from dispatch.shapes import task_detail_json
 
-    view = show_task(invocation(ctx).app(), task, reap=not no_reap)
+    view = show_task(
+        invocation(ctx).app(), task, reap=not no_reap, events=_limit(events, SHOW_EVENTS)
+    )
     if json:
         out.emit_json(task_detail_json(view))
     else:
         out.task_detail(view.task, view.attempts, view.events)
+    out.more_line(view.events_more, "earlier events not shown", "--events")
 
 
 def events(
     ctx: typer.Context,
     task: int | None = typer.Option(None, "--task", help="Only this task's events."),
-    limit: int | None = typer.Option(None, "--limit", min=1, help="Only the newest N."),
+    after: int | None = typer.Option(
+        None, "--after", min=0, help="Only events after this event id."
+    ),
+    since: str | None = typer.Option(
+        None, "--since", help="Only events since a duration ago (10m, 2d) or a time (ISO, UTC)."
+    ),
+    limit: int | None = typer.Option(
+        None,
+        "--limit",
+        min=0,
+        help=f"Only the newest N (table: {EVENTS_LIMIT} unless given; JSON: all); 0: all.",
+    ),
+    follow: bool = typer.Option(
+        False, "--follow", "-f", help="Keep printing new events as they come, until Ctrl-C."
+    ),
     json: bool = JSON,
 ) -> None:
-    """The audit log of every state change."""
-    from dispatch.services.tasks import list_events
+    """The audit log of every state change, oldest first.
 
-    rows = list_events(invocation(ctx).app(), task, limit)
+    With --follow and --json, one JSON object per line (JSON Lines), since the array
+    would never end.
+    """
+    from dispatch.services.tasks import event_query, follow_event_log, stream_event_log
+
+    app = invocation(ctx).app()
+    query = event_query(task, after, since)
+    if json and follow:
+
+        def each(e: EventLine) -> None:
+            out.line(out.event_line_json(e))
+
+        _, last = stream_event_log(app, each, query, limit=_limit(limit, None))
+        _follow(lambda: follow_event_log(app, each, query, last))
+        return
     if json:
-        out.emit_json([out.event_json(e) for e in rows])
-    else:
-        out.event_table(rows)
+        array = out.JsonArray()
+        stream_event_log(
+            app, lambda e: array.add(out.event_line_json(e)), query, limit=_limit(limit, None)
+        )
+        array.close()
+        return
+    table = out.StreamedTable(out.EVENT_HEADERS)
+    page, last = stream_event_log(
+        app, lambda e: table.add(out.event_cells(e)), query, limit=_limit(limit, EVENTS_LIMIT)
+    )
+    table.flush()
+    out.more_line(page.more, "earlier events not shown", "--limit")
+    if follow:
+        _follow(
+            lambda: follow_event_log(
+                app, lambda e: table.add(out.event_cells(e)), query, last, flush=table.flush
+            )
+        )
+    elif not page.shown:
+        out.notice("no events")
+
+
+def _follow(loop: Callable[[], None]) -> None:
+    """Run a follow loop until Ctrl-C, which is how it is meant to end: exit 0."""
+    with contextlib.suppress(KeyboardInterrupt):
+        loop()
 
 
 def reset(ctx: typer.Context, task: int = typer.Argument(...), json: bool = JSON) -> None:

@@ -7,6 +7,7 @@ intent on the attempt row, so a sweep can finish the undo of a dispatcher that d
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 import uuid
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from dispatch.adapters.protocols import Worktrees
+from dispatch.adapters.wakeup import Waiter, address, listen
 from dispatch.app import App
 from dispatch.clock import utcnow
 from dispatch.errors import (
@@ -48,6 +50,9 @@ from dispatch.store.statements import AttemptRow, TaskRow, list_tasks
 # How often confirm reads whether the wrapper acknowledged: a read costs about a millisecond,
 # and every `dispatch run` waits for this.
 POLL_SECONDS = 0.02
+# With the wrapper's nudge (adapters.wakeup), how long confirm waits for one at most
+# before it looks anyway.
+NUDGED_POLL_SECONDS = 0.1
 # How often confirm asks tmux whether the window is still there.
 WINDOW_CHECK_SECONDS = 0.25
 
@@ -101,77 +106,166 @@ def claim(d: Dispatch) -> bool:
     The task moves by one conditional UPDATE; the context learns the attempt only once
     the transaction has committed, so a failed claim can never fence or roll back a row
     it did not make (SQLite may hand the same id to the next writer).
+
+    Every claimer waits for SQLite's one write lock, so the transaction holds it for a
+    fixed few statements: what needs no lock (settings, the profile, the clock, the
+    session id, for a named task its checks and names) is done before it is taken.
     """
-    settings = d.app.settings
-    # Resolved before the write lock is taken: everything inside `work` holds it.
-    worktree_root = settings.worktree_root.expanduser().resolve()
-
-    def work(tx: Tx) -> _Claimed | None:
-        if d.task_id is not None:
-            # Locked: two claims of one task at once on PostgreSQL would both insert
-            # attempt 1, and the second would fail on its key instead of being refused.
-            task: TaskRow | None = st.get_task(tx, d.task_id, for_update=True)
-        else:
-            if settings.max_running and st.count_in_progress(tx) >= settings.max_running:
-                raise Conflict(f"{settings.max_running} tasks already running (max_running)")
-            task = _pick(tx, d, settings.agents)
-        if task is None:
-            return None  # nothing ready: a falsy claim, which `run --next` expects
-        current = Status(task.status)
-        if current is Status.IN_PROGRESS:
-            raise _running_conflict(tx, task)
-        target = next_status(current, d.action, closed=task.closed_at is not None, task_id=task.id)
-        profile = settings.agent(task.agent)  # an unknown profile refuses before anything is made
-        now = utcnow()
-        previous = st.latest_attempt(tx, task.id)
-        session_id = st.use_agent_session(
-            tx,
-            f"{task.agent}:{task.repo}:{task.id}",
-            task_id=task.id,
-            agent=task.agent,
-            fresh_id=str(uuid.uuid4()),
-            # `run` after a reset starts over: a new conversation, not the old one's id,
-            # which print-mode agents refuse to reuse. Redispatches keep it to resume.
-            renew=d.action is Action.CLAIM and previous is not None,
-        )
-        redispatch_of = d.redispatch_of or (previous.id if previous else None)
-        worktree = worktree_path(worktree_root, task.repo, task.id)
-        branch = task.branch or branch_name(task.id, task.title)
-        attempt_id = st.insert_attempt(
-            tx,
-            task_id=task.id,
-            number=(previous.number if previous else 0) + 1,
-            state=AttemptState.STARTING.value,
-            prior_status=current.value,
-            host=settings.host,
-            dispatcher_pid=os.getpid(),
-            tmux_session=settings.tmux_session,
-            tmux_socket=settings.tmux_socket,
-            worktree=str(worktree),
-            branch=branch,
-            session_id=session_id,
-            resume=d.action is Action.REDISPATCH and profile.resume is not None,
-            intent={},
-            lease_expires_at=now + timedelta(seconds=settings.lease_seconds),
-            started_at=now,
-            redispatch_of=redispatch_of if d.action is Action.REDISPATCH else None,
-        )
-        if not st.move_task(
-            tx, task.id, expected=current, target=target, current_attempt_id=attempt_id
-        ):
-            raise Conflict(f"task {task.id} changed while claiming it; try again")
-        kind = "redispatched" if d.action is Action.REDISPATCH else "claimed"
-        st.record_event(
-            tx, kind, task_id=task.id, attempt_id=attempt_id, from_status=current, to_status=target
-        )
-        return _Claimed(attempt_id, current, task, worktree, branch)
-
-    claimed = d.app.direct.write(work)
+    fixed = _claim_values(d)
+    if d.task_id is None:
+        claimed = d.app.direct.write(lambda tx: _claim_next(tx, d, fixed))
+    else:
+        claimed = _claim_named(d, d.task_id, fixed)
     if claimed is None:
         return False
     d.task_id, d.attempt_id, d.prior = claimed.task.id, claimed.attempt_id, claimed.prior
     d.task, d.worktree, d.branch = claimed.task, claimed.worktree, claimed.branch
     return True
+
+
+@dataclass(frozen=True)
+class _ClaimValues:
+    """What every claim writes that does not depend on the task."""
+
+    worktree_root: Path
+    attempt: dict[str, Any]
+
+
+def _claim_values(d: Dispatch) -> _ClaimValues:
+    settings = d.app.settings
+    now = utcnow()
+    attempt = {
+        "state": AttemptState.STARTING.value,
+        "host": settings.host,
+        "dispatcher_pid": os.getpid(),
+        "tmux_session": settings.tmux_session,
+        "tmux_socket": settings.tmux_socket,
+        "intent": {},
+        "lease_expires_at": now + timedelta(seconds=settings.lease_seconds),
+        "started_at": now,
+        "session_id": str(uuid.uuid4()),  # kept only where the task has none to resume
+    }
+    return _ClaimValues(_resolved(settings.worktree_root), attempt)
+
+
+@functools.lru_cache(maxsize=8)
+def _resolved(path: Path) -> Path:
+    """`worktree_root` as a real path: resolved once a process, not on every claim."""
+    return path.expanduser().resolve()
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A claim of one task, checked and named; `task` is the row it was checked on."""
+
+    task: TaskRow
+    current: Status
+    target: Status
+    resume: bool
+    worktree: Path
+    branch: str
+
+
+def _plan(d: Dispatch, task: TaskRow, fixed: _ClaimValues) -> _Plan:
+    """The lifecycle's and the profile's checks of a claim, and the names it gives."""
+    current = Status(task.status)
+    target = next_status(current, d.action, closed=task.closed_at is not None, task_id=task.id)
+    profile = d.app.settings.agent(task.agent)  # an unknown profile refuses before anything
+    return _Plan(
+        task,
+        current,
+        target,
+        d.action is Action.REDISPATCH and profile.resume is not None,
+        worktree_path(fixed.worktree_root, task.repo, task.id),
+        task.branch or branch_name(task.id, task.title),
+    )
+
+
+# How often a claim of a named task is tried again when the task changed between its
+# check and the write lock (another writer got there first): then it is checked again.
+_CLAIM_TRIES = 5
+
+
+class _Changed(Exception):
+    """The task changed since it was checked: the transaction is rolled back."""
+
+
+def _claim_named(d: Dispatch, task_id: int, fixed: _ClaimValues) -> _Claimed:
+    """Checked from a read, then written only if the task is still as it was read."""
+
+    def check(tx: Tx) -> TaskRow:
+        task = st.get_task(tx, task_id)
+        if task.status == Status.IN_PROGRESS.value:
+            raise _running_conflict(tx, task)
+        return task
+
+    for _ in range(_CLAIM_TRIES):
+        plan = _plan(d, d.app.direct.read(check), fixed)
+        try:
+            return d.app.direct.write(functools.partial(_write_claim, d=d, plan=plan, fixed=fixed))
+        except _Changed:
+            continue
+    raise Conflict(f"task {task_id} changed while claiming it; try again")
+
+
+def _claim_next(tx: Tx, d: Dispatch, fixed: _ClaimValues) -> _Claimed | None:
+    settings = d.app.settings
+    if settings.max_running and st.count_in_progress(tx) >= settings.max_running:
+        raise Conflict(f"{settings.max_running} tasks already running (max_running)")
+    task = _pick(tx, d, settings.agents)
+    if task is None:
+        return None  # nothing ready: a falsy claim, which `run --next` expects
+    try:
+        return _write_claim(tx, d, _plan(d, task, fixed), fixed)
+    except _Changed:  # not under SQLite's lock; PostgreSQL holds the row: cannot happen
+        raise Conflict(f"task {task.id} changed while claiming it; try again") from None
+
+
+def _write_claim(tx: Tx, d: Dispatch, plan: _Plan, fixed: _ClaimValues) -> _Claimed:
+    """The claim's writes: the attempt, the task (only if unchanged since `plan` was
+    made), the session and the event; four statements."""
+    task = plan.task
+    session_id = st.use_agent_session(
+        tx,
+        f"{task.agent}:{task.repo}:{task.id}",
+        task_id=task.id,
+        agent=task.agent,
+        fresh_id=fixed.attempt["session_id"],
+        # `run` starts over: a new conversation, not the old one's id, which print-mode
+        # agents refuse to reuse (a first claim has no session to renew). Redispatches
+        # keep it to resume.
+        renew=d.action is Action.CLAIM,
+    )
+    attempt_id = st.insert_next_attempt(
+        tx,
+        **{**fixed.attempt, "session_id": session_id},
+        task_id=task.id,
+        prior_status=plan.current.value,
+        worktree=str(plan.worktree),
+        branch=plan.branch,
+        resume=plan.resume,
+        redispatch=d.action is Action.REDISPATCH,
+        redispatch_of=d.redispatch_of,
+    )
+    if not st.move_task(
+        tx,
+        task.id,
+        expected=plan.current,
+        target=plan.target,
+        unchanged_since=task.updated_at,
+        current_attempt_id=attempt_id,
+    ):
+        raise _Changed
+    kind = "redispatched" if d.action is Action.REDISPATCH else "claimed"
+    st.record_event(
+        tx,
+        kind,
+        task_id=task.id,
+        attempt_id=attempt_id,
+        from_status=plan.current,
+        to_status=plan.target,
+    )
+    return _Claimed(attempt_id, plan.current, task, plan.worktree, plan.branch)
 
 
 # How many tasks whose agent profile is unknown one `--next` claim marks as skipped.
@@ -472,6 +566,17 @@ def confirm(d: Dispatch) -> bool:
     it is still `starting`. Whichever conditional update lands first wins.
     """
     assert d.attempt_id and d.window_id
+    # Listening before the first look: a nudge sent after it is never missed.
+    waiter = listen(address(d.app.settings.database, d.attempt_id))
+    try:
+        return _confirm(d, waiter)
+    finally:
+        if waiter is not None:
+            waiter.close()
+
+
+def _confirm(d: Dispatch, waiter: Waiter | None) -> bool:
+    assert d.attempt_id and d.window_id
     app, attempt_id, window = d.app, d.attempt_id, d.window_id
     timeout = app.settings.spawn_timeout
     deadline = time.monotonic() + timeout
@@ -508,7 +613,12 @@ def confirm(d: Dispatch) -> bool:
                 raise DispatchError(
                     f"no acknowledgement from the agent wrapper within {timeout:g}s"
                 )
-        time.sleep(POLL_SECONDS)
+        if waiter is None:
+            time.sleep(POLL_SECONDS)
+        else:
+            # Woken by the wrapper's nudge as soon as it has written; else look again
+            # when the window is due a check.
+            waiter.wait(min(max(next_window_check - time.monotonic(), 0.0), NUDGED_POLL_SECONDS))
 
 
 def _started(attempt: AttemptRow) -> bool:

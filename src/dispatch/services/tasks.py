@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 
 from dispatch.app import App
@@ -11,6 +14,7 @@ from dispatch.clock import utcnow
 from dispatch.errors import Conflict, EnvironmentProblem, UsageError
 from dispatch.lifecycle import Action, Status, next_status
 from dispatch.services.sweep import reconcile
+from dispatch.store import pages
 from dispatch.store import statements as st
 from dispatch.store.direct import Tx
 from dispatch.store.statements import AttemptRow, EventRow, TaskRow, TaskSummary
@@ -27,6 +31,16 @@ class TaskView:
     attempts: list[AttemptRow] = field(default_factory=list)
     events: list[EventRow] = field(default_factory=list)
     notices: list[str] = field(default_factory=list)
+    # How many older events a limit on `events` left out.
+    events_more: int = 0
+
+
+@dataclass(frozen=True)
+class Page:
+    """What a limited read printed, and how many more matched."""
+
+    shown: int
+    more: int
 
 
 def add_task(
@@ -91,28 +105,82 @@ def add_task(
 
 
 def list_tasks(
-    app: App, statuses: Sequence[str] = (), include_closed: bool = False, *, reap: bool = True
+    app: App,
+    statuses: Sequence[str] = (),
+    include_closed: bool = False,
+    *,
+    reap: bool = True,
+    repo: str | None = None,
+    agent: str | None = None,
+    host: str | None = None,
+    limit: int | None = None,
 ) -> list[TaskSummary]:
     """Tasks as `list` shows them, in the order `run --next` takes them, true when read."""
+    found: list[TaskSummary] = []
+    query = task_query(statuses, include_closed, repo=repo, agent=agent, host=host)
+    stream_task_list(app, found.append, query, limit=limit, reap=reap)
+    return found
+
+
+def task_query(
+    statuses: Sequence[str] = (),
+    include_closed: bool = False,
+    *,
+    repo: str | None = None,
+    agent: str | None = None,
+    host: str | None = None,
+) -> pages.TaskQuery:
+    """The filters of `list`, checked."""
     valid = {s.value for s in Status}
     for status in statuses:
         if status not in valid:
             raise UsageError(f"unknown status {status!r} (one of: {', '.join(sorted(valid))})")
-    wanted = sorted(set(statuses))
+    return pages.TaskQuery(tuple(sorted(set(statuses))), include_closed, repo, agent, host)
+
+
+def stream_task_list(
+    app: App,
+    each: Callable[[TaskSummary], None],
+    query: pages.TaskQuery,
+    *,
+    limit: int | None = None,
+    reap: bool = True,
+) -> Page:
+    """Hand each matching task to `each` as it is read (at most `limit`); memory stays flat."""
+    if limit is not None and limit < 0:
+        raise UsageError("the limit must be 0 or more")
     if reap:
         reconcile(app)
-    return app.direct.read(lambda tx: st.list_tasks(tx, wanted, include_closed))
+
+    def work(tx: Tx) -> Page:
+        shown = 0
+        for task in pages.stream_tasks(tx, query, limit):
+            each(task)
+            shown += 1
+        more = 0
+        if limit is not None and shown == limit:
+            more = pages.count_tasks(tx, query) - shown
+        return Page(shown, more)
+
+    return app.direct.read(work)
 
 
-def show_task(app: App, task_id: int, *, reap: bool = True) -> TaskView:
-    """A task with its attempts and events, true when read (this host's dead agents reaped)."""
+def show_task(app: App, task_id: int, *, reap: bool = True, events: int | None = None) -> TaskView:
+    """A task with its attempts and events (with `events`, the newest that many), true
+    when read (this host's dead agents reaped)."""
+    if events is not None and events < 0:
+        raise UsageError("the number of events must be 0 or more")
     if reap:
         reconcile(app)
 
     def work(tx: Tx) -> TaskView:
         task = st.get_task(tx, task_id)
         attempts = st.attempts_of(tx, task_id)
-        return TaskView(task, attempts, st.events(tx, task_id))
+        shown = st.events(tx, task_id, events)
+        more = 0
+        if events is not None and len(shown) == events and shown:
+            more = pages.count_events_before(tx, pages.EventQuery(task_id), shown[0].id)
+        return TaskView(task, attempts, shown, events_more=more)
 
     return app.direct.read(work)
 
@@ -124,6 +192,98 @@ def list_events(app: App, task_id: int | None = None, limit: int | None = None) 
         return st.events(tx, task_id, limit)
 
     return app.direct.read(work)
+
+
+def event_query(
+    task_id: int | None = None,
+    after: int | None = None,
+    since: str | None = None,
+    *,
+    now: datetime | None = None,
+) -> pages.EventQuery:
+    """The filters of `events`, checked; `since` is a duration back from now or a time."""
+    return pages.EventQuery(task_id, after, None if since is None else parse_since(since, now))
+
+
+def parse_since(text: str, now: datetime | None = None) -> datetime:
+    """`10m`, `2d` (back from now) or an ISO 8601 time (UTC unless it names its offset)."""
+    from dispatch.config import parse_duration
+
+    try:
+        seconds = parse_duration(text)
+    except ValueError:
+        pass
+    else:
+        return (now or datetime.now(UTC)) - timedelta(seconds=seconds)
+    try:
+        when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(
+            f"--since {text!r} is neither a duration (10m, 2h, 7d) nor a time "
+            "(2026-12-01T09:30:00Z)"
+        ) from None
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+
+
+def stream_event_log(
+    app: App,
+    each: Callable[[pages.EventLine], None],
+    query: pages.EventQuery,
+    *,
+    limit: int | None = None,
+) -> tuple[Page, int]:
+    """Hand each matching event to `each`, oldest first (with `limit`, the newest that
+    many); also the highest event id seen so far, where a follow carries on."""
+    if limit is not None and limit < 0:
+        raise UsageError("the limit must be 0 or more")
+
+    def work(tx: Tx) -> tuple[Page, int]:
+        if query.task_id is not None:
+            st.get_task(tx, query.task_id)
+        # In the same snapshot as the page: a follow carries on from here, missing nothing.
+        last = pages.last_event_id(tx)
+        shown, first = 0, None
+        for event in pages.stream_events(tx, query, limit, upto=last):
+            first = event.id if first is None else first
+            each(event)
+            shown += 1
+        more = 0
+        if limit is not None and shown == limit and first is not None:
+            more = pages.count_events_before(tx, query, first)
+        return Page(shown, more), last
+
+    return app.direct.read(work)
+
+
+def _new_events(query: pages.EventQuery, tx: Tx) -> list[pages.EventLine]:
+    return list(pages.stream_events(tx, query, None))
+
+
+# How often `events --follow` looks for new events: one indexed read of `id > last`.
+FOLLOW_POLL_SECONDS = 0.2
+
+
+def follow_event_log(
+    app: App,
+    each: Callable[[pages.EventLine], None],
+    query: pages.EventQuery,
+    after: int,
+    *,
+    flush: Callable[[], None] = lambda: None,
+    poll: float = FOLLOW_POLL_SECONDS,
+) -> None:
+    """Hand each new event to `each` as it is written, until interrupted (Ctrl-C)."""
+    last = after
+    while True:
+        # New events are later than any `since`: the id alone says what is new.
+        news = pages.EventQuery(query.task_id, last)
+        found = app.direct.read(partial(_new_events, news))
+        for event in found:
+            each(event)
+            last = event.id
+        if found:
+            flush()
+        time.sleep(poll)
 
 
 def reset_task(app: App, task_id: int) -> TaskRow:

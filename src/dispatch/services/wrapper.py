@@ -26,6 +26,7 @@ from types import FrameType
 from typing import TypeVar
 
 from dispatch.adapters.processes import attempt_marker, attempt_processes, stop_processes
+from dispatch.adapters.wakeup import address, nudge
 from dispatch.app import App
 from dispatch.clock import utcnow
 from dispatch.errors import DispatchError
@@ -144,6 +145,7 @@ def agent_exec(app: App, attempt_id: int) -> int:
 
     cancelled = threading.Event()
     recorded = app.direct.write(lambda tx: record_agent_pid(tx, attempt_id, proc.pid))
+    nudge(address(settings.database, attempt_id))  # the dispatcher waits for this write
     if not recorded:
         # Fenced while starting: the dispatcher rolled this attempt back; the agent goes.
         say(f"attempt {attempt_id} was rolled back by its dispatcher; stopping the agent")
@@ -311,6 +313,7 @@ def give_up(app: App, attempt_id: int, message: str, *, acknowledged: bool = Fal
             lambda tx: st.end_failed_dispatch(tx, attempt_id, expected=expected, error=message)
         )
     )
+    nudge(address(app.settings.database, attempt_id))
 
 
 def finish(app: App, attempt_id: int, code: int, *, interrupted: bool) -> Status | None:

@@ -58,7 +58,14 @@ class Task(Base):
     __tablename__ = "tasks"
     # In claim order (`run --next`): the next ready task is the index's first entry,
     # with no sort over every ready row on each claim.
-    __table_args__ = (Index("ix_tasks_claim_order", "status", text("priority DESC"), "id"),)
+    # `list` pages in the same order, filtered or not (migration 0003).
+    __table_args__ = (
+        Index("ix_tasks_claim_order", "status", text("priority DESC"), "id"),
+        Index("ix_tasks_list_order", text("priority DESC"), "id"),
+        Index("ix_tasks_open_order", "closed_at", text("priority DESC"), "id"),
+        Index("ix_tasks_repo_order", "repo", text("priority DESC"), "id"),
+        Index("ix_tasks_agent_order", "agent", text("priority DESC"), "id"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     title: Mapped[str] = mapped_column(Text)
@@ -84,7 +91,10 @@ class Task(Base):
 
 class Attempt(Base):
     __tablename__ = "attempts"
-    __table_args__ = (UniqueConstraint("task_id", "number"),)
+    __table_args__ = (
+        UniqueConstraint("task_id", "number"),
+        Index("ix_attempts_host_task_id", "host", "task_id"),  # `list --host`
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), index=True)
@@ -126,7 +136,10 @@ class Event(Base):
     """Append-only audit log: rows are inserted, never updated or deleted."""
 
     __tablename__ = "events"
-    __table_args__ = (Index("ix_events_task_id_id", "task_id", "id"),)
+    __table_args__ = (
+        Index("ix_events_task_id_id", "task_id", "id"),
+        Index("ix_events_at", "at"),  # `events --since`
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     task_id: Mapped[int | None] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"))

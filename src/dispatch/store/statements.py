@@ -38,7 +38,7 @@ class TaskSummary(NamedTuple):
 
 _TASK_TIMES = ("closed_at", "created_at", "updated_at")
 # One indexed probe per listed task: the latest attempt is the one with the largest id.
-_LATEST_HOST = (
+LATEST_HOST = (
     "(SELECT a.host FROM attempts a WHERE a.task_id = tasks.id ORDER BY a.id DESC LIMIT 1) AS host"
 )
 
@@ -54,7 +54,7 @@ def list_tasks(
         where.append(f"status {clause}")
     if not include_closed:
         where.append("closed_at IS NULL")
-    sql = f"SELECT {', '.join(TaskSummary._fields[:-1])}, {_LATEST_HOST} FROM tasks"
+    sql = f"SELECT {', '.join(TaskSummary._fields[:-1])}, {LATEST_HOST} FROM tasks"
     if where:
         sql += " WHERE " + " AND ".join(where)
     sql += " ORDER BY priority DESC, id"
@@ -286,12 +286,8 @@ def _attempts(tx: Tx, where: str, params: dict[str, Any]) -> list[AttemptRow]:
 _ID_MAX = 2**63 - 1
 
 
-def get_task(tx: Tx, task_id: int, *, for_update: bool = False) -> TaskRow:
-    """The task; `for_update` locks its row until the transaction ends (PostgreSQL:
-    concurrent claims of one task then queue, and each reads what the last one left;
-    SQLite's one writer needs no row lock)."""
-    where = "WHERE id = :id" + (" FOR UPDATE" if for_update and tx.dialect != "sqlite" else "")
-    found = _tasks(tx, where, {"id": task_id}) if 0 < task_id <= _ID_MAX else []
+def get_task(tx: Tx, task_id: int) -> TaskRow:
+    found = _tasks(tx, "WHERE id = :id", {"id": task_id}) if 0 < task_id <= _ID_MAX else []
     if not found:
         raise NotFound(f"no task {task_id}", hint="`dispatch list --all` shows every task")
     return found[0]
@@ -501,6 +497,33 @@ def insert_attempt(tx: Tx, **values: Unpack[AttemptColumns]) -> int:
     return _insert(tx, "attempts", AttemptRow._fields, values)
 
 
+_NEXT_ATTEMPT_COLUMNS = (
+    "task_id", "state", "prior_status", "host", "dispatcher_pid", "tmux_session",
+    "tmux_socket", "worktree", "branch", "session_id", "resume", "intent",
+    "lease_expires_at", "started_at",
+)  # fmt: skip
+_NEXT_ATTEMPT = (
+    f"INSERT INTO attempts ({', '.join(_NEXT_ATTEMPT_COLUMNS)}, number, redispatch_of)"
+    f" SELECT {', '.join(':' + c for c in _NEXT_ATTEMPT_COLUMNS)},"
+    " COALESCE(MAX(number), 0) + 1,"
+    " CASE WHEN :redispatch = 1 THEN COALESCE(:redispatch_of, MAX(id)) END"
+    " FROM attempts WHERE task_id = :task_id RETURNING id"
+)
+
+
+def insert_next_attempt(
+    tx: Tx, *, redispatch: bool, redispatch_of: int | None, **values: Any
+) -> int:
+    """The task's next attempt (numbered after its last), in one statement; its id.
+
+    A redispatch records the attempt it follows: `redispatch_of`, else the task's latest.
+    """
+    if set(values) != set(_NEXT_ATTEMPT_COLUMNS):
+        raise ValueError(f"columns {sorted(set(values) ^ set(_NEXT_ATTEMPT_COLUMNS))}")
+    params = {**values, "redispatch": int(redispatch), "redispatch_of": redispatch_of}
+    return int(tx.rows(_NEXT_ATTEMPT, params)[0][0])
+
+
 def move_task(
     tx: Tx,
     task_id: int,
@@ -509,17 +532,23 @@ def move_task(
     target: Status,
     attempt_id: int | None = None,
     fence_attempt: bool = False,
+    unchanged_since: datetime | None = None,
     **values: Unpack[TaskColumns],
 ) -> bool:
     """Conditional status change; False when another writer got there first (nothing changed).
 
     With `fence_attempt`, the task must still belong to `attempt_id`: a stale writer
-    whose attempt was reaped or superseded changes nothing.
+    whose attempt was reaped or superseded changes nothing. With `unchanged_since`, the
+    task must not have been written since it was read with that `updated_at` (every
+    write of a task sets it).
     """
     changes: dict[str, Any] = {**values, "status": target.value, "updated_at": utcnow()}
     sql = f"UPDATE tasks SET {_assignments(changes, TaskRow._fields)}"
     sql += " WHERE id = :where_id AND status = :where_status"
     params = {**changes, "where_id": task_id, "where_status": expected.value}
+    if unchanged_since is not None:
+        sql += " AND updated_at = :where_updated"
+        params["where_updated"] = unchanged_since
     if fence_attempt and attempt_id is None:  # a task stuck without an attempt
         sql += " AND current_attempt_id IS NULL"
     elif fence_attempt:

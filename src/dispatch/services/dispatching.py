@@ -654,9 +654,14 @@ def record(d: Dispatch) -> bool:
             "branch": d.branch,
             "worktree": str(d.worktree),
         }
-        if st.get_task(tx, task_id).current_attempt_id == attempt_id:
-            values["last_error"] = None  # a quick agent's own error must stay
         st.update_task(tx, task_id, **values)
+        # Only while the attempt is still the task's: a quick agent's own error must stay.
+        # One conditional statement, not a read then a write: on PostgreSQL the wrapper's
+        # exit may commit between the two, and its error would be overwritten.
+        tx.change(
+            "UPDATE tasks SET last_error = NULL WHERE id = :id AND current_attempt_id = :attempt",
+            {"id": task_id, "attempt": attempt_id},
+        )
         st.update_attempt(tx, attempt_id, lease_expires_at=None)
         st.record_event(
             tx,

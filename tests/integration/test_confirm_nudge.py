@@ -42,11 +42,15 @@ def test_confirm_is_woken_by_the_wrappers_nudge(
         return waiter
 
     monkeypatch.setattr(dispatching, "listen", listen)
+    # Confirm would look again only after far longer than the spawn timeout: only the
+    # nudge can end its wait in time.
+    monkeypatch.setattr(dispatching, "NUDGED_POLL_SECONDS", 60.0)
+    monkeypatch.setattr(dispatching, "WINDOW_CHECK_SECONDS", 60.0)
     app, task_id = _add(make_app, repo)
     result = dispatching.dispatch_task(app, task_id)
     assert result is not None and result.attempt.agent_pid is not None
     assert result.task.status == "in-progress"
-    assert True in woken  # the wrapper's nudge, not the timeout, ended a wait
+    assert woken and all(woken)  # each wait was ended by a nudge, none by its timeout
 
 
 def test_confirm_without_a_nudge_still_confirms_by_looking(

@@ -225,6 +225,7 @@ def _write_claim(tx: Tx, d: Dispatch, plan: _Plan, fixed: _ClaimValues) -> _Clai
     """The claim's writes: the attempt, the task (only if unchanged since `plan` was
     made), the session and the event; four statements."""
     task = plan.task
+    st.lock_task(tx, task.id)
     session_id = st.use_agent_session(
         tx,
         f"{task.agent}:{task.repo}:{task.id}",

@@ -393,6 +393,15 @@ def _skip_locked(tx: Tx) -> str:
     return "" if tx.dialect == "sqlite" else " FOR UPDATE SKIP LOCKED"
 
 
+def lock_task(tx: Tx, task_id: int) -> None:
+    """Hold the task's row for the rest of the transaction (PostgreSQL), so a second claim
+    of the same task waits for the first and then sees it taken, instead of numbering
+    its attempt from the same last one. SQLite's write transaction holds the whole
+    database already: nothing to run there."""
+    if tx.dialect != "sqlite":
+        tx.rows("SELECT id FROM tasks WHERE id = :id FOR UPDATE", {"id": task_id})
+
+
 def count_in_progress(tx: Tx) -> int:
     sql = "SELECT COUNT(*) FROM tasks WHERE status = :status"
     return int(tx.rows(sql, {"status": Status.IN_PROGRESS.value})[0][0])

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -80,12 +81,16 @@ def returns(value: Any) -> Fault:
 
 
 def fails_from_call(number: int, exc: BaseException) -> Fault:
-    """Work for the first `number - 1` calls, then fail on every call."""
-    seen = [0]
+    """Work for the first `number - 1` calls, then fail on every call.
+
+    Counted per adapter: a case made once at import serves every test (and every
+    backend) that uses it, each with an adapter of its own."""
+    seen: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
 
     def fault(real: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        seen[0] += 1
-        if seen[0] >= number:
+        adapter = getattr(real, "__self__", real)
+        seen[adapter] = seen.get(adapter, 0) + 1
+        if seen[adapter] >= number:
             raise exc
         return real(*args, **kwargs)
 

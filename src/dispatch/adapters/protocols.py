@@ -93,6 +93,10 @@ class Worktrees(Protocol):
         """`git worktree add` (per-repository lock, --no-track); True when it did the work."""
         ...
 
+    def switch(self, repo: Path, worktree: Path, branch: str, start: str | None = None) -> bool:
+        """Put an existing worktree on `branch` (made from `start`); True when it is."""
+        ...
+
     def remove(self, repo: Path, path: Path) -> None:
         """Remove a worktree even if locked or half made; idempotent."""
         ...

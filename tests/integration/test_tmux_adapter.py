@@ -344,9 +344,89 @@ def test_attach_argv(env: Env) -> None:
     assert TmuxTerminal(None).attach_argv("@3", inside_tmux=True)[1] == "switch-client"
 
 
-def test_version(tmux: TmuxTerminal) -> None:
-    assert re.fullmatch(r"\d+\.\d+[a-z]?", tmux.version())
-    assert len(tmux.calls) == 1
+# Logs each argv it is run with (one line, space-separated), then runs the real tmux.
+LOGGING_SHIM = """#!/bin/sh
+echo "$*" >> '{log}'
+exec '{real}' "$@"
+"""
+
+
+def _logging_tmux(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A `tmux` first on PATH that records every argv; the path of its log."""
+    real = shutil.which("tmux")
+    assert real
+    shim, log = tmp_path / "shim", tmp_path / "tmux-argv.log"
+    shim.mkdir()
+    (shim / "tmux").write_text(LOGGING_SHIM.format(log=log, real=real))
+    (shim / "tmux").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{shim}{os.pathsep}{os.environ['PATH']}")
+    return log
+
+
+def test_health_reports_the_version_and_the_session_of_our_server(
+    tmux: TmuxTerminal, tmp_path: Path
+) -> None:
+    assert re.fullmatch(r"\d+\.\d+[a-z]?; server '.+' is not running \(.+\)", tmux.health("x"))
+    tmux.spawn("dispatch", "t1", SLEEP, tmp_path, {})
+    tmux.spawn("dispatch", "t2", SLEEP, tmp_path, {})
+    calls = len(tmux.calls)
+
+    assert tmux.health("dispatch").endswith(": session 'dispatch' with 2 windows")
+    assert tmux.health("other").endswith(" is up, without a session 'other'")
+    # libtmux runs tmux itself, not through the chokepoint that the hot paths use.
+    assert len(tmux.calls) == calls
+
+
+def test_health_asks_only_the_configured_socket(
+    env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    TmuxTerminal(env.socket).spawn("dispatch", "t1", SLEEP, tmp_path, {})
+    log = _logging_tmux(tmp_path, monkeypatch)
+
+    assert "with 1 window" in TmuxTerminal(env.socket).health("dispatch")
+
+    # Every tmux that libtmux ran named our server: never the user's default one.
+    asked = log.read_text().splitlines()
+    assert len(asked) >= 3  # version, the session listing, the session's windows
+    assert all(argv.startswith(f"-L{env.socket} ") for argv in asked), asked
+
+
+def test_health_without_a_socket_asks_the_default_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The "default" server of a private tmux directory: the user's own stays untouched.
+    private = tmp_path / "tmux-dir"
+    private.mkdir()
+    monkeypatch.setenv("TMUX_TMPDIR", str(private))
+    log = _logging_tmux(tmp_path, monkeypatch)
+
+    assert "the default server is not running" in TmuxTerminal(None).health("dispatch")
+
+    asked = log.read_text().splitlines()
+    assert asked and not any(argv.startswith(("-L", "-S")) for argv in asked), asked
+
+
+def test_health_of_a_server_that_does_not_answer_is_an_environment_problem(
+    env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = shutil.which("tmux")
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    refusing = f"""#!/bin/sh
+case "$*" in *list-sessions*) printf 'lost server\\naccess not allowed\\n' >&2; exit 1;; esac
+exec '{real}' "$@"
+"""
+    (shim / "tmux").write_text(refusing)
+    (shim / "tmux").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{shim}{os.pathsep}{os.environ['PATH']}")
+
+    with pytest.raises(EnvironmentProblem) as problem:
+        TmuxTerminal(env.socket).health("dispatch")
+
+    assert problem.value.exit_code == 7
+    assert (
+        problem.value.message == f"tmux server {env.socket!r} does not answer: access not allowed"
+    )
 
 
 def test_missing_tmux_is_an_environment_problem(
@@ -360,11 +440,12 @@ def test_missing_tmux_is_an_environment_problem(
     with monkeypatch.context() as patch:
         patch.setenv("PATH", str(empty))
         with pytest.raises(EnvironmentProblem, match="tmux") as problem:
-            tmux.version()
+            tmux.health("dispatch")
         with pytest.raises(EnvironmentProblem):
             tmux.list_panes()
         with pytest.raises(EnvironmentProblem):
             tmux.spawn("dispatch", "t1", SLEEP, tmp_path, {})
 
     assert problem.value.exit_code == 7
+    assert "\n" not in problem.value.message
     assert tmux.calls == []

@@ -25,8 +25,8 @@ class Pane:
 class Terminal(Protocol):
     """tmux on one server (socket)."""
 
-    def version(self) -> str:
-        """tmux's version; raises EnvironmentProblem when tmux is missing."""
+    def health(self, session: str) -> str:
+        """tmux's version and whether its server answers; EnvironmentProblem if not."""
         ...
 
     def spawn(

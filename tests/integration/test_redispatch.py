@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from dispatch.app import App
+from dispatch.errors import Conflict
+from dispatch.services import dispatching
 from dispatch.services.control import close_task
 from dispatch.services.dispatching import dispatch_task, redispatch
 from tests.conftest import BASE_CONFIG, Cli, Env, GitRunner, MakeApp, windows
@@ -258,3 +263,34 @@ def test_a_failed_redispatch_rolls_back_and_keeps_the_work(
     assert (worktree / "notes.txt").read_text() == "the user's notes\n"
     assert git(repo, "branch", "--list", first["branch"]).strip() != ""
     assert f"t{task_id}" not in windows(env)
+
+
+def test_an_expected_attempt_is_checked_by_the_claim_itself(
+    make_app: MakeApp, repo: Path, env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The monitor's stale-page guard: another redispatch lands after the claim has read
+    # the task and found attempt 1, before it writes. The claim must see that and refuse,
+    # not start a third attempt nobody asked for.
+    app = make_app()
+    task_id = _failed_once(app, repo, env)
+    real_plan = dispatching._plan
+    raced: list[int] = []
+
+    def plan_then_race(d: dispatching.Dispatch, *args: Any) -> Any:
+        planned = real_plan(d, *args)
+        if d.expected_attempt is not None and not raced:
+            raced.append(redispatch(make_app(), task_id).attempt.number)
+        return planned
+
+    monkeypatch.setattr(dispatching, "_plan", plan_then_race)
+
+    with pytest.raises(Conflict):
+        redispatch(app, task_id, expected_attempt=1)
+
+    assert raced == [2]
+    assert [a["number"] for a in attempts_of(env, task_id)] == [1, 2]
+    _redispatched(env, task_id)
+    stale = pytest.raises(Conflict, match="has moved on: it is at attempt 2")
+    with stale:
+        redispatch(app, task_id, expected_attempt=1)
+    assert redispatch(app, task_id, expected_attempt=2).attempt.number == 3

@@ -69,6 +69,9 @@ class Dispatch:
     redispatch_of: int | None = None
     # `run --next`: tasks this run already tried, so one broken task is not retried at once.
     exclude: frozenset[int] = frozenset()
+    # The attempt number the caller last saw (the monitor's page): the claim is refused
+    # when the task has moved on since, checked in the read its write is guarded by.
+    expected_attempt: int | None = None
     claimed: Claimed | None = None
     warnings: list[str] = field(default_factory=list)
     # What an undo deliberately left in place (work the agent already made).
@@ -226,6 +229,8 @@ def _claim_named(d: Dispatch, task_id: int, fixed: _ClaimValues) -> Claimed:
 
     def check(tx: Tx) -> TaskRow:
         task = st.get_task(tx, task_id)
+        if d.expected_attempt is not None:
+            check_attempt_number(tx, task, d.expected_attempt)
         if task.status == Status.IN_PROGRESS.value:
             raise _running_conflict(tx, task)
         return task
@@ -349,6 +354,19 @@ def _pick(tx: Tx, d: Dispatch, agents: Mapping[str, object]) -> TaskRow | None:
         if task is None or os.path.isdir(task.repo):
             return task  # the usual case: one statement
         absent.add(task.repo)  # one more statement per repository missing here
+
+
+def check_attempt_number(tx: Tx, task: TaskRow, expected: int) -> None:
+    """Conflict when the task's latest attempt is not number `expected` (0: none yet):
+    the caller acted on a state the task has since left."""
+    latest = st.latest_attempt(tx, task.id)
+    number = latest.number if latest else 0
+    if number != expected:
+        now = f"attempt {number} ({task.status})" if latest else f"no attempt ({task.status})"
+        raise Conflict(
+            f"task {task.id} has moved on: it is at {now}, the page showed attempt {expected}",
+            hint="look again before acting",
+        )
 
 
 def _running_conflict(tx: Tx, task: TaskRow) -> Conflict:
@@ -796,12 +814,20 @@ def dispatch_task(
     action: Action = Action.CLAIM,
     redispatch_of: int | None = None,
     exclude: frozenset[int] = frozenset(),
+    expected_attempt: int | None = None,
 ) -> DispatchResult | None:
     """Run the saga for one task (`task_id` None: the highest-priority ready task).
 
     None only when `task_id` is None and no task is ready (outside `exclude`).
     """
-    d = Dispatch(app, task_id, action=action, redispatch_of=redispatch_of, exclude=exclude)
+    d = Dispatch(
+        app,
+        task_id,
+        action=action,
+        redispatch_of=redispatch_of,
+        exclude=exclude,
+        expected_attempt=expected_attempt,
+    )
     saga: Saga[Dispatch] = Saga(STEPS)
     try:
         with signals_interrupt():
@@ -896,9 +922,14 @@ def run_next(app: App, limit: int, *, reap: bool = True) -> RunNext:
 
 
 def redispatch(
-    app: App, task_id: int | None = None, attempt_id: int | None = None
+    app: App,
+    task_id: int | None = None,
+    attempt_id: int | None = None,
+    *,
+    expected_attempt: int | None = None,
 ) -> DispatchResult:
-    """A fresh attempt after a failure, reusing the worktree and resuming the session."""
+    """A fresh attempt after a failure, reusing the worktree and resuming the session;
+    with `expected_attempt`, only if the task's latest attempt still is that one."""
     previous: int | None = None
     if attempt_id is not None:
         attempt = app.direct.read(lambda tx: st.get_attempt(tx, attempt_id))
@@ -906,7 +937,13 @@ def redispatch(
     if task_id is None:
         raise NotFound("give a task id or --attempt")
     _refuse_while_alive(app, task_id)
-    result = dispatch_task(app, task_id, action=Action.REDISPATCH, redispatch_of=previous)
+    result = dispatch_task(
+        app,
+        task_id,
+        action=Action.REDISPATCH,
+        redispatch_of=previous,
+        expected_attempt=expected_attempt,
+    )
     assert result is not None
     return result
 

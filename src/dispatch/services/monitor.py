@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from dispatch.app import App
-from dispatch.errors import Conflict, NotFound
+from dispatch.errors import NotFound
 from dispatch.services.control import log_path
+from dispatch.services.dispatching import check_attempt_number
 from dispatch.services.sweep import reconcile
 from dispatch.services.tasks import task_query
 from dispatch.store import pages
@@ -68,21 +69,9 @@ def last_event_id(app: App) -> int:
 
 
 def check_expected_attempt(app: App, task_id: int, expected: int) -> None:
-    """Conflict when the task's latest attempt is not number `expected` (0: none yet):
-    the page acted on a state the task has since left."""
-
-    def work(tx: Tx) -> None:
-        task = st.get_task(tx, task_id)
-        latest = st.latest_attempt(tx, task_id)
-        number = latest.number if latest else 0
-        if number != expected:
-            now = f"attempt {number} ({task.status})" if latest else f"no attempt ({task.status})"
-            raise Conflict(
-                f"task {task_id} has moved on: it is at {now}, the page showed attempt {expected}",
-                hint="look again before acting",
-            )
-
-    app.direct.read(work)
+    """Conflict when the task's latest attempt is not number `expected` (0: none yet).
+    A redispatch checks it in its own claim instead (`redispatch(expected_attempt=…)`)."""
+    app.direct.read(lambda tx: check_attempt_number(tx, st.get_task(tx, task_id), expected))
 
 
 def log_tail(app: App, task_id: int, number: int | None, tail: int | None) -> bytes:

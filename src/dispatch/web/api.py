@@ -102,10 +102,14 @@ async def diff(request: Request) -> Response:
     return Response(text.encode("utf-8", "replace"), media_type="text/plain; charset=utf-8")
 
 
+def _expected_attempt(request: Request) -> int | None:
+    return _int("expected_attempt", request.query_params.get("expected_attempt"))
+
+
 async def _expected(request: Request, task_id: int) -> None:
     from dispatch.services.monitor import check_expected_attempt
 
-    expected = _int("expected_attempt", request.query_params.get("expected_attempt"))
+    expected = _expected_attempt(request)
     if expected is not None:
         await call(check_expected_attempt, _app(request), task_id, expected)
 
@@ -114,8 +118,10 @@ async def redispatch(request: Request) -> Response:
     from dispatch.services.dispatching import redispatch as redispatch_service
 
     task_id = _task_id(request)
-    await _expected(request, task_id)
-    result = await call(redispatch_service, _app(request), task_id)
+    expected = _expected_attempt(request)
+    # Checked by the claim itself: a click on a stale page never starts a second attempt,
+    # even when another one starts between a check and the claim.
+    result = await call(redispatch_service, _app(request), task_id, expected_attempt=expected)
     body = {"task_id": result.task.id, "attempt_id": result.attempt.id}
     body.update(dispatch_result_json(result))
     return JSONResponse(body, status_code=202)

@@ -190,6 +190,26 @@ def test_tasks_come_with_their_latest_attempt(serve: Serve, cli: Cli, repo: Path
     assert "unknown status 'sleeping'" in bad.error["message"]
 
 
+def test_a_changed_task_lists_as_changed(serve: Serve, cli: Cli, repo: Path, env: Env) -> None:
+    # The server keeps each row's JSON between requests: a row read differently must be
+    # shaped again, and the whole answer must be what a server that kept nothing gives.
+    failed = _failed(cli, repo, env)
+    other = _add(cli, repo, "waiting", "true")
+    server = serve()
+    before = server.get("/api/tasks").json()
+    assert {t["id"]: t["status"] for t in before} == {failed: "failed", other: "ready"}
+
+    assert cli("reset", str(failed)).code == 0
+    assert cli("close", str(other)).code == 0
+    after = server.get("/api/tasks?all=1")
+
+    assert {t["id"]: (t["status"], t["closed"]) for t in after.json()} == {
+        failed: ("ready", False),
+        other: ("ready", True),
+    }
+    assert after.body == serve().get("/api/tasks?all=1").body
+
+
 def test_closed_tasks_only_with_all(serve: Serve, cli: Cli, repo: Path) -> None:
     kept = _add(cli, repo, "kept", "true")
     closed = _add(cli, repo, "archived", "true")

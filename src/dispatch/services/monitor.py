@@ -6,11 +6,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from dispatch.app import App
 from dispatch.errors import Conflict, NotFound
 from dispatch.services.control import log_path
-from dispatch.services.tasks import list_tasks
+from dispatch.services.sweep import reconcile
+from dispatch.services.tasks import task_query
+from dispatch.store import pages
 from dispatch.store import statements as st
 from dispatch.store.direct import Tx
 from dispatch.store.statements import AttemptSummary, EventRow, TaskSummary
@@ -22,11 +25,36 @@ class BoardRow:
     attempt: AttemptSummary | None
 
 
-def board(app: App, statuses: Sequence[str] = (), include_closed: bool = False) -> list[BoardRow]:
-    """`list`'s tasks, each with its latest attempt."""
-    tasks = list_tasks(app, statuses, include_closed=include_closed)
-    latest = app.direct.read(st.latest_attempts)
-    return [BoardRow(t, latest.get(t.id)) for t in tasks]
+# A board row as read, before any conversion: the task's columns, then its latest
+# attempt's (None before any). Equal rows make equal JSON, so the page's server keeps
+# what it made of each and converts only the rows that changed.
+StoredRow = tuple[tuple[Any, ...], tuple[Any, ...] | None]
+
+
+def stored_board(
+    app: App, statuses: Sequence[str] = (), include_closed: bool = False
+) -> list[StoredRow]:
+    """`list`'s tasks, each with its latest attempt, as stored: read in one transaction,
+    once this host's dead agents are reaped (as every read does)."""
+    query = task_query(statuses, include_closed)
+    reconcile(app)
+
+    def work(tx: Tx) -> list[StoredRow]:
+        latest = st.latest_attempt_rows(tx)
+        rows = []
+        for task in pages.stream_task_rows(tx, query):
+            attempt = latest.get(task[0])
+            rows.append((tuple(task), None if attempt is None else tuple(attempt)))
+        return rows
+
+    return app.direct.read(work)
+
+
+def board_row(row: StoredRow) -> BoardRow:
+    task, attempt = row
+    return BoardRow(
+        pages.task_summary(task), None if attempt is None else st.attempt_summary(attempt)
+    )
 
 
 def events_after(

@@ -73,12 +73,23 @@ def task_count_sql(q: TaskQuery) -> tuple[str, dict[str, Any]]:
 
 def stream_tasks(tx: Tx, q: TaskQuery, limit: int | None = None) -> Iterator[TaskSummary]:
     """In the order `run --next` takes them, as they are read; at most `limit`."""
+    return map(task_summary, stream_task_rows(tx, q, limit))
+
+
+def stream_task_rows(
+    tx: Tx, q: TaskQuery, limit: int | None = None
+) -> Iterator[Sequence[Any]]:
+    """`stream_tasks`' rows as stored, before any conversion: the monitor keeps what it
+    made of each, and looks a row up by exactly what was read."""
     sql, params = task_page_sql(q, limit)
-    for row in tx.stream(sql, params):
-        values = list(row)
-        for i in _SUMMARY_TIMES:
-            values[i] = iso_utc(values[i])
-        yield TaskSummary._make(values)
+    return tx.stream(sql, params)
+
+
+def task_summary(row: Sequence[Any]) -> TaskSummary:
+    values = list(row)
+    for i in _SUMMARY_TIMES:
+        values[i] = iso_utc(values[i])
+    return TaskSummary._make(values)
 
 
 def count_tasks(tx: Tx, q: TaskQuery) -> int:

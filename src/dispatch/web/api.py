@@ -6,7 +6,6 @@ period or a git diff takes seconds, and the event loop must keep answering.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -17,7 +16,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from dispatch import __version__
 from dispatch.app import App
 from dispatch.errors import DispatchError, UsageError
-from dispatch.shapes import attempt_json, dispatch_result_json, task_detail_json, task_json
+from dispatch.shapes import dispatch_result_json, task_detail_json, task_json
+from dispatch.web.board import BoardJson
 from dispatch.web.stream import Feed
 
 T = TypeVar("T")
@@ -63,20 +63,16 @@ async def health(request: Request) -> Response:
 
 
 async def tasks(request: Request) -> Response:
-    from dispatch.services.monitor import board
+    from dispatch.services.monitor import stored_board
 
     statuses = request.query_params.getlist("status")
     include_closed = request.query_params.get("all", "") not in ("", "0", "false")
     app = _app(request)
+    board: BoardJson = request.app.state.board
 
     def render() -> bytes:
-        # Thousands of rows: shaped and encoded in the worker thread too, not on the loop.
-        body = []
-        for row in board(app, statuses, include_closed):
-            data = task_json(row.task)
-            data["attempt"] = attempt_json(row.attempt) if row.attempt else None
-            body.append(data)
-        return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+        # Thousands of rows: read and encoded in the worker thread too, not on the loop.
+        return board.encode(stored_board(app, statuses, include_closed))
 
     return Response(await call(render), media_type="application/json")
 

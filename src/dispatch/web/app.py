@@ -22,6 +22,7 @@ from dispatch.app import App
 from dispatch.errors import DispatchError
 from dispatch.services import monitor
 from dispatch.web import api
+from dispatch.web.board import BoardJson
 from dispatch.web.security import Guard
 from dispatch.web.stream import Feed
 
@@ -120,4 +121,5 @@ def create(
     )
     web.state.dispatch = app
     web.state.feed = feed
+    web.state.board = BoardJson()
     return web

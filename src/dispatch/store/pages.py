@@ -76,9 +76,7 @@ def stream_tasks(tx: Tx, q: TaskQuery, limit: int | None = None) -> Iterator[Tas
     return map(task_summary, stream_task_rows(tx, q, limit))
 
 
-def stream_task_rows(
-    tx: Tx, q: TaskQuery, limit: int | None = None
-) -> Iterator[Sequence[Any]]:
+def stream_task_rows(tx: Tx, q: TaskQuery, limit: int | None = None) -> Iterator[Sequence[Any]]:
     """`stream_tasks`' rows as stored, before any conversion: the monitor keeps what it
     made of each, and looks a row up by exactly what was read."""
     sql, params = task_page_sql(q, limit)

@@ -1,8 +1,8 @@
 """SQLAlchemy 2.x models for tasks, attempts, events and agent sessions (SPEC §1).
 
 They are the schema: what the migrations are checked against and what the schema tests
-read and write as an independent witness. Dispatch itself runs SQL text (`statements`)
-and never imports them at run time."""
+read and write as an independent witness. Dispatch itself runs SQL text (`statements`):
+of its own code only the migrations import them."""
 
 from __future__ import annotations
 

@@ -1,26 +1,34 @@
-"""The benchmark's `scale` part: reads on a year of history (100,000 tasks, 1,000,000
-events), each beside a raw `sqlite3` read of the same rows in the same run.
+"""Reads on a year of history (100,000 tasks, 1,000,000 events), each beside a raw
+`sqlite3` read of the same rows in the same run.
 
-Called by bench.py, which passes itself in (`tools`): its Lab, Figure and measuring
-helpers. Seeding is plain INSERTs by executemany into a database one real
-`dispatch list` created and migrated.
+Seeding is plain INSERTs by executemany into a database one real `dispatch list`
+created and migrated: even the store's statements, one row at a time, would take a
+minute for a million events.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import statistics
-import subprocess
 import sys
-import tempfile
-import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
-from typing import Any
+
+from tests.benchmarks.harness import (
+    BenchError,
+    Figure,
+    Lab,
+    Mode,
+    World,
+    checked,
+    dispatch_argv,
+    measure,
+    migrate,
+    ms,
+)
 
 SCALE_TASKS = 100_000
 SCALE_EVENTS = 1_000_000
@@ -95,33 +103,11 @@ class Run:
     out: Path
 
 
-def _run(argv: list[str], env: dict[str, str], cwd: Path, out: Path, tools: ModuleType) -> Run:
+def _run(argv: list[str], world: World, out: Path) -> Run:
     """Wall time and own peak RSS; stdout to a file (a million events are 200 MB)."""
-    with out.open("wb") as stdout, tempfile.TemporaryFile() as err:
-        start = time.perf_counter()
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=err,
-                                env=env, cwd=cwd)  # fmt: skip
-        peak: list[int] = []
-        done = threading.Event()
-
-        def sample() -> None:
-            while not done.wait(0.005):
-                value = tools._vm_hwm_kb(proc.pid)
-                if value is not None:
-                    peak.append(value)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        _, status, _ = os.wait4(proc.pid, 0)
-        seconds = time.perf_counter() - start
-        done.set()
-        sampler.join()
-        err.seek(0)
-        stderr = err.read().decode(errors="replace")
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        raise tools.BenchError(f"{' '.join(argv[-3:])} exited {code}: {stderr.strip()[-300:]}")
-    return Run(seconds, max(peak) if peak else 0, stderr, out)
+    sample = measure(argv, world.env, world.root, own_rss=True, out=out)
+    checked(sample, " ".join(argv[-3:]))
+    return Run(sample.seconds, sample.own_rss_kb or 0, sample.stderr, out)
 
 
 def seed(db: Path) -> None:
@@ -156,7 +142,7 @@ def seed(db: Path) -> None:
         rest = SCALE_EVENTS - SHOWN_TASK_EVENTS
         per_task = rest / (SCALE_TASKS - 1)
 
-        def events() -> Any:
+        def events() -> Iterator[tuple[object, ...]]:
             n = 0
             for i in range(1, SCALE_EVENTS + 1):
                 if i <= rest:
@@ -177,18 +163,16 @@ def seed(db: Path) -> None:
     con.close()
 
 
-def _pairs(
-    ours: list[str], raw: list[str], world: Any, reps: int, tools: ModuleType
-) -> tuple[list[Run], list[Run]]:
+def _pairs(ours: list[str], raw: list[str], world: World, reps: int) -> tuple[list[Run], list[Run]]:
     """One discarded warm-up each, then alternating runs; the last outputs are kept."""
     a, b = world.root / "ours.out", world.root / "raw.out"
-    _run(ours, world.env, world.root, a, tools)
-    _run(raw, world.env, world.root, b, tools)
+    _run(ours, world, a)
+    _run(raw, world, b)
     mine: list[Run] = []
     theirs: list[Run] = []
     for _ in range(reps):
-        mine.append(_run(ours, world.env, world.root, a, tools))
-        theirs.append(_run(raw, world.env, world.root, b, tools))
+        mine.append(_run(ours, world, a))
+        theirs.append(_run(raw, world, b))
     return mine, theirs
 
 
@@ -200,80 +184,75 @@ def _mb(runs: list[Run]) -> float:
     return max(r.rss_kb for r in runs) / 1024
 
 
-def bench_scale(lab: Any, reps: int, tools: ModuleType) -> list[Any]:
-    Figure = tools.Figure
+def bench(lab: Lab, mode: Mode) -> list[Figure]:
+    reps = mode.reps["scale"]
     world = lab.world("scale")
-    tools.migrate(world)
+    migrate(world)
     started = time.perf_counter()
     seed(world.db_path)
     seeded = time.perf_counter() - started
     db = str(world.db_path)
-    dispatch = tools.dispatch_argv()
+    dispatch = dispatch_argv()
     python = [sys.executable, "-c"]
     figures = []
     size = f"{SCALE_TASKS:,} tasks, {SCALE_EVENTS:,} events"
 
     # list, the table at its default limit.
-    ours, theirs = _pairs([*dispatch, "list"], [*python, RAW_TABLE, db], world, reps, tools)
+    ours, theirs = _pairs([*dispatch, "list"], [*python, RAW_TABLE, db], world, reps)
     lines = ours[-1].out.read_text().splitlines()
     if len(lines) != 1 + TABLE_LIMIT or "more tasks match" not in ours[-1].stderr:
-        raise tools.BenchError(f"dispatch list printed {len(lines)} lines: {ours[-1].stderr}")
+        raise BenchError(f"dispatch list printed {len(lines)} lines: {ours[-1].stderr}")
     value, base = _ms(ours), _ms(theirs)
     figures.append(Figure(
-        f"list (table), {size}", tools.ms(value), "raw sqlite3: the same 100 rows and the count",
-        tools.ms(base), f"{value / base:.1f}x", "<= 300 ms", value <= 300,
+        f"list (table), {size}", ms(value), "raw sqlite3: the same 100 rows and the count",
+        ms(base), f"{value / base:.1f}x", "<= 300 ms", value <= 300,
         [f"seeded in {seeded:.0f} s; peak RSS {_mb(ours):.1f} MB (raw {_mb(theirs):.1f} MB)"],
     ))  # fmt: skip
 
     # list --json, every open task.
-    ours, theirs = _pairs(
-        [*dispatch, "list", "--json"], [*python, RAW_LIST, db], world, reps, tools
-    )
+    ours, theirs = _pairs([*dispatch, "list", "--json"], [*python, RAW_LIST, db], world, reps)
     got = json.loads(ours[-1].out.read_text())
     want = json.loads(theirs[-1].out.read_text())
     if [t["id"] for t in got] != [t["id"] for t in want]:
-        raise tools.BenchError(f"list --json printed {len(got)} tasks, raw {len(want)}")
+        raise BenchError(f"list --json printed {len(got)} tasks, raw {len(want)}")
     value, base = _ms(ours), _ms(theirs)
     figures.append(Figure(
-        f"list --json, {len(got):,} open tasks", tools.ms(value),
-        "raw sqlite3 query + json.dumps, fresh python", tools.ms(base), f"{value / base:.2f}x",
+        f"list --json, {len(got):,} open tasks", ms(value),
+        "raw sqlite3 query + json.dumps, fresh python", ms(base), f"{value / base:.2f}x",
         "<= 1.5x", value <= 1.5 * base,
         [f"peak RSS {_mb(ours):.1f} MB (raw, all rows in memory: {_mb(theirs):.1f} MB)"],
     ))  # fmt: skip
     del got, want
 
     # events --json, the whole log.
-    ours, theirs = _pairs(
-        [*dispatch, "events", "--json"], [*python, RAW_EVENTS, db], world, reps, tools
-    )
+    ours, theirs = _pairs([*dispatch, "events", "--json"], [*python, RAW_EVENTS, db], world, reps)
     count = _count_events(ours[-1].out)
     if count != SCALE_EVENTS:
-        raise tools.BenchError(f"events --json printed {count} events, not {SCALE_EVENTS}")
+        raise BenchError(f"events --json printed {count} events, not {SCALE_EVENTS}")
     value, base = _ms(ours), _ms(theirs)
     rate, peak = SCALE_EVENTS / (value / 1000), _mb(ours)
     figures.append(Figure(
         f"events --json, {SCALE_EVENTS:,} events", f"{rate:,.0f}/s, {peak:.0f} MB",
         "raw sqlite3 cursor + json.dumps per row", f"{SCALE_EVENTS / (base / 1000):,.0f}/s",
         f"{value / base:.2f}x", ">= 200,000/s, <= 80 MB", rate >= 200_000 and peak <= 80,
-        [f"{tools.ms(value)} (raw {tools.ms(base)}, raw peak RSS {_mb(theirs):.1f} MB)"],
+        [f"{ms(value)} (raw {ms(base)}, raw peak RSS {_mb(theirs):.1f} MB)"],
     ))  # fmt: skip
 
     # show of the task with 20,000 events.
     ours, theirs = _pairs(
         [*dispatch, "show", str(SHOWN_TASK), "--json"], [*python, RAW_SHOW, db], world, reps,
-        tools,
     )  # fmt: skip
     shown = json.loads(ours[-1].out.read_text())
     if len(shown["events"]) != SHOW_LIMIT or "earlier events" not in ours[-1].stderr:
-        raise tools.BenchError(f"show printed {len(shown['events'])} events")
+        raise BenchError(f"show printed {len(shown['events'])} events")
     all_events = _run(
-        [*dispatch, "show", str(SHOWN_TASK), "--json", "--events", "0"], world.env, world.root,
-        world.root / "all.out", tools,
+        [*dispatch, "show", str(SHOWN_TASK), "--json", "--events", "0"], world,
+        world.root / "all.out",
     )  # fmt: skip
     value, base = _ms(ours), _ms(theirs)
     figures.append(Figure(
-        f"show --json, a task with {SHOWN_TASK_EVENTS:,} events", tools.ms(value),
-        "raw sqlite3: the task, attempts, newest 50 events", tools.ms(base),
+        f"show --json, a task with {SHOWN_TASK_EVENTS:,} events", ms(value),
+        "raw sqlite3: the task, attempts, newest 50 events", ms(base),
         f"{value / base:.1f}x", "<= 200 ms", value <= 200,
         [f"all {SHOWN_TASK_EVENTS:,} events (--events 0): {all_events.seconds * 1000:,.0f} ms,"
          f" peak RSS {all_events.rss_kb / 1024:.1f} MB"],

@@ -74,6 +74,10 @@ def test_doctor_passes_when_everything_is_there(run: Cli, env: Env, backend: str
     }
     assert all(ok for ok, _ in checks.values())
     assert checks["config"][1] == str(env.config)
+    # The test's own tmux server, asked on its socket; nothing has started it yet.
+    assert checks["tmux"][1].endswith(
+        f"server {env.socket!r} is not running (the first run starts it)"
+    )
     assert checks["migrations"][1] == f"at head ({HEAD_REVISION})"
     server = checks["database server"][1]
     if backend == "sqlite":

@@ -137,6 +137,7 @@ def test_doctor_and_a_redispatch_into_a_worktree_read_it_with_gitpython(
 ) -> None:
     code, names, _ = _run("doctor", cwd=repo)
     assert "git" in names  # doctor's git check is GitPython's view of git
+    assert "libtmux" in names  # and its tmux check libtmux's view of the server
     assert cli("add", "x", "--agent", "shell", "--prompt", "exit 1", cwd=repo).code == 0
     assert cli("run", "1").code == 0
     wait_for(lambda: "failed" in cli("show", "1").stdout, "the agent to fail")
@@ -166,6 +167,41 @@ def test_the_wrapper_starts_the_agent_without_sqlalchemy(
 
     count = wait_for(lambda: seen.exists() and seen.read_text().strip(), "the agent's probe")
     assert count == "0"
+
+
+# Started by every Python that has it on PYTHONPATH (site imports it): it logs, with the
+# process's arguments, each import of the modules named below, as the import happens:
+# the wrapper leaves through os._exit, so nothing at exit would run.
+IMPORT_PROBE = """\
+import os, sys
+
+class _Probe:
+    def find_spec(self, name, path=None, target=None):
+        if name in ("libtmux", "dispatch.services.wrapper"):
+            with open(os.environ["IMPORT_PROBE_LOG"], "a") as log:
+                log.write(name + " " + " ".join(sys.argv[1:]) + "\\n")
+        return None
+
+sys.meta_path.insert(0, _Probe())
+"""
+
+
+def test_the_wrapper_runs_an_agent_to_its_end_without_libtmux(
+    env: Env, cli: Callable[..., Result], repo: Path
+) -> None:
+    probe, log = env.root / "import-probe", env.root / "imports.log"
+    probe.mkdir()
+    (probe / "sitecustomize.py").write_text(IMPORT_PROBE)
+    # The dispatcher starts the tmux server, so the wrapper in its window inherits these.
+    traced = {"PYTHONPATH": str(probe), "IMPORT_PROBE_LOG": str(log)}
+    assert cli("add", "quick", "--agent", "shell", "--prompt", "true", cwd=repo).code == 0
+
+    assert cli("run", "1", extra_env=traced).code == 0
+
+    wait_for(lambda: cli("show", "1", "--json").json()["status"] == "done", "the task to end")
+    imports = log.read_text().splitlines()
+    assert "dispatch.services.wrapper agent-exec 1" in imports  # the probe saw the wrapper
+    assert not [line for line in imports if line.startswith("libtmux")], imports
 
 
 def test_run_dispatches_without_sqlalchemy(

@@ -27,14 +27,14 @@ def worktrees(tmp_path: Path) -> GitWorktrees:
     return GitWorktrees(tmp_path / "locks")
 
 
-def _registered(run_git: GitRunner, repo: Path) -> list[str]:
+def _registered(git: GitRunner, repo: Path) -> list[str]:
     """Worktree paths as git itself lists them."""
-    out = run_git(repo, "worktree", "list", "--porcelain", "-z")
+    out = git(repo, "worktree", "list", "--porcelain", "-z")
     return [field[len("worktree ") :] for field in out.split("\0") if field.startswith("worktree ")]
 
 
-def _branches(run_git: GitRunner, repo: Path) -> list[str]:
-    return run_git(repo, "branch", "--format=%(refname:short)").split()
+def _branches(git: GitRunner, repo: Path) -> list[str]:
+    return git(repo, "branch", "--format=%(refname:short)").split()
 
 
 def _write_hook(repo: Path, name: str, body: str) -> None:
@@ -44,43 +44,43 @@ def _write_hook(repo: Path, name: str, body: str) -> None:
 
 
 def test_add_new_branch_creates_worktree_from_base(
-    worktrees: GitWorktrees, git_repo: Path, tmp_path: Path, run_git: GitRunner
+    worktrees: GitWorktrees, repo: Path, tmp_path: Path, git: GitRunner
 ) -> None:
     path = tmp_path / "trees" / "repo" / "task-1"
 
-    assert worktrees.add(git_repo, path, "dispatch/1-fix", "main", new_branch=True) is True
+    assert worktrees.add(repo, path, "dispatch/1-fix", "main", new_branch=True) is True
 
     assert (path / "README.md").read_text() == "hello\n"
-    assert str(path) in _registered(run_git, git_repo)
-    assert "dispatch/1-fix" in _branches(run_git, git_repo)
+    assert str(path) in _registered(git, repo)
+    assert "dispatch/1-fix" in _branches(git, repo)
     assert worktrees.head_ref(path) == "dispatch/1-fix"
-    assert worktrees.is_worktree(git_repo, path)
-    assert worktrees.branch_exists(git_repo, "dispatch/1-fix")
+    assert worktrees.is_worktree(repo, path)
+    assert worktrees.branch_exists(repo, "dispatch/1-fix")
     # --no-track: no upstream configured for the new branch.
-    assert "branch.dispatch/1-fix" not in run_git(git_repo, "config", "--list")
+    assert "branch.dispatch/1-fix" not in git(repo, "config", "--list")
     assert list((tmp_path / "locks").glob("git-worktree-*.lock"))
 
 
 def test_add_checks_out_an_existing_branch(
-    worktrees: GitWorktrees, git_repo: Path, tmp_path: Path, run_git: GitRunner
+    worktrees: GitWorktrees, repo: Path, tmp_path: Path, git: GitRunner
 ) -> None:
-    run_git(git_repo, "checkout", "-q", "-b", "feature")
-    (git_repo / "feature.txt").write_text("feature work\n")
-    run_git(git_repo, "add", "feature.txt")
-    run_git(git_repo, "commit", "-q", "-m", "feature")
-    run_git(git_repo, "checkout", "-q", "main")
+    git(repo, "checkout", "-q", "-b", "feature")
+    (repo / "feature.txt").write_text("feature work\n")
+    git(repo, "add", "feature.txt")
+    git(repo, "commit", "-q", "-m", "feature")
+    git(repo, "checkout", "-q", "main")
     path = tmp_path / "trees" / "feature"
 
-    assert worktrees.add(git_repo, path, "feature", "main", new_branch=False) is True
+    assert worktrees.add(repo, path, "feature", "main", new_branch=False) is True
 
     assert worktrees.head_ref(path) == "feature"
     assert (path / "feature.txt").read_text() == "feature work\n"
-    assert _branches(run_git, git_repo) == ["feature", "main"]
+    assert _branches(git, repo) == ["feature", "main"]
 
 
 def test_add_relative_path_is_relative_to_the_callers_cwd(
     worktrees: GitWorktrees,
-    git_repo: Path,
+    repo: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -88,147 +88,147 @@ def test_add_relative_path_is_relative_to_the_callers_cwd(
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
 
-    assert worktrees.add(git_repo, Path("rel/task-2"), "b2", "main", new_branch=True)
+    assert worktrees.add(repo, Path("rel/task-2"), "b2", "main", new_branch=True)
 
     assert (elsewhere / "rel" / "task-2" / "README.md").exists()
-    assert not (git_repo / "rel").exists()
+    assert not (repo / "rel").exists()
 
 
 def test_add_of_an_existing_branch_as_new_fails_and_creates_nothing(
-    worktrees: GitWorktrees, git_repo: Path, tmp_path: Path, run_git: GitRunner
+    worktrees: GitWorktrees, repo: Path, tmp_path: Path, git: GitRunner
 ) -> None:
     path = tmp_path / "trees" / "dup"
 
     with pytest.raises(ToolFailed) as failure:
-        worktrees.add(git_repo, path, "main", "main", new_branch=True)
+        worktrees.add(repo, path, "main", "main", new_branch=True)
 
     assert failure.value.returncode != 0
     assert failure.value.argv[0].endswith("git")
     assert "already exists" in failure.value.stderr
     assert not path.exists()
-    assert _registered(run_git, git_repo) == [str(git_repo)]
+    assert _registered(git, repo) == [str(repo)]
 
 
 def test_failing_post_checkout_hook_raises_after_creating_both_and_undo_cleans_up(
-    worktrees: GitWorktrees, git_repo: Path, tmp_path: Path, run_git: GitRunner
+    worktrees: GitWorktrees, repo: Path, tmp_path: Path, git: GitRunner
 ) -> None:
-    _write_hook(git_repo, "post-checkout", "echo hook refuses >&2\nexit 1\n")
+    _write_hook(repo, "post-checkout", "echo hook refuses >&2\nexit 1\n")
     path = tmp_path / "trees" / "task-3"
 
     with pytest.raises(ToolFailed) as failure:
-        worktrees.add(git_repo, path, "dispatch/3-hook", "main", new_branch=True)
+        worktrees.add(repo, path, "dispatch/3-hook", "main", new_branch=True)
 
     assert failure.value.returncode == 1
     # git exited non-zero after doing the work: both exist, which the undo must handle.
-    assert worktrees.branch_exists(git_repo, "dispatch/3-hook")
-    assert worktrees.is_worktree(git_repo, path)
+    assert worktrees.branch_exists(repo, "dispatch/3-hook")
+    assert worktrees.is_worktree(repo, path)
 
-    worktrees.remove(git_repo, path)
-    worktrees.delete_branch(git_repo, "dispatch/3-hook")
+    worktrees.remove(repo, path)
+    worktrees.delete_branch(repo, "dispatch/3-hook")
 
     assert not path.exists()
-    assert _registered(run_git, git_repo) == [str(git_repo)]
-    assert _branches(run_git, git_repo) == ["main"]
+    assert _registered(git, repo) == [str(repo)]
+    assert _branches(git, repo) == ["main"]
 
 
 def test_add_reports_false_when_git_succeeds_without_checking_out_the_branch(
-    worktrees: GitWorktrees, git_repo: Path, tmp_path: Path
+    worktrees: GitWorktrees, repo: Path, tmp_path: Path
 ) -> None:
     # A hook that detaches HEAD and exits 0: git reports success, the work is not done.
-    _write_hook(git_repo, "post-checkout", "git -c core.hooksPath=/dev/null checkout -q --detach\n")
+    _write_hook(repo, "post-checkout", "git -c core.hooksPath=/dev/null checkout -q --detach\n")
     path = tmp_path / "trees" / "task-4"
 
-    assert worktrees.add(git_repo, path, "dispatch/4-fake", "main", new_branch=True) is False
-    assert worktrees.is_worktree(git_repo, path)
+    assert worktrees.add(repo, path, "dispatch/4-fake", "main", new_branch=True) is False
+    assert worktrees.is_worktree(repo, path)
 
 
 def test_remove_locked_worktree_with_changes(
-    worktrees: GitWorktrees, git_repo: Path, tmp_path: Path, run_git: GitRunner
+    worktrees: GitWorktrees, repo: Path, tmp_path: Path, git: GitRunner
 ) -> None:
     path = tmp_path / "trees" / "locked"
-    assert worktrees.add(git_repo, path, "locked-branch", "main", new_branch=True)
+    assert worktrees.add(repo, path, "locked-branch", "main", new_branch=True)
     (path / "scratch.txt").write_text("uncommitted\n")
-    run_git(git_repo, "worktree", "lock", "--reason", "busy", str(path))
+    git(repo, "worktree", "lock", "--reason", "busy", str(path))
 
-    worktrees.remove(git_repo, path)
+    worktrees.remove(repo, path)
 
     assert not path.exists()
-    assert _registered(run_git, git_repo) == [str(git_repo)]
-    assert not (git_repo / ".git" / "worktrees" / "locked").exists()
+    assert _registered(git, repo) == [str(repo)]
+    assert not (repo / ".git" / "worktrees" / "locked").exists()
     # The branch is separate from the worktree and survives its removal.
-    assert "locked-branch" in _branches(run_git, git_repo)
+    assert "locked-branch" in _branches(git, repo)
 
 
 def test_remove_half_made_worktree_falls_back_to_deleting_it(
-    worktrees: GitWorktrees, git_repo: Path, tmp_path: Path, run_git: GitRunner
+    worktrees: GitWorktrees, repo: Path, tmp_path: Path, git: GitRunner
 ) -> None:
     path = tmp_path / "trees" / "half"
-    assert worktrees.add(git_repo, path, "half-branch", "main", new_branch=True)
+    assert worktrees.add(repo, path, "half-branch", "main", new_branch=True)
     # What a `git worktree add` killed while initialising leaves: locked, no usable .git file.
-    (git_repo / ".git" / "worktrees" / "half" / "locked").write_text("initializing")
+    (repo / ".git" / "worktrees" / "half" / "locked").write_text("initializing")
     (path / ".git").unlink()
 
-    worktrees.remove(git_repo, path)
+    worktrees.remove(repo, path)
 
     assert not path.exists()
-    assert _registered(run_git, git_repo) == [str(git_repo)]
+    assert _registered(git, repo) == [str(repo)]
 
 
 def test_remove_when_directory_already_deleted(
-    worktrees: GitWorktrees, git_repo: Path, tmp_path: Path, run_git: GitRunner
+    worktrees: GitWorktrees, repo: Path, tmp_path: Path, git: GitRunner
 ) -> None:
     path = tmp_path / "trees" / "vanished"
-    assert worktrees.add(git_repo, path, "vanished-branch", "main", new_branch=True)
+    assert worktrees.add(repo, path, "vanished-branch", "main", new_branch=True)
     subprocess.run(["rm", "-rf", str(path)], check=True)
 
-    worktrees.remove(git_repo, path)
+    worktrees.remove(repo, path)
 
-    assert _registered(run_git, git_repo) == [str(git_repo)]
+    assert _registered(git, repo) == [str(repo)]
 
 
 def test_remove_is_idempotent_and_leaves_unregistered_directories_alone(
-    worktrees: GitWorktrees, git_repo: Path, tmp_path: Path, run_git: GitRunner
+    worktrees: GitWorktrees, repo: Path, tmp_path: Path, git: GitRunner
 ) -> None:
     path = tmp_path / "trees" / "twice"
-    assert worktrees.add(git_repo, path, "twice-branch", "main", new_branch=True)
+    assert worktrees.add(repo, path, "twice-branch", "main", new_branch=True)
     stranger = tmp_path / "trees" / "not-a-worktree"
     stranger.mkdir()
     (stranger / "keep.txt").write_text("user data\n")
 
-    worktrees.remove(git_repo, path)
-    worktrees.remove(git_repo, path)
-    worktrees.remove(git_repo, tmp_path / "never-existed")
-    worktrees.remove(git_repo, stranger)
+    worktrees.remove(repo, path)
+    worktrees.remove(repo, path)
+    worktrees.remove(repo, tmp_path / "never-existed")
+    worktrees.remove(repo, stranger)
 
     assert not path.exists()
     assert (stranger / "keep.txt").read_text() == "user data\n"
-    assert _registered(run_git, git_repo) == [str(git_repo)]
+    assert _registered(git, repo) == [str(repo)]
 
 
-def test_remove_refuses_the_main_worktree(worktrees: GitWorktrees, git_repo: Path) -> None:
+def test_remove_refuses_the_main_worktree(worktrees: GitWorktrees, repo: Path) -> None:
     with pytest.raises(ValueError, match="main worktree"):
-        worktrees.remove(git_repo, git_repo)
+        worktrees.remove(repo, repo)
 
-    assert (git_repo / "README.md").exists()
+    assert (repo / "README.md").exists()
 
 
 def test_delete_branch_is_idempotent_and_refuses_a_checked_out_branch(
-    worktrees: GitWorktrees, git_repo: Path, tmp_path: Path, run_git: GitRunner
+    worktrees: GitWorktrees, repo: Path, tmp_path: Path, git: GitRunner
 ) -> None:
     path = tmp_path / "trees" / "busy"
-    assert worktrees.add(git_repo, path, "busy", "main", new_branch=True)
-    run_git(git_repo, "branch", "spare")
+    assert worktrees.add(repo, path, "busy", "main", new_branch=True)
+    git(repo, "branch", "spare")
 
-    worktrees.delete_branch(git_repo, "spare")
-    worktrees.delete_branch(git_repo, "spare")
+    worktrees.delete_branch(repo, "spare")
+    worktrees.delete_branch(repo, "spare")
     with pytest.raises(ToolFailed):
-        worktrees.delete_branch(git_repo, "busy")
+        worktrees.delete_branch(repo, "busy")
 
-    assert _branches(run_git, git_repo) == ["busy", "main"]
+    assert _branches(git, repo) == ["busy", "main"]
 
 
 def test_parallel_adds_from_separate_processes_all_succeed(
-    git_repo: Path, tmp_path: Path, run_git: GitRunner
+    repo: Path, tmp_path: Path, git: GitRunner
 ) -> None:
     script = textwrap.dedent(
         """
@@ -249,7 +249,7 @@ def test_parallel_adds_from_separate_processes_all_succeed(
                 sys.executable,
                 "-c",
                 script,
-                str(git_repo),
+                str(repo),
                 str(tmp_path / "locks"),
                 str(tmp_path / "trees" / f"p{i}"),
                 f"parallel-{i}",
@@ -262,30 +262,28 @@ def test_parallel_adds_from_separate_processes_all_succeed(
     results = [(proc.wait(timeout=120), proc.communicate()[1]) for proc in procs]
 
     assert results == [(0, "")] * count
-    registered = _registered(run_git, git_repo)
+    registered = _registered(git, repo)
     assert sorted(registered[1:]) == sorted(str(tmp_path / "trees" / f"p{i}") for i in range(count))
-    assert len(_branches(run_git, git_repo)) == count + 1
+    assert len(_branches(git, repo)) == count + 1
 
 
 def test_parallel_adds_from_threads_all_succeed(
-    worktrees: GitWorktrees, git_repo: Path, tmp_path: Path, run_git: GitRunner
+    worktrees: GitWorktrees, repo: Path, tmp_path: Path, git: GitRunner
 ) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     def add(i: int) -> bool:
-        return worktrees.add(
-            git_repo, tmp_path / "t" / f"w{i}", f"thr-{i}", "main", new_branch=True
-        )
+        return worktrees.add(repo, tmp_path / "t" / f"w{i}", f"thr-{i}", "main", new_branch=True)
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         outcomes = list(pool.map(add, range(8)))
 
     assert outcomes == [True] * 8
-    assert len(_registered(run_git, git_repo)) == 9
+    assert len(_registered(git, repo)) == 9
 
 
 def test_not_a_repository_is_an_environment_problem(
-    worktrees: GitWorktrees, git_repo: Path, tmp_path: Path
+    worktrees: GitWorktrees, repo: Path, tmp_path: Path
 ) -> None:
     plain = tmp_path / "plain"
     plain.mkdir()
@@ -307,11 +305,11 @@ def test_not_a_repository_is_an_environment_problem(
     assert not (tmp_path / "trees").exists()
 
 
-def test_toplevel_from_a_subdirectory(worktrees: GitWorktrees, git_repo: Path) -> None:
-    sub = git_repo / "a" / "b"
+def test_toplevel_from_a_subdirectory(worktrees: GitWorktrees, repo: Path) -> None:
+    sub = repo / "a" / "b"
     sub.mkdir(parents=True)
 
-    assert worktrees.toplevel(sub) == git_repo
+    assert worktrees.toplevel(sub) == repo
 
 
 def test_missing_git_binary_is_an_environment_problem(
@@ -334,51 +332,49 @@ def test_version(worktrees: GitWorktrees) -> None:
 
 
 def test_has_changes_and_commits_ahead(
-    worktrees: GitWorktrees, git_repo: Path, tmp_path: Path, run_git: GitRunner
+    worktrees: GitWorktrees, repo: Path, tmp_path: Path, git: GitRunner
 ) -> None:
     path = tmp_path / "trees" / "work"
-    assert worktrees.add(git_repo, path, "work", "main", new_branch=True)
+    assert worktrees.add(repo, path, "work", "main", new_branch=True)
     assert worktrees.has_changes(path) is False
-    assert worktrees.commits_ahead(git_repo, "main", "work") == 0
+    assert worktrees.commits_ahead(repo, "main", "work") == 0
 
     (path / "new.txt").write_text("untracked\n")
     assert worktrees.has_changes(path) is True
-    run_git(path, "add", "new.txt")
-    run_git(path, "commit", "-q", "-m", "one")
+    git(path, "add", "new.txt")
+    git(path, "commit", "-q", "-m", "one")
     assert worktrees.has_changes(path) is False
     (path / "README.md").write_text("changed\n")
     assert worktrees.has_changes(path) is True
-    run_git(path, "commit", "-q", "-am", "two")
+    git(path, "commit", "-q", "-am", "two")
 
-    assert worktrees.commits_ahead(git_repo, "main", "work") == 2
-    assert worktrees.commits_ahead(git_repo, "work", "main") == 0
+    assert worktrees.commits_ahead(repo, "main", "work") == 2
+    assert worktrees.commits_ahead(repo, "work", "main") == 0
     with pytest.raises(ToolFailed):
-        worktrees.commits_ahead(git_repo, "main", "no-such-branch")
+        worktrees.commits_ahead(repo, "main", "no-such-branch")
 
 
-def test_head_ref_refs_and_branches(
-    worktrees: GitWorktrees, git_repo: Path, run_git: GitRunner
-) -> None:
-    assert worktrees.head_ref(git_repo) == "main"
-    sha = run_git(git_repo, "rev-parse", "HEAD").strip()
-    assert worktrees.ref_exists(git_repo, "main")
-    assert worktrees.ref_exists(git_repo, sha)
-    assert worktrees.ref_exists(git_repo, "HEAD~0")
-    assert not worktrees.ref_exists(git_repo, "no-such-ref")
-    assert not worktrees.ref_exists(git_repo, "--all")
-    assert worktrees.branch_exists(git_repo, "main")
-    assert not worktrees.branch_exists(git_repo, sha)
+def test_head_ref_refs_and_branches(worktrees: GitWorktrees, repo: Path, git: GitRunner) -> None:
+    assert worktrees.head_ref(repo) == "main"
+    sha = git(repo, "rev-parse", "HEAD").strip()
+    assert worktrees.ref_exists(repo, "main")
+    assert worktrees.ref_exists(repo, sha)
+    assert worktrees.ref_exists(repo, "HEAD~0")
+    assert not worktrees.ref_exists(repo, "no-such-ref")
+    assert not worktrees.ref_exists(repo, "--all")
+    assert worktrees.branch_exists(repo, "main")
+    assert not worktrees.branch_exists(repo, sha)
 
-    run_git(git_repo, "checkout", "-q", "--detach")
-    assert worktrees.head_ref(git_repo) == sha
+    git(repo, "checkout", "-q", "--detach")
+    assert worktrees.head_ref(repo) == sha
 
 
-def test_list_worktrees_main_first(worktrees: GitWorktrees, git_repo: Path, tmp_path: Path) -> None:
+def test_list_worktrees_main_first(worktrees: GitWorktrees, repo: Path, tmp_path: Path) -> None:
     path = tmp_path / "trees" / "listed"
-    assert worktrees.add(git_repo, path, "listed", "main", new_branch=True)
+    assert worktrees.add(repo, path, "listed", "main", new_branch=True)
 
-    assert worktrees.list_worktrees(git_repo) == [git_repo, path]
-    assert worktrees.list_worktrees(path) == [git_repo, path]
+    assert worktrees.list_worktrees(repo) == [repo, path]
+    assert worktrees.list_worktrees(path) == [repo, path]
 
 
 @pytest.mark.parametrize(
@@ -394,21 +390,21 @@ def test_list_worktrees_main_first(worktrees: GitWorktrees, git_repo: Path, tmp_
     ],
 )
 def test_hostile_worktree_paths_are_plain_data(
-    worktrees: GitWorktrees, git_repo: Path, tmp_path: Path, run_git: GitRunner, name: str
+    worktrees: GitWorktrees, repo: Path, tmp_path: Path, git: GitRunner, name: str
 ) -> None:
     path = tmp_path / "trees" / name / "task"
 
-    assert worktrees.add(git_repo, path, "hostile", "main", new_branch=True)
+    assert worktrees.add(repo, path, "hostile", "main", new_branch=True)
     assert (path / "README.md").exists()
-    assert worktrees.list_worktrees(git_repo) == [git_repo, path]
+    assert worktrees.list_worktrees(repo) == [repo, path]
     assert worktrees.has_changes(path) is False
 
-    worktrees.remove(git_repo, path)
-    worktrees.delete_branch(git_repo, "hostile")
+    worktrees.remove(repo, path)
+    worktrees.delete_branch(repo, "hostile")
 
     assert not path.exists()
-    assert _registered(run_git, git_repo) == [str(git_repo)]
-    for where in (tmp_path, git_repo, Path.cwd()):
+    assert _registered(git, repo) == [str(repo)]
+    for where in (tmp_path, repo, Path.cwd()):
         assert not (where / "pwned").exists()
     assert not any(os.path.basename(p) == "pwned" for p in os.listdir(tmp_path / "trees"))
 
@@ -447,23 +443,23 @@ def test_gitpython_is_loaded_quietly_and_the_environment_restored(tmp_path: Path
 
 
 def test_version_and_dirtiness_come_from_gitpython(
-    worktrees: GitWorktrees, git_repo: Path, run_git: GitRunner
+    worktrees: GitWorktrees, repo: Path, git: GitRunner
 ) -> None:
-    assert worktrees.version() == run_git(git_repo, "version").split()[-1]
-    assert not worktrees.has_changes(git_repo)
-    (git_repo / ".gitignore").write_text("ignored.txt\n")
-    run_git(git_repo, "add", ".gitignore")
-    run_git(git_repo, "commit", "-q", "-m", "ignore")
-    (git_repo / "ignored.txt").write_text("x")
-    assert not worktrees.has_changes(git_repo)  # ignored files are no work
-    (git_repo / "new.txt").write_text("x")
-    assert worktrees.has_changes(git_repo)  # untracked
-    (git_repo / "new.txt").unlink()
-    (git_repo / "README.md").write_text("changed\n")
-    assert worktrees.has_changes(git_repo)  # modified
-    run_git(git_repo, "add", "README.md")
-    (git_repo / "README.md").write_text("hello\n")
-    assert worktrees.has_changes(git_repo)  # staged, then changed back in the tree
+    assert worktrees.version() == git(repo, "version").split()[-1]
+    assert not worktrees.has_changes(repo)
+    (repo / ".gitignore").write_text("ignored.txt\n")
+    git(repo, "add", ".gitignore")
+    git(repo, "commit", "-q", "-m", "ignore")
+    (repo / "ignored.txt").write_text("x")
+    assert not worktrees.has_changes(repo)  # ignored files are no work
+    (repo / "new.txt").write_text("x")
+    assert worktrees.has_changes(repo)  # untracked
+    (repo / "new.txt").unlink()
+    (repo / "README.md").write_text("changed\n")
+    assert worktrees.has_changes(repo)  # modified
+    git(repo, "add", "README.md")
+    (repo / "README.md").write_text("hello\n")
+    assert worktrees.has_changes(repo)  # staged, then changed back in the tree
 
 
 HALF_ADDED_SHIM = """#!/bin/sh
@@ -482,7 +478,7 @@ exec "{real}" "$@"
 
 
 def test_a_listing_that_meets_a_half_made_worktree_is_tried_again(
-    git_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Someone else's `git worktree add` (not under our lock) is half way through."""
     real = shutil.which("git")
@@ -495,11 +491,11 @@ def test_a_listing_that_meets_a_half_made_worktree_is_tried_again(
     monkeypatch.setattr(git_adapter, "_LIST_RETRY_SECONDS", 0.01)
     worktrees = GitWorktrees(tmp_path / "locks")
 
-    assert worktrees.list_worktrees(git_repo) == [git_repo]
+    assert worktrees.list_worktrees(repo) == [repo]
     assert count.read_text().strip() == "4"  # three failures, then the answer
 
     count.unlink()
     other = (shim / "git").read_text().replace("-lt 3", "-lt 999")
     (shim / "git").write_text(other)
     with pytest.raises(ToolFailed, match="failed to read"):
-        worktrees.list_worktrees(git_repo)  # a listing that never recovers still fails
+        worktrees.list_worktrees(repo)  # a listing that never recovers still fails

@@ -32,3 +32,24 @@ def test_a_task_whose_repository_is_not_here_is_passed_over(
     (env.root / "on-another-host").rename(elsewhere)  # the host that has it comes by
     again = cli("run", "--next", "--json")
     assert [item["task"]["title"] for item in again.json()] == ["not here"]
+
+
+def test_a_task_named_on_a_host_without_its_repository_is_refused_up_front(
+    env: Env, cli: Callable[..., Result], repo: Path
+) -> None:
+    write_config(env, agent_profile("quick", ["true"]))
+    elsewhere = env.root / "elsewhere"
+    shutil.copytree(repo, elsewhere)
+    assert cli("add", "--agent", "quick", "--prompt", "p", "theirs", cwd=elsewhere).code == 0
+    elsewhere.rename(env.root / "on-another-host")
+
+    refused = cli("run", "1")
+
+    assert refused.code == 7, refused.stderr
+    assert refused.stderr.startswith(
+        f"dispatch: error: task 1: its repository {elsewhere} is not on this host"
+    )
+    assert len(refused.stderr.strip().splitlines()) == 1
+    shown = cli("show", "1", "--json").json()
+    assert (shown["status"], shown["attempts"], shown["last_error"]) == ("ready", [], None)
+    assert [e["kind"] for e in shown["events"]] == ["created"]

@@ -130,11 +130,75 @@ def test_a_shared_repository_gets_a_new_branch_from_the_held_branch_tip(
     assert git(repo, "rev-parse", "dispatch/1-job").strip() == old_tip
 
     # Back on the first host: its worktree there is on the old branch, and the task's
-    # branch is held on host-b; that is refused, and nothing there is changed.
-    again = _on(cli, a, "redispatch", "1")
-    assert again.code == 6
+    # branch is held on host-b. The worktree goes on a new branch from that tip.
+    again = _on(cli, a, "redispatch", "1", "--json")
+    assert again.code == 0, again.stderr
+    back = again.json()["attempt"]
+    assert back["host"] == "host-a" and back["branch"] == "dispatch/1-job-3"
+    assert Path(back["worktree"]) == old_worktree
     assert f"dispatch/1-job-2 is checked out at {attempt['worktree']}" in again.stderr
+    assert "was on dispatch/1-job; it is on dispatch/1-job-3 now" in again.stderr
+    shown = _settled(cli, a, 3)
+    assert shown["branch"] == "dispatch/1-job-3"
+    assert [e["detail"]["started_from"] for e in shown["events"] if e["kind"] == "branched"] == [
+        "dispatch/1-job",
+        "dispatch/1-job-2",
+    ]
+    # All three attempts' commits, in order, on the branch the task has now.
+    log = git(old_worktree, "log", "--format=%s", "main..HEAD").split()
+    assert log == ["work", "work", "work"]
+    assert git(repo, "rev-parse", "dispatch/1-job").strip() == old_tip  # left as it was
+    assert _files(Path(attempt["worktree"])) == {"README.md": "hello\n", "work.txt": "work\nwork\n"}
+
+
+def test_a_host_back_with_uncommitted_changes_is_refused_and_keeps_them(
+    cli: Callable[..., Result], repo: Path, git: Callable[..., str], hosts: tuple[Host, Host]
+) -> None:
+    a, b = hosts
+    old_worktree = Path(_failed_on(cli, a, repo)["attempts"][0]["worktree"])
+    assert _on(cli, b, "redispatch", "1").code == 0
+    _settled(cli, b, 2)
+    (old_worktree / "notes.txt").write_text("mine\n")
+    before = _files(old_worktree)
+
+    again = _on(cli, a, "redispatch", "1")
+
+    assert again.code == 6, again.stderr
+    assert f"worktree {old_worktree} has uncommitted changes on dispatch/1-job" in again.stderr
     assert _files(old_worktree) == before
+    assert git(old_worktree, "branch", "--show-current").strip() == "dispatch/1-job"
+    assert not git(repo, "branch", "--list", "dispatch/1-job-3").strip()
+    assert _show(cli, a)["branch"] == "dispatch/1-job-2"
+
+
+def test_a_failed_switch_back_puts_the_worktree_on_its_old_branch(
+    cli: Callable[..., Result],
+    repo: Path,
+    git: Callable[..., str],
+    hosts: tuple[Host, Host],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    a, b = hosts
+    old_worktree = Path(_failed_on(cli, a, repo)["attempts"][0]["worktree"])
+    assert _on(cli, b, "redispatch", "1").code == 0
+    _settled(cli, b, 2)
+    before = _files(old_worktree)
+    for key, value in a.environ.items():
+        monkeypatch.setenv(key, value)
+    base = App(load_settings())
+    terminal = Faulty(base.terminal, spawn=raises(tool_failed("tmux")))
+    app = App(load_settings(), terminal_=terminal)
+    try:
+        with pytest.raises(DispatchRolledBack, match="failed at spawn"):
+            redispatch(app, 1)
+    finally:
+        app.close()
+        base.close()
+
+    assert git(old_worktree, "branch", "--show-current").strip() == "dispatch/1-job"
+    assert _files(old_worktree) == before
+    assert not git(repo, "branch", "--list", "dispatch/1-job-3").strip()
+    assert _show(cli, a)["branch"] == "dispatch/1-job-2"
 
 
 def test_a_failed_move_removes_only_what_it_made(

@@ -19,6 +19,7 @@ import pytest
 from dispatch.adapters.protocols import Pane
 from dispatch.adapters.tmux import TmuxTerminal
 from dispatch.errors import EnvironmentProblem
+from tests.conftest import Env
 
 # tmux alone: no database to run twice.
 pytestmark = pytest.mark.no_database
@@ -44,8 +45,8 @@ SLEEP = ["sleep", "60"]
 
 
 @pytest.fixture
-def tmux(tmux_socket: str) -> TmuxTerminal:
-    return TmuxTerminal(tmux_socket)
+def tmux(env: Env) -> TmuxTerminal:
+    return TmuxTerminal(env.socket)
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
@@ -137,7 +138,7 @@ def test_spawn_sets_cwd_and_environment(tmux: TmuxTerminal, tmp_path: Path) -> N
 
 
 def test_spawn_environment_stays_with_its_window(
-    tmux: TmuxTerminal, tmux_socket: str, tmp_path: Path
+    tmux: TmuxTerminal, env: Env, tmp_path: Path
 ) -> None:
     out = tmp_path / "env.json"
     tmux.spawn("dispatch", "t1", SLEEP, tmp_path, {"DISPATCH_TASK_ID": "1", "WEIRD": "w;"})
@@ -147,7 +148,7 @@ def test_spawn_environment_stays_with_its_window(
     # The session was created with t1's variables; neither the session nor t2 keeps them.
     assert wait_for(out.exists)
     assert json.loads(out.read_text())["task"] is None
-    session_env = raw_tmux(tmux_socket, "show-environment", "-t", "=dispatch").stdout
+    session_env = raw_tmux(env.socket, "show-environment", "-t", "=dispatch").stdout
     assert "DISPATCH_TASK_ID" not in session_env
     assert "WEIRD" not in session_env
 
@@ -185,9 +186,7 @@ def test_spawn_creates_the_session_once_without_placeholder_windows(
     assert len(tmux.calls) == calls_for_first + 2  # second spawn + the listing
 
 
-def test_spawn_matches_the_session_name_exactly(
-    tmux: TmuxTerminal, tmux_socket: str, tmp_path: Path
-) -> None:
+def test_spawn_matches_the_session_name_exactly(tmux: TmuxTerminal, tmp_path: Path) -> None:
     other = tmux.spawn("dispatch-old", "old", SLEEP, tmp_path, {})
 
     mine = tmux.spawn("dispatch", "new", SLEEP, tmp_path, {})
@@ -202,15 +201,15 @@ def test_window_names_are_literal(tmux: TmuxTerminal, tmp_path: Path) -> None:
     assert panes_by_window(tmux)[window].window_name == "t#{session_name}"
 
 
-def test_concurrent_spawns_into_a_new_session_all_succeed(tmux_socket: str, tmp_path: Path) -> None:
+def test_concurrent_spawns_into_a_new_session_all_succeed(env: Env, tmp_path: Path) -> None:
     def spawn(i: int) -> str:
         # Separate adapters, as separate dispatcher processes would have.
-        return TmuxTerminal(tmux_socket).spawn("dispatch", f"t{i}", SLEEP, tmp_path, {})
+        return TmuxTerminal(env.socket).spawn("dispatch", f"t{i}", SLEEP, tmp_path, {})
 
     with ThreadPoolExecutor(max_workers=6) as pool:
         windows = list(pool.map(spawn, range(6)))
 
-    panes = TmuxTerminal(tmux_socket).list_panes()
+    panes = TmuxTerminal(env.socket).list_panes()
     assert len(set(windows)) == 6
     assert sorted(p.window_id for p in panes) == sorted(windows)
     assert {p.session for p in panes} == {"dispatch"}
@@ -238,13 +237,13 @@ def test_without_a_server_listing_is_empty_and_kill_is_a_no_op(tmux: TmuxTermina
 
 
 def test_list_panes_reports_live_and_dead_panes(
-    tmux: TmuxTerminal, tmux_socket: str, tmp_path: Path
+    tmux: TmuxTerminal, env: Env, tmp_path: Path
 ) -> None:
     live = tmux.spawn("dispatch", "live", SLEEP, tmp_path, {})
-    assert raw_tmux(tmux_socket, "set-option", "-gw", "remain-on-exit", "on").returncode == 0
+    assert raw_tmux(env.socket, "set-option", "-gw", "remain-on-exit", "on").returncode == 0
     dead = tmux.spawn("dispatch", "dead", ["sh", "-c", "exit 3"], tmp_path, {})
 
-    server_pid = int(raw_tmux(tmux_socket, "display-message", "-p", "#{pid}").stdout)
+    server_pid = int(raw_tmux(env.socket, "display-message", "-p", "#{pid}").stdout)
 
     def status_known() -> bool:
         pane = panes_by_window(tmux)[dead]
@@ -273,7 +272,7 @@ def test_list_panes_reports_live_and_dead_panes(
 
 
 def test_calls_record_each_argv_on_the_pinned_socket(
-    tmux: TmuxTerminal, tmux_socket: str, tmp_path: Path
+    tmux: TmuxTerminal, env: Env, tmp_path: Path
 ) -> None:
     window = tmux.spawn("dispatch", "t1", SLEEP, tmp_path, {})
     tmux.calls.clear()
@@ -282,7 +281,7 @@ def test_calls_record_each_argv_on_the_pinned_socket(
     tmux.list_panes()
 
     assert len(tmux.calls) == 2
-    assert all(call[1:3] == ["-L", tmux_socket] for call in tmux.calls)
+    assert all(call[1:3] == ["-L", env.socket] for call in tmux.calls)
     assert os.path.basename(tmux.calls[0][0]) == "tmux"
 
 
@@ -316,21 +315,21 @@ def test_send_interrupt_stops_a_sleep(tmux: TmuxTerminal, tmp_path: Path) -> Non
     tmux.send_interrupt(window)  # gone: not an error
 
 
-def test_attach_argv(tmux_socket: str) -> None:
+def test_attach_argv(env: Env) -> None:
     tmux_path = shutil.which("tmux")
 
-    assert TmuxTerminal(tmux_socket).attach_argv("@3", inside_tmux=False) == [
+    assert TmuxTerminal(env.socket).attach_argv("@3", inside_tmux=False) == [
         tmux_path,
         "-L",
-        tmux_socket,
+        env.socket,
         "attach-session",
         "-t",
         "@3",
     ]
-    assert TmuxTerminal(tmux_socket).attach_argv("@3", inside_tmux=True) == [
+    assert TmuxTerminal(env.socket).attach_argv("@3", inside_tmux=True) == [
         tmux_path,
         "-L",
-        tmux_socket,
+        env.socket,
         "switch-client",
         "-t",
         "@3",
@@ -345,27 +344,108 @@ def test_attach_argv(tmux_socket: str) -> None:
     assert TmuxTerminal(None).attach_argv("@3", inside_tmux=True)[1] == "switch-client"
 
 
-def test_version(tmux: TmuxTerminal) -> None:
-    assert re.fullmatch(r"\d+\.\d+[a-z]?", tmux.version())
-    assert len(tmux.calls) == 1
+# Logs each argv it is run with (one line, space-separated), then runs the real tmux.
+LOGGING_SHIM = """#!/bin/sh
+echo "$*" >> '{log}'
+exec '{real}' "$@"
+"""
+
+
+def _logging_tmux(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A `tmux` first on PATH that records every argv; the path of its log."""
+    real = shutil.which("tmux")
+    assert real
+    shim, log = tmp_path / "shim", tmp_path / "tmux-argv.log"
+    shim.mkdir()
+    (shim / "tmux").write_text(LOGGING_SHIM.format(log=log, real=real))
+    (shim / "tmux").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{shim}{os.pathsep}{os.environ['PATH']}")
+    return log
+
+
+def test_health_reports_the_version_and_the_session_of_our_server(
+    tmux: TmuxTerminal, tmp_path: Path
+) -> None:
+    assert re.fullmatch(r"\d+\.\d+[a-z]?; server '.+' is not running \(.+\)", tmux.health("x"))
+    tmux.spawn("dispatch", "t1", SLEEP, tmp_path, {})
+    tmux.spawn("dispatch", "t2", SLEEP, tmp_path, {})
+    calls = len(tmux.calls)
+
+    assert tmux.health("dispatch").endswith(": session 'dispatch' with 2 windows")
+    assert tmux.health("other").endswith(" is up, without a session 'other'")
+    # libtmux runs tmux itself, not through the chokepoint that the hot paths use.
+    assert len(tmux.calls) == calls
+
+
+def test_health_asks_only_the_configured_socket(
+    env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    TmuxTerminal(env.socket).spawn("dispatch", "t1", SLEEP, tmp_path, {})
+    log = _logging_tmux(tmp_path, monkeypatch)
+
+    assert "with 1 window" in TmuxTerminal(env.socket).health("dispatch")
+
+    # Every tmux that libtmux ran named our server: never the user's default one.
+    asked = log.read_text().splitlines()
+    assert len(asked) >= 3  # version, the session listing, the session's windows
+    assert all(argv.startswith(f"-L{env.socket} ") for argv in asked), asked
+
+
+def test_health_without_a_socket_asks_the_default_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The "default" server of a private tmux directory: the user's own stays untouched.
+    private = tmp_path / "tmux-dir"
+    private.mkdir()
+    monkeypatch.setenv("TMUX_TMPDIR", str(private))
+    log = _logging_tmux(tmp_path, monkeypatch)
+
+    assert "the default server is not running" in TmuxTerminal(None).health("dispatch")
+
+    asked = log.read_text().splitlines()
+    assert asked and not any(argv.startswith(("-L", "-S")) for argv in asked), asked
+
+
+def test_health_of_a_server_that_does_not_answer_is_an_environment_problem(
+    env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = shutil.which("tmux")
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    refusing = f"""#!/bin/sh
+case "$*" in *list-sessions*) printf 'lost server\\naccess not allowed\\n' >&2; exit 1;; esac
+exec '{real}' "$@"
+"""
+    (shim / "tmux").write_text(refusing)
+    (shim / "tmux").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{shim}{os.pathsep}{os.environ['PATH']}")
+
+    with pytest.raises(EnvironmentProblem) as problem:
+        TmuxTerminal(env.socket).health("dispatch")
+
+    assert problem.value.exit_code == 7
+    assert (
+        problem.value.message == f"tmux server {env.socket!r} does not answer: access not allowed"
+    )
 
 
 def test_missing_tmux_is_an_environment_problem(
-    tmux_socket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     empty = tmp_path / "empty-bin"
     empty.mkdir()
-    tmux = TmuxTerminal(tmux_socket)
+    tmux = TmuxTerminal(env.socket)
 
     # A context, so that PATH is back before any fixture's teardown needs a program.
     with monkeypatch.context() as patch:
         patch.setenv("PATH", str(empty))
         with pytest.raises(EnvironmentProblem, match="tmux") as problem:
-            tmux.version()
+            tmux.health("dispatch")
         with pytest.raises(EnvironmentProblem):
             tmux.list_panes()
         with pytest.raises(EnvironmentProblem):
             tmux.spawn("dispatch", "t1", SLEEP, tmp_path, {})
 
     assert problem.value.exit_code == 7
+    assert "\n" not in problem.value.message
     assert tmux.calls == []

@@ -283,6 +283,14 @@ class GitWorktrees:
             found = self._entry(repo, path)
         return found is not None and found[1].branch == f"refs/heads/{branch}"
 
+    def switch(self, repo: Path, worktree: Path, branch: str, start: str | None = None) -> bool:
+        """Put an existing worktree on `branch` (made from `start` when given); True only
+        if it verifiably is on it. Uncommitted changes are the caller's to check first."""
+        args = ["switch", "--no-track", "-c", branch, start] if start else ["switch", branch]
+        with self._locked(repo):
+            self._run(worktree, *args)
+        return self.head_ref(worktree) == branch
+
     def remove(self, repo: Path, path: Path) -> None:
         """Remove a worktree, discarding its changes, even if locked or half made; idempotent.
 

@@ -25,8 +25,8 @@ class Pane:
 class Terminal(Protocol):
     """tmux on one server (socket)."""
 
-    def version(self) -> str:
-        """tmux's version; raises EnvironmentProblem when tmux is missing."""
+    def health(self, session: str) -> str:
+        """tmux's version and whether its server answers; EnvironmentProblem if not."""
         ...
 
     def spawn(
@@ -91,6 +91,10 @@ class Worktrees(Protocol):
 
     def add(self, repo: Path, path: Path, branch: str, base: str, *, new_branch: bool) -> bool:
         """`git worktree add` (per-repository lock, --no-track); True when it did the work."""
+        ...
+
+    def switch(self, repo: Path, worktree: Path, branch: str, start: str | None = None) -> bool:
+        """Put an existing worktree on `branch` (made from `start`); True when it is."""
         ...
 
     def remove(self, repo: Path, path: Path) -> None:

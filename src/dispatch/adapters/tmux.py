@@ -1,9 +1,10 @@
 """tmux through one chokepoint that runs the `tmux` binary with an argv list (no shell).
 
-libtmux is deliberately not used here: importing it costs 100-160 ms, and its
-object listing asks tmux for about 125 fields per window (320 ms for 1,000
-windows), while the sweep needs a handful of fields in one raw `list-panes -a`
-call. Talking to the binary directly keeps both costs at a few milliseconds.
+libtmux stays off the hot paths: importing it costs 100-160 ms, and its object
+listing asks tmux for about 125 fields per window (320 ms for 1,000 windows), while
+the sweep needs a handful of fields in one raw `list-panes -a` call. Talking to the
+binary directly keeps both costs at a few milliseconds. Where a person waits anyway
+(doctor), `health` reads the server through libtmux's objects, imported there only.
 """
 
 from __future__ import annotations
@@ -62,6 +63,18 @@ def _gone(stderr: str) -> bool:
     )
 
 
+def _not_found() -> EnvironmentProblem:
+    return EnvironmentProblem(
+        "tmux cannot be run: it was not found on PATH", hint="install tmux or put it on PATH"
+    )
+
+
+def _last_line(text: str) -> str:
+    """What a one-line message keeps of tmux's stderr: its last line says what failed."""
+    lines = text.strip().splitlines()
+    return lines[-1] if lines else "no reason given"
+
+
 def _literal(text: str) -> str:
     """Protect text that tmux expands as a format (-n, -c, -s, pipe-pane's command)."""
     return text.replace("#", "##")
@@ -87,10 +100,7 @@ class TmuxTerminal:
         if self._binary is None:
             found = shutil.which("tmux")
             if found is None:
-                raise EnvironmentProblem(
-                    "tmux cannot be run: it was not found on PATH",
-                    hint="install tmux or put it on PATH",
-                )
+                raise _not_found()
             self._binary = found
         return [self._binary, "-L", self.socket] if self.socket else [self._binary]
 
@@ -111,9 +121,42 @@ class TmuxTerminal:
             raise ToolFailed(argv, result.returncode, result.stderr)
         return result
 
-    def version(self) -> str:
-        """tmux's version, e.g. "3.3a"; EnvironmentProblem when tmux is missing."""
-        return self._run(["-V"]).stdout.strip().removeprefix("tmux ")
+    def health(self, session: str) -> str:
+        """For doctor: tmux's version and what our server holds of session, through libtmux.
+
+        EnvironmentProblem when tmux is missing or a server is there but does not answer;
+        no server at all is healthy, the first spawn starts it.
+        """
+        self._prefix()  # a missing tmux is our one-line problem before libtmux looks for it
+        from libtmux import Server
+        from libtmux.exc import LibTmuxException, TmuxCommandNotFound
+
+        # socket_name is what `-L` takes (libtmux passes it as `-L<name>`); None is the
+        # default server, as our own calls have no -L then. libtmux waits for tmux
+        # without a timeout: a person runs doctor and sees a hang, the cron sweep never
+        # comes here.
+        server = Server(socket_name=self.socket)
+        where = f"server {self.socket!r}" if self.socket else "the default server"
+        try:
+            version = " ".join(server.cmd("-V").stdout).removeprefix("tmux ")
+            answer = server.cmd("list-sessions")
+            if answer.returncode != 0:
+                stderr = "\n".join(answer.stderr)
+                if _no_server(stderr):
+                    return f"{version}; {where} is not running (the first run starts it)"
+                raise EnvironmentProblem(f"tmux {where} does not answer: {_last_line(stderr)}")
+            ours = server.sessions.filter(session_name=session)
+            windows = len(ours[0].windows) if ours else 0
+        except TmuxCommandNotFound:
+            raise _not_found() from None
+        except LibTmuxException as exc:
+            raise EnvironmentProblem(
+                f"tmux {where} does not answer: {_last_line(str(exc))}"
+            ) from exc
+        if not ours:
+            return f"{version}; {where} is up, without a session {session!r}"
+        plural = "" if windows == 1 else "s"
+        return f"{version}; {where}: session {session!r} with {windows} window{plural}"
 
     def spawn(
         self, session: str, name: str, argv: list[str], cwd: Path, env: Mapping[str, str]

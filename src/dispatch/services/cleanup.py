@@ -26,12 +26,29 @@ def remove_created(app: App, intent: Intent, *, agent_started: bool) -> list[str
             kept.append(f"kept worktree {path}: it has changes")
         else:
             git.remove(repo, path)
+    elif intent.switched_from and branch:
+        kept.extend(_switch_back(app, intent, branch, agent_started=agent_started))
     if branch and not intent.branch_existed and not kept:
         if agent_started and intent.base and git.commits_ahead(repo, intent.base, branch) > 0:
             kept.append(f"kept branch {branch}: it has commits")
         else:
             git.delete_branch(repo, branch)
     return kept
+
+
+def _switch_back(app: App, intent: Intent, branch: str, *, agent_started: bool) -> list[str]:
+    """An existing worktree this attempt moved to a new branch goes back to the branch it
+    was on, unless the agent left changes there (then both stay as they are)."""
+    assert intent.repo and intent.worktree and intent.switched_from
+    git, repo, path = app.worktrees, Path(intent.repo), Path(intent.worktree)
+    if not path.exists() or git.head_ref(path) != branch:
+        return []  # never switched, or switched back already
+    if agent_started and git.has_changes(path):
+        return [f"kept worktree {path} on {branch}: it has changes"]
+    if agent_started and intent.base and git.commits_ahead(repo, intent.base, branch) > 0:
+        return [f"kept worktree {path} on {branch}: it has commits"]
+    git.switch(repo, path, intent.switched_from)
+    return []
 
 
 def kill_attempt_windows(terminal: Terminal, session: str, attempt_id: int) -> list[str]:

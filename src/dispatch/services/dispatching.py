@@ -11,7 +11,7 @@ import functools
 import os
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
@@ -27,6 +27,7 @@ from dispatch.errors import (
     DispatchFailed,
     DispatchInterrupted,
     DispatchRolledBack,
+    EnvironmentProblem,
     NotFound,
     UsageError,
 )
@@ -59,24 +60,41 @@ WINDOW_CHECK_SECONDS = 0.25
 
 @dataclass
 class Dispatch:
-    """What one dispatch knows as it goes; the saga's context."""
+    """What one dispatch is asked to do, and, once the claim has committed, what it
+    claimed; the saga's context."""
 
     app: App
     task_id: int | None
     action: Action = Action.CLAIM
     redispatch_of: int | None = None
-    attempt_id: int | None = None
-    prior: Status | None = None
-    task: TaskRow | None = None
-    worktree: Path | None = None
-    branch: str | None = None
-    window_id: str | None = None
-    intent: Intent = field(default_factory=Intent)
-    warnings: list[str] = field(default_factory=list)
     # `run --next`: tasks this run already tried, so one broken task is not retried at once.
     exclude: frozenset[int] = frozenset()
+    claimed: Claimed | None = None
+    warnings: list[str] = field(default_factory=list)
     # What an undo deliberately left in place (work the agent already made).
     kept: list[str] = field(default_factory=list)
+
+    @property
+    def attempt_id(self) -> int | None:
+        return None if self.claimed is None else self.claimed.attempt_id
+
+
+@dataclass
+class Claimed:
+    """What every step after the claim works on: the task and attempt the claim made,
+    and what the steps learn as they go."""
+
+    app: App
+    action: Action
+    task: TaskRow
+    attempt_id: int
+    prior: Status
+    worktree: Path
+    branch: str  # the task's branch; a move to another host may give it a new one
+    warnings: list[str]
+    kept: list[str]
+    window_id: str | None = None
+    intent: Intent = field(default_factory=Intent)
 
 
 @dataclass
@@ -89,15 +107,6 @@ class DispatchResult:
 
 
 # -- steps --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Claimed:
-    attempt_id: int
-    prior: Status
-    task: TaskRow
-    worktree: Path
-    branch: str
 
 
 def claim(d: Dispatch) -> bool:
@@ -118,9 +127,29 @@ def claim(d: Dispatch) -> bool:
         claimed = _claim_named(d, d.task_id, fixed)
     if claimed is None:
         return False
-    d.task_id, d.attempt_id, d.prior = claimed.task.id, claimed.attempt_id, claimed.prior
-    d.task, d.worktree, d.branch = claimed.task, claimed.worktree, claimed.branch
+    d.task_id, d.claimed = claimed.task.id, claimed
     return True
+
+
+def _after_claim(step: Callable[[Claimed], bool]) -> Callable[[Dispatch], bool]:
+    """A step that runs on what the claim made (the saga runs it only after the claim)."""
+
+    @functools.wraps(step)
+    def run(d: Dispatch) -> bool:
+        if d.claimed is None:
+            raise DispatchError(f"{step.__name__} before the claim")
+        return step(d.claimed)
+
+    return run
+
+
+def _undo_after_claim(undo: Callable[[Claimed], None]) -> Callable[[Dispatch], None]:
+    @functools.wraps(undo)
+    def run(d: Dispatch) -> None:
+        if d.claimed is not None:
+            undo(d.claimed)
+
+    return run
 
 
 @dataclass(frozen=True)
@@ -190,7 +219,7 @@ class _Changed(Exception):
     """The task changed since it was checked: the transaction is rolled back."""
 
 
-def _claim_named(d: Dispatch, task_id: int, fixed: _ClaimValues) -> _Claimed:
+def _claim_named(d: Dispatch, task_id: int, fixed: _ClaimValues) -> Claimed:
     """Checked from a read, then written only if the task is still as it was read."""
 
     def check(tx: Tx) -> TaskRow:
@@ -201,6 +230,15 @@ def _claim_named(d: Dispatch, task_id: int, fixed: _ClaimValues) -> _Claimed:
 
     for _ in range(_CLAIM_TRIES):
         plan = _plan(d, d.app.direct.read(check), fixed)
+        task = plan.task
+        if not os.path.isdir(task.repo):
+            # On a fleet, most likely a task for another host: refused before anything is
+            # made, as `run --next` passes it over (SPEC §10).
+            raise EnvironmentProblem(
+                f"task {task_id}: its repository {task.repo} is not on this host "
+                f"({d.app.settings.host})",
+                hint="run it on a host that has the repository",
+            )
         try:
             return d.app.direct.write(functools.partial(_write_claim, d=d, plan=plan, fixed=fixed))
         except _Changed:
@@ -208,7 +246,7 @@ def _claim_named(d: Dispatch, task_id: int, fixed: _ClaimValues) -> _Claimed:
     raise Conflict(f"task {task_id} changed while claiming it; try again")
 
 
-def _claim_next(tx: Tx, d: Dispatch, fixed: _ClaimValues) -> _Claimed | None:
+def _claim_next(tx: Tx, d: Dispatch, fixed: _ClaimValues) -> Claimed | None:
     settings = d.app.settings
     if settings.max_running and st.count_in_progress(tx) >= settings.max_running:
         raise Conflict(f"{settings.max_running} tasks already running (max_running)")
@@ -221,7 +259,7 @@ def _claim_next(tx: Tx, d: Dispatch, fixed: _ClaimValues) -> _Claimed | None:
         raise Conflict(f"task {task.id} changed while claiming it; try again") from None
 
 
-def _write_claim(tx: Tx, d: Dispatch, plan: _Plan, fixed: _ClaimValues) -> _Claimed:
+def _write_claim(tx: Tx, d: Dispatch, plan: _Plan, fixed: _ClaimValues) -> Claimed:
     """The claim's writes: the attempt, the task (only if unchanged since `plan` was
     made), the session and the event; four statements."""
     task = plan.task
@@ -266,7 +304,17 @@ def _write_claim(tx: Tx, d: Dispatch, plan: _Plan, fixed: _ClaimValues) -> _Clai
         from_status=plan.current,
         to_status=plan.target,
     )
-    return _Claimed(attempt_id, plan.current, task, plan.worktree, plan.branch)
+    return Claimed(
+        d.app,
+        d.action,
+        task,
+        attempt_id,
+        plan.current,
+        plan.worktree,
+        plan.branch,
+        d.warnings,
+        d.kept,
+    )
 
 
 # How many tasks whose agent profile is unknown one `--next` claim marks as skipped.
@@ -302,102 +350,119 @@ def _running_conflict(tx: Tx, task: TaskRow) -> Conflict:
     )
 
 
-def _write_intent(d: Dispatch, columns: dict[str, Any] | None = None, **intent: Any) -> None:
+def _write_intent(c: Claimed, columns: dict[str, Any] | None = None, **intent: Any) -> None:
     """Record what the next action is about to create, renewing the lease as we go."""
-    d.intent = replace(d.intent, **intent)
-    lease = utcnow() + timedelta(seconds=d.app.settings.lease_seconds)
-    values = {**(columns or {}), "intent": d.intent.stored(), "lease_expires_at": lease}
-    assert d.attempt_id is not None
-    attempt_id = d.attempt_id
-    d.app.direct.write(lambda tx: st.update_attempt(tx, attempt_id, **values))
+    c.intent = replace(c.intent, **intent)
+    lease = utcnow() + timedelta(seconds=c.app.settings.lease_seconds)
+    values = {**(columns or {}), "intent": c.intent.stored(), "lease_expires_at": lease}
+    attempt_id = c.attempt_id
+    c.app.direct.write(lambda tx: st.update_attempt(tx, attempt_id, **values))
 
 
-def make_worktree(d: Dispatch) -> bool:
+def make_worktree(c: Claimed) -> bool:
     """Create (or, for a redispatch, reuse) the task's branch and worktree."""
-    assert d.task
-    if d.task.worktree is None:
-        return _make_worktree(d)  # a first dispatch: there is nothing gc could have taken
+    if c.task.worktree is None:
+        return _make_worktree(c)  # a first dispatch: there is nothing gc could have taken
     # `dispatch gc` may be collecting this worktree right now, or may have: under its
     # guard, bring back what it collected first, so the agent finds its work.
     from dispatch.services.guards import task_guard
     from dispatch.services.restore import restore_collected
 
-    with task_guard(d.app, d.task.id):
-        if restore_collected(d.app, d.task, d.attempt_id):
-            d.warnings.append(f"worktree {d.task.worktree} had been collected; restored it")
-        return _make_worktree(d)
+    with task_guard(c.app, c.task.id):
+        if restore_collected(c.app, c.task, c.attempt_id):
+            c.warnings.append(f"worktree {c.task.worktree} had been collected; restored it")
+        return _make_worktree(c)
 
 
-def _make_worktree(d: Dispatch) -> bool:
-    assert d.task and d.worktree and d.branch
-    git, repo = d.app.worktrees, Path(d.task.repo)
-    branch_existed = git.branch_exists(repo, d.branch)
-    registered = git.is_worktree(repo, d.worktree)
-    if registered and not d.worktree.exists():
+def _make_worktree(c: Claimed) -> bool:
+    git, repo = c.app.worktrees, Path(c.task.repo)
+    branch_existed = git.branch_exists(repo, c.branch)
+    registered = git.is_worktree(repo, c.worktree)
+    if registered and not c.worktree.exists():
         # Its directory was deleted by hand: a stale entry holding no work, which would
         # make git refuse to check the branch out again.
-        git.remove(repo, d.worktree)
+        git.remove(repo, c.worktree)
         registered = False
-    worktree_existed = registered or d.worktree.exists()
-    start, moved = d.task.base_ref, None
+    worktree_existed = registered or c.worktree.exists()
+    start, moved, switched_from = c.task.base_ref, None, None
     columns: dict[str, Any] = {}
-    moved_from = _moved_from(d)
+    moved_from = _moved_from(c)
     if moved_from is not None and not worktree_existed:
-        moved = _branch_for_this_host(d, git, repo, moved_from, branch_existed=branch_existed)
+        moved = _branch_for_this_host(c, git, repo, moved_from, branch_existed=branch_existed)
+    elif moved_from is not None and registered:
+        # Back on a host whose worktree of the task is still there, on the branch it had
+        # here, while the task's branch moved on and is checked out on the other host:
+        # this worktree goes on a new branch from that branch's tip (SPEC §10).
+        head = git.head_ref(c.worktree)
+        holder = git.branch_holder(repo, c.branch) if branch_existed else None
+        if head != c.branch and holder is not None and holder != c.worktree:
+            if git.has_changes(c.worktree):
+                raise DispatchError(
+                    f"worktree {c.worktree} has uncommitted changes on {head}, and the "
+                    f"task's branch {c.branch} is checked out at {holder} (commit or "
+                    "remove them, then redispatch: a new branch starts from that tip)"
+                )
+            moved = _branch_for_this_host(c, git, repo, moved_from, branch_existed=True)
+            switched_from = head
     if moved is not None:
         start = moved["commit"]
-        branch_existed = git.branch_exists(repo, d.branch)
-        columns["branch"] = d.branch
-    if moved_from is not None and _attempt(d).resume:
+        branch_existed = git.branch_exists(repo, c.branch)
+        columns["branch"] = c.branch
+    if moved_from is not None and _attempt(c).resume:
         # The agent's session (its conversation store) stays on the host that ran it.
         columns["resume"] = False
-        d.warnings.append(f"the agent's last session is on {moved_from}; starting it afresh")
+        c.warnings.append(f"the agent's last session is on {moved_from}; starting it afresh")
     _write_intent(
-        d,
+        c,
         columns,
         repo=str(repo),
         # What the branch started from: an undo keeps it only for commits made since.
         base=start,
-        branch=d.branch,
+        branch=c.branch,
         branch_existed=branch_existed,
-        worktree=str(d.worktree),
+        worktree=str(c.worktree),
         worktree_existed=worktree_existed,
+        switched_from=switched_from,
     )
     if moved is not None:
-        _record_branched(d, moved)
+        _record_branched(c, moved)
+    if switched_from is not None:
+        c.warnings.append(f"worktree {c.worktree} was on {switched_from}; it is on {c.branch} now")
+        if not git.switch(repo, c.worktree, c.branch, start):
+            return False
     if worktree_existed:
-        if not git.is_worktree(repo, d.worktree):
-            raise DispatchError(f"{d.worktree} exists and is not a worktree of {repo}")
-        _check_on_branch(git, repo, d.worktree, d.branch, exists=branch_existed)
-        if git.has_changes(d.worktree):
-            d.warnings.append(f"worktree {d.worktree} has uncommitted changes; they are kept")
+        if not git.is_worktree(repo, c.worktree):
+            raise DispatchError(f"{c.worktree} exists and is not a worktree of {repo}")
+        exists = branch_existed or switched_from is not None
+        _check_on_branch(git, repo, c.worktree, c.branch, exists=exists)
+        if git.has_changes(c.worktree):
+            c.warnings.append(f"worktree {c.worktree} has uncommitted changes; they are kept")
         return True
-    if not git.add(repo, d.worktree, d.branch, start, new_branch=not branch_existed):
+    if not git.add(repo, c.worktree, c.branch, start, new_branch=not branch_existed):
         return False
     # Trust what is there, not what the adapter said: a spawn into a missing directory
     # would otherwise fail later, or worse, start the agent somewhere else.
-    if not (d.worktree.is_dir() and git.is_worktree(repo, d.worktree)):
-        raise DispatchError(f"git reported worktree {d.worktree} made, but it is not there")
+    if not (c.worktree.is_dir() and git.is_worktree(repo, c.worktree)):
+        raise DispatchError(f"git reported worktree {c.worktree} made, but it is not there")
     return True
 
 
-def _moved_from(d: Dispatch) -> str | None:
+def _moved_from(c: Claimed) -> str | None:
     """The host of the task's attempt before this one, when that is another host."""
-    assert d.task and d.attempt_id is not None
-    if d.task.branch is None:
+    if c.task.branch is None:
         return None  # a first dispatch: nothing ran anywhere else
-    task_id, attempt_id = d.task.id, d.attempt_id
+    task_id, attempt_id = c.task.id, c.attempt_id
 
     def work(tx: Tx) -> str | None:
         earlier = [a for a in st.attempts_of(tx, task_id) if a.id < attempt_id]
         return earlier[-1].host if earlier else None
 
-    previous = d.app.direct.read(work)
-    return previous if previous is not None and previous != d.app.settings.host else None
+    previous = c.app.direct.read(work)
+    return previous if previous is not None and previous != c.app.settings.host else None
 
 
 def _branch_for_this_host(
-    d: Dispatch, git: Worktrees, repo: Path, previous: str, *, branch_existed: bool
+    c: Claimed, git: Worktrees, repo: Path, previous: str, *, branch_existed: bool
 ) -> dict[str, Any] | None:
     """SPEC §10: the branch a task moved from another host works on here, or None when
     the task's branch can simply be checked out (or made) as on its own host.
@@ -407,38 +472,36 @@ def _branch_for_this_host(
     a new branch from its tip; where this host's repository lacks it (a clone of its
     own), the branch starts from `base_ref` here.
     """
-    assert d.task and d.branch and d.worktree
-    held = git.branch_holder(repo, d.branch) if branch_existed else None
+    held = git.branch_holder(repo, c.branch) if branch_existed else None
     if not branch_existed:
-        reason = f"branch {d.branch} is not in this host's repository {repo}"
-        start, commit = d.task.base_ref, d.task.base_ref
+        reason = f"branch {c.branch} is not in this host's repository {repo}"
+        start, commit = c.task.base_ref, c.task.base_ref
     elif held is None:
         return None  # the branch is free: this host checks it out, as its own host would
     else:
-        reason = f"branch {d.branch} is checked out at {held} (host {previous})"
-        start, commit = d.branch, git.branch_tip(repo, d.branch)
-        d.branch = f"{branch_name(d.task.id, d.task.title)}-{_attempt(d).number}"
-        holder = git.branch_holder(repo, d.branch)
+        reason = f"branch {c.branch} is checked out at {held} (host {previous})"
+        start, commit = c.branch, git.branch_tip(repo, c.branch)
+        c.branch = f"{branch_name(c.task.id, c.task.title)}-{_attempt(c).number}"
+        holder = git.branch_holder(repo, c.branch)
         if holder is not None:
             raise DispatchError(
-                f"{reason}, and its successor {d.branch} is checked out at {holder}"
+                f"{reason}, and its successor {c.branch} is checked out at {holder}"
             )
-    d.warnings.append(f"{reason}; working on {d.branch} from {start}")
+    c.warnings.append(f"{reason}; working on {c.branch} from {start}")
     return {
         "reason": reason,
-        "branch": d.branch,
+        "branch": c.branch,
         "started_from": start,
         "commit": commit,
         "from_host": previous,
-        "host": d.app.settings.host,
+        "host": c.app.settings.host,
     }
 
 
-def _record_branched(d: Dispatch, moved: dict[str, Any]) -> None:
+def _record_branched(c: Claimed, moved: dict[str, Any]) -> None:
     """The event that says which branch the task now works on, and why."""
-    assert d.task and d.attempt_id is not None
-    task_id, attempt_id = d.task.id, d.attempt_id
-    d.app.direct.write(
+    task_id, attempt_id = c.task.id, c.attempt_id
+    c.app.direct.write(
         lambda tx: st.record_event(tx, "branched", task_id=task_id, attempt_id=attempt_id, **moved)
     )
 
@@ -472,21 +535,20 @@ def _check_on_branch(
     raise DispatchError(f"worktree {worktree}: {state} ({fix}, then redispatch)")
 
 
-def undo_worktree(d: Dispatch) -> None:
+def undo_worktree(c: Claimed) -> None:
     """Remove what this attempt created, never what existed before or holds work."""
-    if d.intent.worktree is None:
+    if c.intent.worktree is None:
         return
-    d.kept.extend(remove_created(d.app, d.intent, agent_started=_agent_started(d)))
+    c.kept.extend(remove_created(c.app, c.intent, agent_started=_agent_started(c)))
 
 
-def _attempt(d: Dispatch) -> AttemptRow:
-    assert d.attempt_id is not None
-    attempt_id = d.attempt_id
-    return d.app.direct.read(lambda tx: st.get_attempt(tx, attempt_id))
+def _attempt(c: Claimed) -> AttemptRow:
+    attempt_id = c.attempt_id
+    return c.app.direct.read(lambda tx: st.get_attempt(tx, attempt_id))
 
 
-def _agent_started(d: Dispatch) -> bool:
-    return d.attempt_id is not None and _attempt(d).agent_pid is not None
+def _agent_started(c: Claimed) -> bool:
+    return _attempt(c).agent_pid is not None
 
 
 def _write_prompt_file(path: Path, text: str) -> None:
@@ -497,40 +559,37 @@ def _write_prompt_file(path: Path, text: str) -> None:
         handle.write(text.encode("utf-8"))
 
 
-def write_prompt(d: Dispatch) -> bool:
+def write_prompt(c: Claimed) -> bool:
     """The prompt file for `{prompt_file}` profiles, checked byte for byte once written."""
-    assert d.task and d.attempt_id
-    path = prompt_path(d.app, d.attempt_id)
-    _write_prompt_file(path, d.task.prompt)
+    path = prompt_path(c.app, c.attempt_id)
+    _write_prompt_file(path, c.task.prompt)
     try:
-        return path.read_bytes() == d.task.prompt.encode("utf-8")
+        return path.read_bytes() == c.task.prompt.encode("utf-8")
     except FileNotFoundError:
         return False
 
 
-def undo_prompt(d: Dispatch) -> None:
-    if d.attempt_id is not None:
-        remove_prompt(d.app, d.attempt_id)
+def undo_prompt(c: Claimed) -> None:
+    remove_prompt(c.app, c.attempt_id)
 
 
-def spawn(d: Dispatch) -> bool:
+def spawn(c: Claimed) -> bool:
     """Open the task's tmux window running the wrapper; the window id is recorded."""
-    assert d.task and d.attempt_id and d.worktree
-    settings = d.app.settings
-    _write_intent(d, session=settings.tmux_session, window_name=window_name(d.task.id))
-    env = wrapper_env(d.app)
-    terminal = d.app.terminal
-    d.window_id = terminal.spawn(
-        settings.tmux_session, window_name(d.task.id), wrapper_argv(d.attempt_id), d.worktree, env
+    settings = c.app.settings
+    _write_intent(c, session=settings.tmux_session, window_name=window_name(c.task.id))
+    env = wrapper_env(c.app)
+    terminal = c.app.terminal
+    c.window_id = terminal.spawn(
+        settings.tmux_session, window_name(c.task.id), wrapper_argv(c.attempt_id), c.worktree, env
     )
-    if not d.window_id:
+    if not c.window_id:
         return False
-    target = f"{settings.tmux_session}:{d.window_id}"
-    _write_intent(d, {"tmux_target": target}, window_id=d.window_id)
+    target = f"{settings.tmux_session}:{c.window_id}"
+    _write_intent(c, {"tmux_target": target}, window_id=c.window_id)
     # A window id is a claim, not proof. A missing window is a false report unless the
     # wrapper was already there and gave its verdict (then confirm reads it).
-    if not terminal.window_exists(d.window_id) and _attempt(d).state == AttemptState.STARTING:
-        raise DispatchError(f"tmux reported window {d.window_id}, but no such window exists")
+    if not terminal.window_exists(c.window_id) and _attempt(c).state == AttemptState.STARTING:
+        raise DispatchError(f"tmux reported window {c.window_id}, but no such window exists")
     return True
 
 
@@ -549,47 +608,45 @@ def wrapper_env(app: App) -> dict[str, str]:
     return env
 
 
-def undo_spawn(d: Dispatch) -> None:
-    if d.attempt_id is None:
-        return
-    terminal = d.app.terminal
-    if d.window_id:
-        terminal.kill_window(d.window_id)
+def undo_spawn(c: Claimed) -> None:
+    terminal = c.app.terminal
+    if c.window_id:
+        terminal.kill_window(c.window_id)
     # A spawn that failed after creating the window never told us its id: find it by marker.
-    kill_attempt_windows(terminal, d.app.settings.tmux_session, d.attempt_id)
+    kill_attempt_windows(terminal, c.app.settings.tmux_session, c.attempt_id)
 
 
-def confirm(d: Dispatch) -> bool:
+def confirm(c: Claimed) -> bool:
     """Wait for the wrapper's acknowledgement (starting -> running, agent pid recorded).
 
     Exactly one side decides whether the spawn happened: the wrapper by moving the
     attempt to `running`, or this dispatcher, past `spawn_timeout`, by ending it while
     it is still `starting`. Whichever conditional update lands first wins.
     """
-    assert d.attempt_id and d.window_id
+    assert c.window_id  # spawn, the step before, recorded it or failed
     # Listening before the first look: a nudge sent after it is never missed.
-    waiter = listen(address(d.app.settings.database, d.attempt_id))
+    waiter = listen(address(c.app.settings.database, c.attempt_id))
     try:
-        return _confirm(d, waiter)
+        return _confirm(c, waiter)
     finally:
         if waiter is not None:
             waiter.close()
 
 
-def _confirm(d: Dispatch, waiter: Waiter | None) -> bool:
-    assert d.attempt_id and d.window_id
-    app, attempt_id, window = d.app, d.attempt_id, d.window_id
+def _confirm(c: Claimed, waiter: Waiter | None) -> bool:
+    assert c.window_id
+    app, attempt_id, window = c.app, c.attempt_id, c.window_id
     timeout = app.settings.spawn_timeout
     deadline = time.monotonic() + timeout
     next_window_check = 0.0
     while True:
-        attempt = _attempt(d)
+        attempt = _attempt(c)
         if _started(attempt):
             # Gone without a recorded exit (re-read: the exit may land just before it closes).
             if (
                 attempt.exit_code is None
                 and not app.terminal.window_exists(window)
-                and _attempt(d).exit_code is None
+                and _attempt(c).exit_code is None
             ):
                 raise DispatchError("the agent's window closed without recording its exit")
             return True
@@ -598,7 +655,7 @@ def _confirm(d: Dispatch, waiter: Waiter | None) -> bool:
             next_window_check = now + WINDOW_CHECK_SECONDS
             if not app.terminal.window_exists(window):
                 # The wrapper may have recorded its verdict just before its window closed.
-                if _started(_attempt(d)):
+                if _started(_attempt(c)):
                     return True
                 raise DispatchError("the tmux window closed before the agent wrapper started")
         if now >= deadline:
@@ -636,14 +693,13 @@ def _give_up(tx: Tx, attempt_id: int) -> bool:
     return st.end_failed_dispatch(tx, attempt_id, expected=[AttemptState.STARTING])
 
 
-def record(d: Dispatch) -> bool:
+def record(c: Claimed) -> bool:
     """The dispatch succeeded: clear the failure count, note where the task lives.
 
     A quick agent may already have finished and recorded its outcome; that still counts.
     False only when the attempt was ended by someone else (reaped) before it could run.
     """
-    assert d.task and d.attempt_id
-    task_id, attempt_id = d.task.id, d.attempt_id
+    task_id, attempt_id = c.task.id, c.attempt_id
 
     def work(tx: Tx) -> bool:
         attempt = st.get_attempt(tx, attempt_id)
@@ -652,8 +708,8 @@ def record(d: Dispatch) -> bool:
             return False
         values: dict[str, Any] = {
             "dispatch_failures": 0,
-            "branch": d.branch,
-            "worktree": str(d.worktree),
+            "branch": c.branch,
+            "worktree": str(c.worktree),
         }
         st.update_task(tx, task_id, **values)
         # Only while the attempt is still the task's: a quick agent's own error must stay.
@@ -669,20 +725,20 @@ def record(d: Dispatch) -> bool:
             "dispatched",
             task_id=task_id,
             attempt_id=attempt_id,
-            window=d.window_id,
+            window=c.window_id,
         )
         return True
 
-    return d.app.direct.write(work)
+    return c.app.direct.write(work)
 
 
 STEPS: list[Step[Dispatch]] = [
     Step("claim", claim, atomic=True),
-    Step("worktree", make_worktree, undo_worktree),
-    Step("prompt file", write_prompt, undo_prompt),
-    Step("spawn", spawn, undo_spawn),
-    Step("confirm", confirm),
-    Step("record", record),
+    Step("worktree", _after_claim(make_worktree), _undo_after_claim(undo_worktree)),
+    Step("prompt file", _after_claim(write_prompt), _undo_after_claim(undo_prompt)),
+    Step("spawn", _after_claim(spawn), _undo_after_claim(undo_spawn)),
+    Step("confirm", _after_claim(confirm)),
+    Step("record", _after_claim(record)),
 ]
 
 
@@ -707,7 +763,7 @@ def _on_failure(d: Dispatch, failure: StepFailed) -> None:
         detail["undo_errors"] = list(failure.undo_errors)
     if d.kept:
         detail["kept"] = list(d.kept)
-    d.prior = roll_back(d.app, d.attempt_id, error, detail) or d.prior
+    roll_back(d.app, d.attempt_id, error, detail)
 
 
 # -- use cases ------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ def run_checks(make_app: Callable[[], App]) -> list[Check]:
     settings = app.settings
     where = str(settings.config_path) if settings.config_path else "defaults (no config file)"
     checks.append(Check("config", where, True))
-    checks.append(_check("tmux", lambda: app.terminal.version()))
+    checks.append(_check("tmux", lambda: app.terminal.health(settings.tmux_session)))
     checks.append(_check("git", lambda: app.worktrees.version()))
     checks.append(_check("database server", lambda: _server(app)))
     checks.append(_check("database", lambda: _database(app)))

@@ -20,6 +20,8 @@ class Intent:
     branch_existed: bool = False
     worktree: str | None = None
     worktree_existed: bool = False
+    # The branch an existing worktree was on before this attempt switched it to `branch`.
+    switched_from: str | None = None
     session: str | None = None
     window_name: str | None = None
     window_id: str | None = None

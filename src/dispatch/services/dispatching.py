@@ -95,6 +95,8 @@ class Claimed:
     kept: list[str]
     window_id: str | None = None
     intent: Intent = field(default_factory=Intent)
+    # A new conversation's session id, recorded as the task's with the first intent.
+    new_session: str | None = None
 
 
 @dataclass
@@ -261,20 +263,18 @@ def _claim_next(tx: Tx, d: Dispatch, fixed: _ClaimValues) -> Claimed | None:
 
 def _write_claim(tx: Tx, d: Dispatch, plan: _Plan, fixed: _ClaimValues) -> Claimed:
     """The claim's writes: the attempt, the task (only if unchanged since `plan` was
-    made), the session and the event; four statements."""
+    made) and the event, three statements; and for a redispatch the session it resumes.
+
+    `run` starts over with a new conversation (print-mode agents refuse to reuse an
+    old one's id): its session is known without reading, so it is recorded with the
+    worktree's intent, still before anything could start the agent, and out of the
+    write lock every claimer waits for.
+    """
     task = plan.task
     st.lock_task(tx, task.id)
-    session_id = st.use_agent_session(
-        tx,
-        f"{task.agent}:{task.repo}:{task.id}",
-        task_id=task.id,
-        agent=task.agent,
-        fresh_id=fixed.attempt["session_id"],
-        # `run` starts over: a new conversation, not the old one's id, which print-mode
-        # agents refuse to reuse (a first claim has no session to renew). Redispatches
-        # keep it to resume.
-        renew=d.action is Action.CLAIM,
-    )
+    session_id = fixed.attempt["session_id"]
+    if d.action is Action.REDISPATCH:
+        session_id = _use_session(tx, task, session_id, renew=False)
     attempt_id = st.insert_next_attempt(
         tx,
         **{**fixed.attempt, "session_id": session_id},
@@ -314,6 +314,19 @@ def _write_claim(tx: Tx, d: Dispatch, plan: _Plan, fixed: _ClaimValues) -> Claim
         plan.branch,
         d.warnings,
         d.kept,
+        new_session=None if d.action is Action.REDISPATCH else session_id,
+    )
+
+
+def _use_session(tx: Tx, task: TaskRow, fresh_id: str, *, renew: bool) -> str:
+    """The session id the task's attempt uses: its stored one, else (or, renewing) `fresh_id`."""
+    return st.use_agent_session(
+        tx,
+        f"{task.agent}:{task.repo}:{task.id}",
+        task_id=task.id,
+        agent=task.agent,
+        fresh_id=fresh_id,
+        renew=renew,
     )
 
 
@@ -355,8 +368,15 @@ def _write_intent(c: Claimed, columns: dict[str, Any] | None = None, **intent: A
     c.intent = replace(c.intent, **intent)
     lease = utcnow() + timedelta(seconds=c.app.settings.lease_seconds)
     values = {**(columns or {}), "intent": c.intent.stored(), "lease_expires_at": lease}
-    attempt_id = c.attempt_id
-    c.app.direct.write(lambda tx: st.update_attempt(tx, attempt_id, **values))
+    attempt_id, task, session = c.attempt_id, c.task, c.new_session
+
+    def work(tx: Tx) -> None:
+        st.update_attempt(tx, attempt_id, **values)
+        if session is not None:
+            _use_session(tx, task, session, renew=True)
+
+    c.app.direct.write(work)
+    c.new_session = None
 
 
 def make_worktree(c: Claimed) -> bool:

@@ -31,8 +31,9 @@ def _imported(*args: str, cwd: Path) -> tuple[int, set[str]]:
     return code, names
 
 
-def _run(*args: str, cwd: Path) -> tuple[int, set[str], str]:
-    """Exit code, top-level packages imported (from -X importtime) and stdout."""
+def _run(*args: str, cwd: Path, whole_names: bool = False) -> tuple[int, set[str], str]:
+    """Exit code, top-level packages imported (from -X importtime; every module's whole
+    name with `whole_names`) and stdout."""
     done = subprocess.run(
         [sys.executable, "-X", "importtime", "-m", "dispatch", *args],
         capture_output=True, text=True, cwd=cwd, timeout=60,
@@ -41,7 +42,7 @@ def _run(*args: str, cwd: Path) -> tuple[int, set[str], str]:
     for line in done.stderr.splitlines():
         if line.startswith("import time:") and line.count("|") == 2:
             name = line.rsplit("|", 1)[1].strip()
-            names.add(name.split(".")[0])
+            names.add(name if whole_names else name.split(".")[0])
     assert "dispatch" in names  # the probe works: it sees dispatch itself
     return done.returncode, names, done.stdout
 
@@ -103,6 +104,25 @@ def test_a_sweep_with_nothing_to_reap_only_reads_without_sqlalchemy(
     report = json.loads(stdout)
     assert (report["checked"], report["reaped"]) == (1, [])  # it saw the live attempt
     assert not names & HEAVY, sorted(names & HEAVY)
+
+
+def test_statements_on_a_core_connection_load_neither_the_orm_nor_the_models(
+    env: Env, cli: Callable[..., Result], repo: Path
+) -> None:
+    """The way other backends go runs SQL text on a SQLAlchemy connection: the models
+    are the schema's, loaded only to migrate."""
+    assert cli("add", "first", cwd=repo).code == 0  # creates and migrates the database
+    # URL options send even a current SQLite file through SQLAlchemy.
+    url = f"sqlite:///{env.db_path}?timeout=5"
+    for args, cwd, seen in (
+        (["--db", url, "add", "second", "--json"], repo, "second"),
+        (["--db", url, "list", "--json"], env.root, "first"),
+    ):
+        code, modules, stdout = _run(*args, cwd=cwd, whole_names=True)
+        assert code == 0, args
+        assert seen in stdout, (args, stdout)  # it did its work
+        assert "sqlalchemy" in modules, args  # the probe sees the way it went
+        assert not {"sqlalchemy.orm", "dispatch.store.models"} & modules, args
 
 
 def test_add_runs_git_without_gitpython(env: Env, repo: Path) -> None:

@@ -17,6 +17,7 @@ from dispatch.store.models import Attempt, Event
 from tests import witness
 from tests.cli.inprocess import InProcess
 from tests.conftest import Env, Result
+from tests.orm import orm_write
 
 Cli = Callable[..., Result]
 
@@ -311,7 +312,7 @@ def _attempt(make_app: Callable[..., App], task_id: int) -> int:
         )  # fmt: skip
         return attempt.id
 
-    return int(app.db.write(work))
+    return int(orm_write(app.db, work))
 
 
 def test_show_json_has_the_task_its_attempts_and_its_events(

@@ -23,6 +23,7 @@ from dispatch.store.models import Attempt, Task
 from tests import witness
 from tests.conftest import Env, tmux
 from tests.faults import wait_for as wait_for  # one poller for every test module
+from tests.orm import orm_write
 
 
 def rows(env: Env, query: str, *params: Any) -> list[Any]:
@@ -130,7 +131,7 @@ def seed_attempt(
         task.current_attempt_id = attempt.id
         return int(attempt.id)
 
-    return app.db.write(work)
+    return orm_write(app.db, work)
 
 
 def dead_pid() -> int:

@@ -18,6 +18,7 @@ from dispatch.services.tasks import add_task
 from dispatch.store import statements as st
 from dispatch.store.direct import Direct, Tx
 from dispatch.store.models import Attempt, Event, Task
+from tests.orm import orm_read, orm_write
 
 T = TypeVar("T")
 HOSTILE = "$(touch x); `id` ../../etc\n'\"naïve ✓ 日本"
@@ -103,7 +104,7 @@ def build_world(app: App, repo: Path) -> dict[str, int]:
         )
         ids.update(running_attempt=running, starting_attempt=starting, ended_attempt=ended)
 
-    app.db.write(shape)
+    orm_write(app.db, shape)
     return ids
 
 
@@ -149,16 +150,17 @@ def claim_like(app: App, direct: Direct, task_id: int) -> None:
     attempt_id, first, kept, renewed = direct.write(claim)
 
     assert (first, kept, renewed) == ("one", "one", "three")
-    stored_task = must(app.db.read(lambda s: s.get(Task, task_id)))
+    stored_task = must(orm_read(app.db, lambda s: s.get(Task, task_id)))
     assert (stored_task.status, stored_task.current_attempt_id) == ("in-progress", attempt_id)
-    stored = must(app.db.read(lambda s: s.get(Attempt, attempt_id)))
+    stored = must(orm_read(app.db, lambda s: s.get(Attempt, attempt_id)))
     assert (stored.intent, stored.resume, stored.started_at.tzinfo) == (
         {"branch": HOSTILE},
         False,
         UTC,
     )
-    event = app.db.read(
-        lambda s: s.scalars(select(Event).where(Event.task_id == task_id).order_by(Event.id)).all()
+    event = orm_read(
+        app.db,
+        lambda s: s.scalars(select(Event).where(Event.task_id == task_id).order_by(Event.id)).all(),
     )[-1]
     assert (event.kind, event.attempt_id, event.detail) == (
         "claimed",

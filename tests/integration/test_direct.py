@@ -28,7 +28,7 @@ from dispatch.services.dispatching import dispatch_task
 from dispatch.services.tasks import add_task
 from dispatch.store import statements as st
 from dispatch.store.database import migrations_dir
-from dispatch.store.direct import Direct, SqliteFile, ThroughDatabase, Tx, open_direct
+from dispatch.store.direct import Direct, SqlAlchemyExecutor, SqliteExecutor, Tx, open_direct
 from dispatch.store.models import Attempt, Event, Task
 from dispatch.store.revisions import HEAD_REVISION, KNOWN_REVISIONS
 from dispatch.store.statements import (
@@ -59,6 +59,7 @@ from tests.integration.store_world import (
     set_columns,
     write_with,
 )
+from tests.orm import orm_read, orm_write
 
 # The stdlib sqlite3 path beside SQLAlchemy's on one SQLite file; PostgreSQL's
 # statements are test_postgresql.py's.
@@ -67,8 +68,8 @@ pytestmark = pytest.mark.sqlite_only
 
 def _both(app: App) -> tuple[Direct, Direct]:
     fast = open_direct(app.settings.database, lambda: app.db)
-    assert isinstance(fast, SqliteFile)  # a current SQLite file: the stdlib way
-    return fast, ThroughDatabase(app.db)
+    assert isinstance(fast, SqliteExecutor)  # a current SQLite file: the stdlib way
+    return fast, SqlAlchemyExecutor(app.db)
 
 
 def test_list_reads_the_same_tasks_both_ways(make_app: Callable[..., App], repo: Path) -> None:
@@ -93,7 +94,7 @@ def test_list_reads_the_same_tasks_both_ways(make_app: Callable[..., App], repo:
         ids["running"], ids["starting"], ids["stuck"], ids["orphaned"]
     }  # fmt: skip
     hostile = next(t for t in listed if t.id == ids["hostile"])
-    stored = must(app.db.read(lambda s: s.get(Task, ids["hostile"])))
+    stored = must(orm_read(app.db, lambda s: s.get(Task, ids["hostile"])))
     assert hostile.title == HOSTILE  # verbatim, newline and all
     assert (hostile.created_at, hostile.updated_at) == (
         stored.created_at.isoformat().replace("+00:00", "Z"),
@@ -106,7 +107,7 @@ def test_list_gives_every_timestamp_as_show_does(make_app: Callable[..., App], r
     app = make_app()
     ids = build_world(app, repo)
     whole_second = utcnow().replace(microsecond=0)  # isoformat leaves the fraction out
-    app.db.write(lambda s: set_columns(s.get(Task, ids["urgent"]), updated_at=whole_second))
+    orm_write(app.db, lambda s: set_columns(s.get(Task, ids["urgent"]), updated_at=whole_second))
     for direct in _both(app):
         for summary in read_with(direct, list_tasks, (), True):
             row = read_with(direct, st.get_task, summary.id)
@@ -156,7 +157,7 @@ def test_a_missing_database_is_created_by_database_not_by_the_fast_path(
 
     reader = app.direct
 
-    assert isinstance(reader, ThroughDatabase)
+    assert isinstance(reader, SqlAlchemyExecutor)
     assert read_with(reader, list_tasks) == []  # migrated on first use, as every command does
     assert env.db_path.stat().st_mode & 0o777 == 0o600
 
@@ -172,7 +173,7 @@ def test_a_database_not_at_head_goes_through_database(
 
     reader = make_app().direct
 
-    assert isinstance(reader, ThroughDatabase)  # Database migrates it before reading
+    assert isinstance(reader, SqlAlchemyExecutor)  # Database migrates it before reading
     assert read_with(reader, list_tasks) == []
     connection = sqlite3.connect(env.db_path)
     assert connection.execute("SELECT version_num FROM alembic_version").fetchall() == [
@@ -193,7 +194,7 @@ def test_urls_that_are_not_a_plain_file_go_through_database(env: Env) -> None:
 
     for url in ("sqlite://", "sqlite:///:memory:", f"sqlite:///{env.db_path}?mode=ro",
                 "postgresql://user@host/db"):  # fmt: skip
-        assert isinstance(open_direct(url, database), ThroughDatabase), url  # type: ignore[arg-type]
+        assert isinstance(open_direct(url, database), SqlAlchemyExecutor), url  # type: ignore[arg-type]
     assert len(opened) == 4
     assert not env.db_path.exists()  # nothing was created on the way
 
@@ -208,10 +209,10 @@ def test_the_wrappers_statements_write_what_the_models_read_both_ways(
 
 
 def _start_and_beat(app: App, direct: Direct, env: Env, task_id: int) -> None:
-    attempt = app.db.write(lambda s: add_attempt(s, task_id, AttemptState.STARTING))
+    attempt = orm_write(app.db, lambda s: add_attempt(s, task_id, AttemptState.STARTING))
 
     def stored() -> Attempt:
-        return must(app.db.read(lambda s: s.get(Attempt, attempt)))
+        return must(orm_read(app.db, lambda s: s.get(Attempt, attempt)))
 
     start = read_with(direct, wrapper_start, attempt)
     assert (start.task_id, start.state, start.prompt, start.resume) == (
@@ -227,7 +228,7 @@ def _start_and_beat(app: App, direct: Direct, env: Env, task_id: int) -> None:
     )  # only from `starting`: one winner
     assert write_with(direct, record_agent_pid, attempt, 5555)
     assert not write_with(direct, heartbeat_and_cancel_asked, attempt, now + timedelta(seconds=1))
-    app.db.write(lambda s: set_columns(s.get(Attempt, attempt), cancel_requested_at=utcnow()))
+    orm_write(app.db, lambda s: set_columns(s.get(Attempt, attempt), cancel_requested_at=utcnow()))
     assert write_with(direct, heartbeat_and_cancel_asked, attempt, later)  # a cancel is seen
 
     assert (stored().state, stored().wrapper_pid, stored().agent_pid) == ("running", 4321, 5555)
@@ -237,7 +238,9 @@ def _start_and_beat(app: App, direct: Direct, env: Env, task_id: int) -> None:
     raw.close()
     assert text == later.strftime("%Y-%m-%d %H:%M:%S.000000")
 
-    app.db.write(lambda s: set_columns(s.get(Attempt, attempt), state=AttemptState.ENDED.value))
+    orm_write(
+        app.db, lambda s: set_columns(s.get(Attempt, attempt), state=AttemptState.ENDED.value)
+    )
     assert not write_with(direct, record_agent_pid, attempt, 6666)  # fenced once it is not running
     write_with(direct, heartbeat_and_cancel_asked, attempt, later + timedelta(seconds=5))
     assert (stored().agent_pid, stored().heartbeat_at) == (5555, later)  # nothing landed
@@ -266,7 +269,9 @@ def test_a_write_waits_for_another_writer_instead_of_failing(
     finally:
         release.join()
         blocker.close()
-    assert must(app.db.read(lambda s: s.get(Attempt, ids["running_attempt"]))).agent_pid == 7777
+    assert (
+        must(orm_read(app.db, lambda s: s.get(Attempt, ids["running_attempt"]))).agent_pid == 7777
+    )
 
 
 def test_a_database_path_with_spaces_unicode_and_hashes_is_read_directly(
@@ -279,7 +284,7 @@ def test_a_database_path_with_spaces_unicode_and_hashes_is_read_directly(
 
     direct = open_direct(app.settings.database, lambda: app.db)
 
-    assert isinstance(direct, SqliteFile)
+    assert isinstance(direct, SqliteExecutor)
     assert [t.id for t in read_with(direct, list_tasks)] == [task]
     direct.close()
 
@@ -303,10 +308,10 @@ def test_a_failed_write_changes_nothing_and_leaves_no_transaction_open(
     with pytest.raises(EnvironmentProblem, match="FOREIGN KEY constraint failed"):
         fast.write(pid_then_orphan)
 
-    stored = must(app.db.read(lambda s: s.get(Attempt, attempt)))
+    stored = must(orm_read(app.db, lambda s: s.get(Attempt, attempt)))
     assert (stored.agent_pid, stored.task_id) == (4242, ids["running"])
     assert write_with(fast, record_agent_pid, attempt, 8888)  # the connection is usable at once
-    assert must(app.db.read(lambda s: s.get(Attempt, attempt))).agent_pid == 8888
+    assert must(orm_read(app.db, lambda s: s.get(Attempt, attempt))).agent_pid == 8888
 
 
 def test_whole_rows_read_what_the_models_read_both_ways(
@@ -315,11 +320,12 @@ def test_whole_rows_read_what_the_models_read_both_ways(
     app = make_app()
     ids = build_world(app, repo)
     intent = {"worktree": HOSTILE, "branch_existed": True, "nested": {"n": [1, None]}}
-    app.db.write(
-        lambda s: set_columns(s.get(Attempt, ids["running_attempt"]), intent=intent, resume=True)
+    orm_write(
+        app.db,
+        lambda s: set_columns(s.get(Attempt, ids["running_attempt"]), intent=intent, resume=True),
     )
-    task = app.db.read(lambda s: s.get(Task, ids["hostile"]))
-    attempt = app.db.read(lambda s: s.get(Attempt, ids["running_attempt"]))
+    task = orm_read(app.db, lambda s: s.get(Task, ids["hostile"]))
+    attempt = orm_read(app.db, lambda s: s.get(Attempt, ids["running_attempt"]))
 
     for direct in _both(app):
         got_task = direct.read(lambda tx: st.get_task(tx, ids["hostile"]))
@@ -362,7 +368,7 @@ def test_a_whole_dispatch_and_its_rollback_run_through_database_too(
     app = make_app()
     for title in ("works", "fails"):
         add_task(app, title, repo=repo, agent="sleeper")
-    app.direct_ = ThroughDatabase(app.db)
+    app.direct_ = SqlAlchemyExecutor(app.db)
 
     result = dispatch_task(app, 1)
 
@@ -371,7 +377,7 @@ def test_a_whole_dispatch_and_its_rollback_run_through_database_too(
     assert [a.id for a in result.attempts] == [result.attempt.id]
     assert [e["kind"] for e in events(env, 1)] == ["created", "claimed", "dispatched"]
     failing = make_app(terminal=Faulty(TmuxTerminal(env.socket), spawn=returns("")))
-    failing.direct_ = ThroughDatabase(failing.db)
+    failing.direct_ = SqlAlchemyExecutor(failing.db)
     with pytest.raises(DispatchFailed, match="failed at spawn"):
         dispatch_task(failing, 2)
     assert_rolled_back(env, 2, "ready", step="spawn")

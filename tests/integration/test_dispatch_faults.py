@@ -30,7 +30,7 @@ from dispatch.services.dispatching import dispatch_task, redispatch
 from dispatch.services.saga import Step
 from dispatch.services.tasks import add_task, reset_task
 from dispatch.store import statements as st
-from dispatch.store.direct import Direct, SqliteFile, Tx
+from dispatch.store.direct import Direct, SqliteExecutor, Tx
 from tests.conftest import Env, tmux, windows
 from tests.faults import (
     Faulty,
@@ -449,7 +449,7 @@ def test_the_probe_sees_a_write_held_across_a_call(
         st.get_task(tx, 1)
         app.worktrees.branch_exists(repo, "main")
 
-    assert isinstance(app.direct, _ProbedDirect) and isinstance(app.direct.real, SqliteFile)
+    assert isinstance(app.direct, _ProbedDirect) and isinstance(app.direct.real, SqliteExecutor)
     app.direct.write(git_inside_a_write)
     app.direct.read(lambda tx: app.worktrees.has_changes(repo))  # reading holds no lock
     assert probe.violations == ["branch_exists"]

@@ -21,7 +21,7 @@ from dispatch.cli.output import task_json
 from dispatch.services.dispatching import Dispatch, claim
 from dispatch.services.tasks import add_task
 from dispatch.store import statements as st
-from dispatch.store.direct import ThroughDatabase, Tx
+from dispatch.store.direct import SqlAlchemyExecutor, Tx
 from dispatch.store.models import Base, Task
 from dispatch.store.revisions import HEAD_REVISION
 from tests.conftest import Env, Result, windows
@@ -33,6 +33,7 @@ from tests.integration.store_world import (
     orm_values,
     read_with,
 )
+from tests.orm import orm_read
 
 pytest.importorskip("psycopg", reason="psycopg is not installed")
 
@@ -54,11 +55,11 @@ def test_the_statements_read_and_write_what_the_models_do(
     app = make_app()
     ids = build_world(app, repo)
     direct = app.direct
-    assert isinstance(direct, ThroughDatabase)  # not a SQLite file: through the engine
+    assert isinstance(direct, SqlAlchemyExecutor)  # not a SQLite file: through the engine
 
     listed = direct.read(lambda tx: st.list_tasks(tx))
     assert [t.id for t in listed][:2] == [ids["urgent"], ids["running"]]
-    stored = app.db.read(lambda s: s.get(Task, ids["hostile"]))
+    stored = orm_read(app.db, lambda s: s.get(Task, ids["hostile"]))
     assert tuple(direct.read(lambda tx: st.get_task(tx, ids["hostile"]))) == orm_values(
         stored, st.TaskRow._fields
     )

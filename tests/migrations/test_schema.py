@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -32,6 +33,7 @@ from dispatch.store.models import Attempt, Base, Event, Task
 from dispatch.store.revisions import HEAD_REVISION, KNOWN_REVISIONS
 from tests.cli.inprocess import InProcess
 from tests.conftest import Env, Result
+from tests.orm import orm_write
 
 Cli = Callable[..., Result]
 TABLES = {"alembic_version", "tasks", "attempts", "events", "agent_sessions"}
@@ -158,7 +160,7 @@ def test_a_new_database_is_private_and_in_wal_mode(run: Cli, env: Env, repo: Pat
 
 
 def test_every_connection_has_busy_timeout_and_foreign_keys(db: Database) -> None:
-    def pragmas(s: Session) -> tuple[object, ...]:
+    def pragmas(s: Connection) -> tuple[object, ...]:
         return tuple(
             s.execute(text(f"PRAGMA {name}")).scalar()
             for name in ("journal_mode", "busy_timeout", "foreign_keys")
@@ -179,7 +181,7 @@ def test_foreign_keys_are_enforced(db: Database) -> None:
         )  # fmt: skip
 
     with pytest.raises(IntegrityError, match="FOREIGN KEY"):
-        db.write(orphan)
+        orm_write(db, orphan)
 
 
 def test_writes_begin_immediate_and_reads_do_not(db: Database) -> None:
@@ -202,13 +204,13 @@ def test_a_read_then_write_transaction_waits_for_another_writer_and_runs_once(
 ) -> None:
     # A deferred transaction would read a snapshot, then fail to write once the other
     # writer commits, and have to start over: the work would run twice.
-    db.write(_task)
+    orm_write(db, _task)
     other = sqlite3.connect(env.db_path, isolation_level=None)
     other.execute("BEGIN IMMEDIATE")
     other.execute("UPDATE tasks SET priority = 7")
     runs: list[int] = []
 
-    def work(s: Session) -> int:
+    def work(s: Connection) -> int:
         priority = int(s.execute(text("SELECT priority FROM tasks")).scalar_one())
         runs.append(priority)
         s.execute(text("UPDATE tasks SET priority = priority + 1"))
@@ -231,7 +233,7 @@ def test_events_are_append_only(db: Database, env: Env) -> None:
         task = _task(s)
         s.add(Event(task_id=task.id, kind="created", to_status="ready", at=utcnow(), detail={}))
 
-    db.write(add_event)
+    orm_write(db, add_event)
     with closing(sqlite3.connect(env.db_path, isolation_level=None)) as conn:
         for statement in ("UPDATE events SET kind = 'forged'", "DELETE FROM events"):
             with pytest.raises(sqlite3.IntegrityError, match="events are append-only"):

@@ -11,7 +11,8 @@ from datetime import datetime
 from typing import NamedTuple
 
 from dispatch.lifecycle import AttemptState, Status
-from dispatch.store.direct import Tx, in_clause, json_value, records
+from dispatch.store.convert import json_value
+from dispatch.store.direct import Tx, in_clause, records
 from dispatch.store.statements import EventRow
 
 # The event kinds a worktree's life after its task ended is told by.

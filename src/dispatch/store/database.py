@@ -1,8 +1,9 @@
 """The engine, transactions with bounded retry, and the schema check on first use (SPEC §7).
 
-`direct` runs the store's statements through it whenever the database is not a
-current SQLite file (another backend, or a database to create, migrate or refuse);
-the schema commands (`db`, `doctor`) use it directly.
+`direct`'s SQLAlchemy executor runs the store's statements on its connections whenever
+the database is not a current SQLite file (another backend, or a database to create,
+migrate or refuse); the schema commands (`db`, `doctor`) use it directly. Transactions
+are Core connections: the models are the schema, not how rows are read or written.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from typing import Any, TypeVar
 from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError, SQLAlchemyError
-from sqlalchemy.orm import Session, sessionmaker
 
 from dispatch.errors import EnvironmentProblem
 from dispatch.store.direct import begin_sqlite, configure_sqlite, retry_while_locked
@@ -38,7 +38,7 @@ def migrations_dir() -> Path:
 
 
 class Database:
-    """One database: sessions for reads and writes, and the schema check."""
+    """One database: connections for reads and writes, and the schema check."""
 
     def __init__(self, url: str) -> None:
         try:
@@ -61,14 +61,11 @@ class Database:
                 f"database {shown}: cannot use this URL: {exc}",
                 hint="give a SQLite path or an SQLAlchemy URL with an installed driver",
             ) from None
-        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         reading: dict[str, Any] = {"dispatch_read": True}
         if not self.is_sqlite:
             # One snapshot for a whole read (the sweep's census, `show`), as SQLite gives.
             reading["isolation_level"] = "REPEATABLE READ"
-        self._reader = sessionmaker(
-            self.engine.execution_options(**reading), expire_on_commit=False
-        )
+        self._reader: Engine = self.engine.execution_options(**reading)
         self._checked = False
 
     def _prepare_sqlite_file(self) -> Path | None:
@@ -100,25 +97,25 @@ class Database:
 
     # -- transactions ------------------------------------------------------------------
 
-    def write(self, work: Callable[[Session], T]) -> T:
+    def write(self, work: Callable[[Connection], T]) -> T:
         """Run `work` in one write transaction (BEGIN IMMEDIATE on SQLite), retried when locked."""
         self.ensure_schema()
 
         def transaction() -> T:
-            with self._sessions() as session, session.begin():
-                return work(session)
+            with self.engine.begin() as conn:
+                return work(conn)
 
         try:
             return retry_while_locked(transaction, OperationalError)
         except OperationalError as exc:
             raise self._unusable(exc) from exc
 
-    def read(self, work: Callable[[Session], T]) -> T:
+    def read(self, work: Callable[[Connection], T]) -> T:
         """Run `work` in a read transaction (deferred: it takes no write lock)."""
         self.ensure_schema()
         try:
-            with self._reader() as session, session.begin():
-                return work(session)
+            with self._reader.begin() as conn:
+                return work(conn)
         except OperationalError as exc:
             raise self._unusable(exc) from exc
 

@@ -2,32 +2,33 @@
 
 Importing SQLAlchemy and mapping the models costs more than `dispatch list` over
 10,000 tasks, an idle sweep from cron, the wrapper's acknowledgement, or the whole of
-a `dispatch run` past its git and tmux calls. So on a SQLite file whose schema is
-current, statements run on the standard library's sqlite3 with the settings `Database`
-uses. Anything else — another backend, a database to create, migrate or refuse — goes
-through `Database`, which checks the schema first and runs the very same SQL text
-through SQLAlchemy. The SQL is portable, and what it reads or writes is the same
-either way.
+a `dispatch run` past its git and tmux calls. So there are two executors behind one
+`Tx`: on a SQLite file whose schema is current, `SqliteExecutor` runs statements on the
+standard library's sqlite3 with the settings `Database` uses. Anything else — another
+backend, a database to create, migrate or refuse — goes to `SqlAlchemyExecutor`, which
+runs the very same SQL text on a SQLAlchemy Core connection from `Database` (which
+checks the schema first); no ORM session is involved. The SQL is portable, and both
+bind and read values by one table (`convert`), so what they read or write is the same.
 """
 
 from __future__ import annotations
 
-import json
 import random
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from datetime import UTC, datetime
-from enum import Enum
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import quote
 
 from dispatch.errors import EnvironmentProblem
+from dispatch.store.convert import stored_time, to_engine, to_sqlite
 from dispatch.store.revisions import HEAD_REVISION
 
 if TYPE_CHECKING:
-    from sqlalchemy.orm import Session
+    from sqlalchemy.engine import Connection
+    from sqlalchemy.sql.elements import TextClause
 
     from dispatch.store.database import Database
 
@@ -43,8 +44,6 @@ BUSY_TIMEOUT_MS = 50
 WRITE_PATIENCE_SECONDS = 30.0
 # Rows fetched at a time by `Tx.stream`.
 STREAM_BATCH = 500
-# How SQLAlchemy keeps a DateTime in SQLite; the two ways of writing must agree.
-_SQLITE_TIME = "%Y-%m-%d %H:%M:%S.%f"
 
 
 # PostgreSQL's "try the transaction again" codes: a deadlock between two writers that
@@ -118,11 +117,11 @@ class Direct(Protocol):
 
 
 def open_direct(url: str, database: Callable[[], Database]) -> Direct:
-    """A stdlib connection to a current SQLite file, else statements through `Database`."""
+    """A stdlib connection to a current SQLite file, else a connection from `Database`."""
     connection = _open_current_sqlite(url)
     if connection is None:
-        return ThroughDatabase(database())
-    return SqliteFile(connection, url.removeprefix(_SQLITE))
+        return SqlAlchemyExecutor(database())
+    return SqliteExecutor(connection, url.removeprefix(_SQLITE))
 
 
 _SQLITE = "sqlite:///"
@@ -164,28 +163,6 @@ def configure_sqlite(connection: sqlite3.Connection) -> None:
     connection.execute("PRAGMA synchronous = NORMAL")
 
 
-def _sqlite_value(value: Any) -> Any:
-    """A parameter as the models would store it in SQLite."""
-    kind = type(value)
-    if value is None or kind in _AS_IS:
-        return value
-    if isinstance(value, datetime):
-        if value.tzinfo is None:
-            raise ValueError("naive datetime given to a UTC column")
-        if value.tzinfo is not UTC:
-            value = value.astimezone(UTC)
-        # _SQLITE_TIME, at half strftime's cost: "YYYY-MM-DD HH:MM:SS.ffffff" (+00:00 cut).
-        return value.isoformat(" ", "microseconds")[:26]
-    if isinstance(value, dict | list):
-        return json.dumps(value)  # what SQLAlchemy's JSON type writes
-    if isinstance(value, Enum):
-        return value.value
-    return value
-
-
-_AS_IS = {int, str, float, bool, bytes}
-
-
 class _SqliteTx:
     dialect = "sqlite"
 
@@ -193,7 +170,7 @@ class _SqliteTx:
         self._connection = connection
 
     def _execute(self, sql: str, params: Params | None) -> sqlite3.Cursor:
-        values = {k: _sqlite_value(v) for k, v in (params or {}).items()}
+        values = {k: to_sqlite(v) for k, v in (params or {}).items()}
         return self._connection.execute(sql, values)
 
     def rows(self, sql: str, params: Params | None = None) -> list[Sequence[Any]]:
@@ -209,7 +186,9 @@ class _SqliteTx:
         return self._execute(sql, params).rowcount
 
 
-class SqliteFile:
+class SqliteExecutor:
+    """Statements on the standard library's sqlite3, over one connection to a current file."""
+
     def __init__(self, connection: sqlite3.Connection, path: str) -> None:
         self._connection = connection
         self._path = path
@@ -254,95 +233,65 @@ class SqliteFile:
         self._connection.close()
 
 
-class ThroughDatabase:
+class SqlAlchemyExecutor:
+    """Statements on a SQLAlchemy Core connection in one of `Database`'s transactions."""
+
     def __init__(self, database: Database) -> None:
         self._database = database
 
     def read(self, work: Callable[[Tx], T]) -> T:
-        return self._database.read(lambda s: work(_SessionTx(s)))
+        return self._database.read(lambda conn: work(_ConnectionTx(conn)))
 
     def write(self, work: Callable[[Tx], T]) -> T:
-        return self._database.write(lambda s: work(_SessionTx(s)))
+        return self._database.write(lambda conn: work(_ConnectionTx(conn)))
 
     def close(self) -> None:
         pass  # the Database is the App's to dispose of
 
 
-class _SessionTx:
-    def __init__(self, session: Session) -> None:
-        self._session = session
-        bind = session.get_bind()
-        self.dialect: str = bind.dialect.name
+class _ConnectionTx:
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+        self.dialect: str = connection.dialect.name
 
-    def _execute(self, sql: str, params: Params | None) -> Any:
-        values = {k: v.value if isinstance(v, Enum) else v for k, v in (params or {}).items()}
-        return self._session.execute(_text(sql, values), values)
+    def _statement(self, sql: str, params: Params | None) -> tuple[TextClause, dict[str, Any]]:
+        """The statement and its parameters, bound by the conversion table as the models
+        bind them: on SQLite the very values the stdlib executor binds."""
+        from sqlalchemy import JSON, DateTime, bindparam, text
+
+        if self.dialect == "sqlite":
+            return text(sql), {k: to_sqlite(v) for k, v in (params or {}).items()}
+        values = {k: to_engine(v) for k, v in (params or {}).items()}
+        typed = [
+            bindparam(k, type_=DateTime() if isinstance(v, datetime) else JSON())
+            for k, v in values.items()
+            if isinstance(v, datetime | dict | list)
+        ]
+        return text(sql).bindparams(*typed), values
 
     def rows(self, sql: str, params: Params | None = None) -> list[Sequence[Any]]:
-        return list(self._execute(sql, params).all())
+        return list(self._connection.execute(*self._statement(sql, params)).all())
 
     def stream(self, sql: str, params: Params | None = None) -> Iterator[Sequence[Any]]:
-        values = {k: v.value if isinstance(v, Enum) else v for k, v in (params or {}).items()}
         # A server-side cursor where the driver has one (psycopg): rows arrive in batches.
-        result = self._session.execute(
-            _text(sql, values), values, execution_options={"yield_per": STREAM_BATCH}
+        result = self._connection.execute(
+            *self._statement(sql, params), execution_options={"yield_per": STREAM_BATCH}
         )
         for batch in result.partitions():
             yield from batch
 
     def change(self, sql: str, params: Params | None = None) -> int:
-        return int(self._execute(sql, params).rowcount)
-
-
-def _text(sql: str, params: Params) -> Any:
-    """The statement for SQLAlchemy, its timestamps and JSON bound the way the models bind them."""
-    from sqlalchemy import JSON, bindparam, text
-
-    from dispatch.store.models import UTCDateTime
-
-    typed = [
-        bindparam(k, type_=UTCDateTime() if isinstance(v, datetime) else JSON())
-        for k, v in params.items()
-        if isinstance(v, datetime | dict | list)
-    ]
-    return text(sql).bindparams(*typed)
+        return int(self._connection.execute(*self._statement(sql, params)).rowcount)
 
 
 # -- records ----------------------------------------------------------------------------
-
-
-def json_value(value: Any) -> Any:
-    """A JSON column as read back: SQLite keeps text, other backends decode it."""
-    return json.loads(value) if isinstance(value, str) else value
-
-
-def _utc(value: Any) -> datetime | None:
-    """A stored timestamp as an aware UTC datetime (SQLite keeps text, others datetimes)."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        # Stored naive UTC; parsing it as UTC is half the cost of parsing, then replacing.
-        return datetime.fromisoformat(value + "+00:00")
-    return value.replace(tzinfo=UTC)  # type: ignore[no-any-return]
-
-
-def iso_utc(value: Any) -> str | None:
-    """A stored timestamp as the ISO 8601 text JSON output gives it (`…Z`), without
-    parsing it: `list` renders 30,000 of them. Equal to `datetime.isoformat`, which
-    leaves out a zero fraction."""
-    if value is None:
-        return None
-    if isinstance(value, str):  # SQLite: "YYYY-MM-DD HH:MM:SS.ffffff", naive UTC
-        text = value.replace(" ", "T", 1)
-        return text.removesuffix(".000000") + "Z"
-    return value.replace(tzinfo=UTC).isoformat().replace("+00:00", "Z")  # type: ignore[no-any-return]
 
 
 def records(
     kind: type[R],
     rows: Sequence[Sequence[Any]],
     times: Sequence[str],
-    convert: Callable[[Any], Any] = _utc,
+    convert: Callable[[Any], Any] = stored_time,
 ) -> list[R]:
     """Rows as `kind`, their `times` columns converted (to aware UTC datetimes)."""
     fields: tuple[str, ...] = kind._fields  # type: ignore[attr-defined]

@@ -1,8 +1,13 @@
-"""SQLAlchemy 2.x models for tasks, attempts, events and agent sessions (SPEC §1)."""
+"""SQLAlchemy 2.x models for tasks, attempts, events and agent sessions (SPEC §1).
+
+They are the schema: what the migrations are checked against and what the schema tests
+read and write as an independent witness. Dispatch itself runs SQL text (`statements`):
+of its own code only the migrations import them."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -22,6 +27,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from dispatch.clock import utcnow
+from dispatch.store.convert import naive_utc, sqlite_time, stored_time
 
 # Deterministic constraint names: Alembic's batch mode on SQLite needs them.
 NAMING_CONVENTION = {
@@ -34,20 +40,28 @@ NAMING_CONVENTION = {
 
 
 class UTCDateTime(TypeDecorator[datetime]):
-    """Aware UTC datetimes in, aware UTC datetimes out, on every backend."""
+    """Aware UTC datetimes in, aware UTC datetimes out, on every backend, converted as
+    the store's statements convert them (`convert`)."""
 
     impl = DateTime
     cache_ok = True
 
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            raise ValueError("naive datetime given to a UTC column")
-        return value.astimezone(UTC).replace(tzinfo=None)
+        return None if value is None else naive_utc(value)
+
+    def bind_processor(self, dialect: Dialect) -> Callable[[datetime | None], Any] | None:
+        if dialect.name != "sqlite":
+            return super().bind_processor(dialect)
+
+        # SQLite keeps text: written by the function the statements' executors use, not
+        # by SQLAlchemy's own DateTime, so one format holds whichever wrote the row.
+        def to_text(value: datetime | None) -> str | None:
+            return None if value is None else sqlite_time(value)
+
+        return to_text
 
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        return None if value is None else value.replace(tzinfo=UTC)
+        return stored_time(value)
 
 
 class Base(DeclarativeBase):

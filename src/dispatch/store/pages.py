@@ -11,7 +11,8 @@ from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from dispatch.store.direct import Tx, in_clause, iso_utc
+from dispatch.store.convert import iso_utc
+from dispatch.store.direct import Tx, in_clause
 from dispatch.store.statements import LATEST_HOST, TaskSummary
 
 

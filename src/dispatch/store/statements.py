@@ -14,7 +14,8 @@ from typing import Any, NamedTuple, TypedDict, Unpack
 from dispatch.clock import utcnow
 from dispatch.errors import NotFound
 from dispatch.lifecycle import AttemptState, Outcome, Status
-from dispatch.store.direct import Tx, in_clause, iso_utc, json_value, records
+from dispatch.store.convert import iso_utc, json_value
+from dispatch.store.direct import Tx, in_clause, records
 
 
 class TaskSummary(NamedTuple):

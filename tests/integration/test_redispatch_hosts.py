@@ -170,6 +170,33 @@ def test_a_host_back_with_uncommitted_changes_is_refused_and_keeps_them(
     assert not git(repo, "branch", "--list", "dispatch/1-job-3").strip()
     assert _show(cli, a)["branch"] == "dispatch/1-job-2"
 
+    # Once they are out of the way, the next redispatch there is not stuck behind the
+    # refused one: the task's branch is still on host-b.
+    (old_worktree / "notes.txt").unlink()
+    after = _on(cli, a, "redispatch", "1", "--json")
+    assert after.code == 0, after.stderr
+    assert after.json()["attempt"]["branch"] == "dispatch/1-job-4"
+    assert git(old_worktree, "branch", "--show-current").strip() == "dispatch/1-job-4"
+
+
+def test_a_detached_worktree_is_not_switched(
+    cli: Callable[..., Result], repo: Path, git: Callable[..., str], hosts: tuple[Host, Host]
+) -> None:
+    a, b = hosts
+    old_worktree = Path(_failed_on(cli, a, repo)["attempts"][0]["worktree"])
+    assert _on(cli, b, "redispatch", "1").code == 0
+    _settled(cli, b, 2)
+    git(old_worktree, "switch", "--detach", "HEAD")
+    head = git(old_worktree, "rev-parse", "HEAD").strip()
+
+    again = _on(cli, a, "redispatch", "1")
+
+    assert again.code == 6, again.stderr
+    assert f"worktree {old_worktree}: it is on {head}" in again.stderr
+    assert git(old_worktree, "rev-parse", "HEAD").strip() == head
+    assert git(old_worktree, "branch", "--show-current").strip() == ""
+    assert not git(repo, "branch", "--list", "dispatch/1-job-3").strip()
+
 
 def test_a_failed_switch_back_puts_the_worktree_on_its_old_branch(
     cli: Callable[..., Result],
@@ -199,6 +226,10 @@ def test_a_failed_switch_back_puts_the_worktree_on_its_old_branch(
     assert _files(old_worktree) == before
     assert not git(repo, "branch", "--list", "dispatch/1-job-3").strip()
     assert _show(cli, a)["branch"] == "dispatch/1-job-2"
+
+    retried = _on(cli, a, "redispatch", "1", "--json")
+    assert retried.code == 0, retried.stderr
+    assert retried.json()["attempt"]["branch"] == "dispatch/1-job-4"
 
 
 def test_a_failed_move_removes_only_what_it_made(

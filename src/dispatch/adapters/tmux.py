@@ -142,7 +142,8 @@ class TmuxTerminal:
             answer = server.cmd("list-sessions")
             if answer.returncode != 0:
                 stderr = "\n".join(answer.stderr)
-                if _no_server(stderr):
+                # A socket we may not use is no missing server: the first spawn would fail.
+                if _no_server(stderr) and "Permission denied" not in stderr:
                     return f"{version}; {where} is not running (the first run starts it)"
                 raise EnvironmentProblem(f"tmux {where} does not answer: {_last_line(stderr)}")
             ours = server.sessions.filter(session_name=session)

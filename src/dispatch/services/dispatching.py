@@ -31,9 +31,8 @@ from dispatch.errors import (
     NotFound,
     UsageError,
 )
-from dispatch.lifecycle import RETRYABLE, Action, AttemptState, Status, next_status
+from dispatch.lifecycle import RETRYABLE, Action, AttemptState, Outcome, Status, next_status
 from dispatch.services.cleanup import kill_attempt_windows, remove_created, remove_prompt, roll_back
-from dispatch.services.control import agent_processes
 from dispatch.services.intent import Intent
 from dispatch.services.naming import (
     branch_name,
@@ -43,7 +42,6 @@ from dispatch.services.naming import (
     wrapper_argv,
 )
 from dispatch.services.saga import NO_WORK, Saga, Step, StepFailed, describe, signals_interrupt
-from dispatch.services.sweep import reconcile
 from dispatch.store import statements as st
 from dispatch.store.direct import Tx
 from dispatch.store.statements import AttemptRow, TaskRow, list_tasks
@@ -390,7 +388,9 @@ def _write_intent(c: Claimed, columns: dict[str, Any] | None = None, **intent: A
 
     def work(tx: Tx) -> None:
         st.update_attempt(tx, attempt_id, **values)
-        if session is not None:
+        # Only while the attempt is the task's: one reaped or cancelled meanwhile must not
+        # replace the session its successor resumes with one that never ran.
+        if session is not None and st.get_task(tx, task.id).current_attempt_id == attempt_id:
             _use_session(tx, task, session, renew=True)
 
     c.app.direct.write(work)
@@ -430,15 +430,19 @@ def _make_worktree(c: Claimed) -> bool:
     elif moved_from is not None and registered:
         # Back on a host whose worktree of the task is still there, on the branch it had
         # here, while the task's branch moved on and is checked out on the other host:
-        # this worktree goes on a new branch from that branch's tip (SPEC §10).
+        # this worktree goes on a new branch from that branch's tip (SPEC §10). Only
+        # from a branch: a detached HEAD's commits would be left to the reflog, and it
+        # could not be switched back.
         head = git.head_ref(c.worktree)
         holder = git.branch_holder(repo, c.branch) if branch_existed else None
-        if head != c.branch and holder is not None and holder != c.worktree:
+        on_a_branch = head != c.branch and git.branch_exists(repo, head)
+        if on_a_branch and holder is not None and holder != c.worktree:
             if git.has_changes(c.worktree):
                 raise DispatchError(
                     f"worktree {c.worktree} has uncommitted changes on {head}, and the "
-                    f"task's branch {c.branch} is checked out at {holder} (commit or "
-                    "remove them, then redispatch: a new branch starts from that tip)"
+                    f"task's branch {c.branch} is checked out at {holder} (commit them to "
+                    f"{head} or remove them, then redispatch: a new branch starts from "
+                    f"{c.branch}'s tip, without them)"
                 )
             moved = _branch_for_this_host(c, git, repo, moved_from, branch_existed=True)
             switched_from = head
@@ -466,7 +470,8 @@ def _make_worktree(c: Claimed) -> bool:
         _record_branched(c, moved)
     if switched_from is not None:
         c.warnings.append(f"worktree {c.worktree} was on {switched_from}; it is on {c.branch} now")
-        if not git.switch(repo, c.worktree, c.branch, start):
+        # A successor an earlier undo kept (it has that attempt's commits) is taken up.
+        if not git.switch(repo, c.worktree, c.branch, None if branch_existed else start):
             return False
     if worktree_existed:
         if not git.is_worktree(repo, c.worktree):
@@ -479,8 +484,9 @@ def _make_worktree(c: Claimed) -> bool:
     if not git.add(repo, c.worktree, c.branch, start, new_branch=not branch_existed):
         return False
     # Trust what is there, not what the adapter said: a spawn into a missing directory
-    # would otherwise fail later, or worse, start the agent somewhere else.
-    if not (c.worktree.is_dir() and git.is_worktree(repo, c.worktree)):
+    # would otherwise fail later, or worse, start the agent somewhere else. (The adapter
+    # read git's own list to say so; a worktree's `.git` file is what there is to see.)
+    if not (c.worktree.is_dir() and (c.worktree / ".git").is_file()):
         raise DispatchError(f"git reported worktree {c.worktree} made, but it is not there")
     return True
 
@@ -492,7 +498,13 @@ def _moved_from(c: Claimed) -> str | None:
     task_id, attempt_id = c.task.id, c.attempt_id
 
     def work(tx: Tx) -> str | None:
-        earlier = [a for a in st.attempts_of(tx, task_id) if a.id < attempt_id]
+        # An attempt rolled back (or refused) on its way in leaves the task where the
+        # one before it left it: the host of that one is where the task's branch is.
+        earlier = [
+            a
+            for a in st.attempts_of(tx, task_id)
+            if a.id < attempt_id and a.outcome != Outcome.DISPATCH_FAILED.value
+        ]
         return earlier[-1].host if earlier else None
 
     previous = c.app.direct.read(work)
@@ -676,7 +688,8 @@ def _confirm(c: Claimed, waiter: Waiter | None) -> bool:
     app, attempt_id, window = c.app, c.attempt_id, c.window_id
     timeout = app.settings.spawn_timeout
     deadline = time.monotonic() + timeout
-    next_window_check = 0.0
+    # spawn saw the window just now: the first look is due a period from now
+    next_window_check = time.monotonic() + WINDOW_CHECK_SECONDS
     while True:
         attempt = _attempt(c)
         if _started(attempt):
@@ -896,6 +909,9 @@ def run_next(app: App, limit: int, *, reap: bool = True) -> RunNext:
     not use up its whole failure allowance at once, nor block the tasks behind it.
     """
     if reap:
+        # Imported here: `run TASK`, which every benchmark of a dispatch times, needs neither.
+        from dispatch.services.sweep import reconcile
+
         reconcile(app)  # a dead agent's task must not count against max_running
     run = RunNext()
     tried: set[int] = set()
@@ -960,6 +976,8 @@ def _refuse_while_alive(app: App, task_id: int) -> None:
         return  # a running attempt is refused by the claim, with its window named
     if latest.host != app.settings.host:
         return  # nothing here can see that host's processes
+    from dispatch.services.control import agent_processes
+
     alive = agent_processes(app, latest)
     if alive:
         pids = " ".join(map(str, sorted(alive)))

@@ -44,12 +44,17 @@ class _Plan:
     notices: list[str]
 
 
-def cancel_task(app: App, task_id: int, *, reason: str | None = None) -> TaskView:
+def cancel_task(
+    app: App, task_id: int, *, reason: str | None = None, expected_attempt: int | None = None
+) -> TaskView:
     """Stop the agent (Ctrl-C, the window's hangup, then its processes), and only once
-    none of them is left record the attempt and task `cancelled`; idempotent."""
+    none of them is left record the attempt and task `cancelled`; idempotent. With
+    `expected_attempt`, only while the task's latest attempt is that one."""
 
     def request(tx: Tx) -> _Plan:
         task = st.get_task(tx, task_id)
+        if expected_attempt is not None:
+            st.expect_latest_attempt(tx, task, expected_attempt)
         status = Status(task.status)
         if status is Status.CANCELLED:
             return _Plan(task, None, [f"task {task_id} is already cancelled"])

@@ -228,7 +228,7 @@ def _claim_named(d: Dispatch, task_id: int, fixed: _ClaimValues) -> Claimed:
     def check(tx: Tx) -> TaskRow:
         task = st.get_task(tx, task_id)
         if d.expected_attempt is not None:
-            check_attempt_number(tx, task, d.expected_attempt)
+            st.expect_latest_attempt(tx, task, d.expected_attempt)
         if task.status == Status.IN_PROGRESS.value:
             raise _running_conflict(tx, task)
         return task
@@ -352,19 +352,6 @@ def _pick(tx: Tx, d: Dispatch, agents: Mapping[str, object]) -> TaskRow | None:
         if task is None or os.path.isdir(task.repo):
             return task  # the usual case: one statement
         absent.add(task.repo)  # one more statement per repository missing here
-
-
-def check_attempt_number(tx: Tx, task: TaskRow, expected: int) -> None:
-    """Conflict when the task's latest attempt is not number `expected` (0: none yet):
-    the caller acted on a state the task has since left."""
-    latest = st.latest_attempt(tx, task.id)
-    number = latest.number if latest else 0
-    if number != expected:
-        now = f"attempt {number} ({task.status})" if latest else f"no attempt ({task.status})"
-        raise Conflict(
-            f"task {task.id} has moved on: it is at {now}, the page showed attempt {expected}",
-            hint="look again before acting",
-        )
 
 
 def _running_conflict(tx: Tx, task: TaskRow) -> Conflict:

@@ -11,7 +11,6 @@ from typing import Any
 from dispatch.app import App
 from dispatch.errors import NotFound
 from dispatch.services.control import log_path
-from dispatch.services.dispatching import check_attempt_number
 from dispatch.services.sweep import reconcile
 from dispatch.services.tasks import task_query
 from dispatch.store import pages
@@ -66,12 +65,6 @@ def events_after(
 
 def last_event_id(app: App) -> int:
     return app.direct.read(st.last_event_id)
-
-
-def check_expected_attempt(app: App, task_id: int, expected: int) -> None:
-    """Conflict when the task's latest attempt is not number `expected` (0: none yet).
-    A redispatch checks it in its own claim instead (`redispatch(expected_attempt=…)`)."""
-    app.direct.read(lambda tx: check_attempt_number(tx, st.get_task(tx, task_id), expected))
 
 
 def log_tail(app: App, task_id: int, number: int | None, tail: int | None) -> bytes:

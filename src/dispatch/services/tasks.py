@@ -286,11 +286,14 @@ def follow_event_log(
         time.sleep(poll)
 
 
-def reset_task(app: App, task_id: int) -> TaskRow:
-    """A failed, incomplete, interrupted or cancelled task back to `ready`."""
+def reset_task(app: App, task_id: int, *, expected_attempt: int | None = None) -> TaskRow:
+    """A failed, incomplete, interrupted or cancelled task back to `ready`; with
+    `expected_attempt`, only while the task's latest attempt is that one."""
 
     def work(tx: Tx) -> TaskRow:
         task = st.get_task(tx, task_id)
+        if expected_attempt is not None:
+            st.expect_latest_attempt(tx, task, expected_attempt)
         current = Status(task.status)
         target = next_status(
             current, Action.RESET, closed=task.closed_at is not None, task_id=task_id

@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any, NamedTuple, TypedDict, Unpack
 
 from dispatch.clock import utcnow
-from dispatch.errors import NotFound
+from dispatch.errors import Conflict, NotFound
 from dispatch.lifecycle import AttemptState, Outcome, Status
 from dispatch.store.convert import iso_utc, json_value
 from dispatch.store.direct import Tx, in_clause, records
@@ -392,6 +392,20 @@ def _ready_where() -> tuple[str, dict[str, Any]]:
 def _skip_locked(tx: Tx) -> str:
     """Rows another claimer holds are passed over, never waited for (PostgreSQL)."""
     return "" if tx.dialect == "sqlite" else " FOR UPDATE SKIP LOCKED"
+
+
+def expect_latest_attempt(tx: Tx, task: TaskRow, expected: int) -> None:
+    """Conflict when the task's latest attempt is not number `expected` (0: none yet):
+    the caller (the monitor's page) acted on a state the task has since left. Checked
+    inside the transaction that acts, so nothing can start in between."""
+    latest = latest_attempt(tx, task.id)
+    number = latest.number if latest else 0
+    if number != expected:
+        now = f"attempt {number} ({task.status})" if latest else f"no attempt ({task.status})"
+        raise Conflict(
+            f"task {task.id} has moved on: it is at {now}, the page showed attempt {expected}",
+            hint="look again before acting",
+        )
 
 
 def lock_task(tx: Tx, task_id: int) -> None:

@@ -103,15 +103,8 @@ async def diff(request: Request) -> Response:
 
 
 def _expected_attempt(request: Request) -> int | None:
+    """The attempt the page last saw: each action checks it in its own transaction."""
     return _int("expected_attempt", request.query_params.get("expected_attempt"))
-
-
-async def _expected(request: Request, task_id: int) -> None:
-    from dispatch.services.monitor import check_expected_attempt
-
-    expected = _expected_attempt(request)
-    if expected is not None:
-        await call(check_expected_attempt, _app(request), task_id, expected)
 
 
 async def redispatch(request: Request) -> Response:
@@ -119,8 +112,6 @@ async def redispatch(request: Request) -> Response:
 
     task_id = _task_id(request)
     expected = _expected_attempt(request)
-    # Checked by the claim itself: a click on a stale page never starts a second attempt,
-    # even when another one starts between a check and the claim.
     result = await call(redispatch_service, _app(request), task_id, expected_attempt=expected)
     body = {"task_id": result.task.id, "attempt_id": result.attempt.id}
     body.update(dispatch_result_json(result))
@@ -131,8 +122,8 @@ async def cancel(request: Request) -> Response:
     from dispatch.services.control import cancel_task
 
     task_id = _task_id(request)
-    await _expected(request, task_id)
-    view = await call(cancel_task, _app(request), task_id)
+    expected = _expected_attempt(request)
+    view = await call(cancel_task, _app(request), task_id, expected_attempt=expected)
     return JSONResponse({"task": task_json(view.task), "notices": view.notices})
 
 
@@ -140,8 +131,8 @@ async def reset(request: Request) -> Response:
     from dispatch.services.tasks import reset_task
 
     task_id = _task_id(request)
-    await _expected(request, task_id)
-    row = await call(reset_task, _app(request), task_id)
+    expected = _expected_attempt(request)
+    row = await call(reset_task, _app(request), task_id, expected_attempt=expected)
     return JSONResponse({"task": task_json(row), "notices": []})
 
 

@@ -390,3 +390,22 @@ def test_the_row_records_have_every_column_of_the_models() -> None:
     """A column added to the models must be read by the statements too."""
     for row, model in ((st.TaskRow, Task), (st.AttemptRow, Attempt), (st.EventRow, Event)):
         assert set(row._fields) == set(model.__table__.columns.keys()), row.__name__
+
+
+@pytest.mark.sqlite_only
+def test_the_version_changes_with_every_commit_and_only_then(
+    make_app: Callable[..., App], repo: Path
+) -> None:
+    add_task(make_app(), "seed", repo=repo, agent="shell")  # the database, made
+    app, other = make_app(), make_app()
+    assert isinstance(app.direct, SqliteExecutor)
+    first = app.direct.version()
+    app.direct.read(lambda tx: st.list_tasks(tx))
+    assert app.direct.version() == first  # a read changes nothing
+
+    add_task(app, "ours", repo=repo, agent="shell")  # this connection's commit
+    ours = app.direct.version()
+    assert ours != first
+    add_task(other, "theirs", repo=repo, agent="shell")  # another connection's
+    assert app.direct.version() not in (first, ours)
+    assert SqlAlchemyExecutor(app.db).version() is None  # cannot tell: always read

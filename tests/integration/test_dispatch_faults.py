@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -383,6 +383,9 @@ class _ProbedDirect:
                 self.open_writes.discard(id(self))
 
         return self.real.write(tracked)
+
+    def version(self) -> Hashable | None:
+        return self.real.version()
 
     def close(self) -> None:
         self.real.close()

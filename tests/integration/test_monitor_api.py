@@ -208,6 +208,13 @@ def test_a_changed_task_lists_as_changed(serve: Serve, cli: Cli, repo: Path, env
         other: ("ready", True),
     }
     assert after.body == serve().get("/api/tasks?all=1").body
+    assert server.get("/api/tasks?all=1").body == after.body  # nothing changed since
+
+    # A change the server makes itself (SQLite does not count its own connection's
+    # commits as changes) shows on the next read too.
+    assert server.post(f"/api/tasks/{failed}/cancel").status == 200
+    cancelled = {t["id"]: t["status"] for t in server.get("/api/tasks?all=1").json()}
+    assert cancelled[failed] == "cancelled"
 
 
 def test_closed_tasks_only_with_all(serve: Serve, cli: Cli, repo: Path) -> None:

@@ -156,3 +156,18 @@ def test_the_order_indexes_are_descending_on_priority(connection: sqlite3.Connec
             if row[5]  # key columns only
         ]
         assert found == columns, name
+
+
+@pytest.mark.parametrize(
+    "query",
+    [pages.TaskQuery(), pages.TaskQuery(include_closed=True), pages.TaskQuery(statuses=("ready",))],
+)
+def test_the_monitors_board_reads_each_tasks_latest_attempt_by_its_keys(
+    connection: sqlite3.Connection, query: pages.TaskQuery
+) -> None:
+    tx = _record(connection, lambda tx: pages.stream_board(tx, query))
+    [(_, plan)] = tx.plans()
+    assert not any(step.startswith("SCAN a") or step.startswith("SCAN b") for step in plan), plan
+    assert "SEARCH a USING INTEGER PRIMARY KEY (rowid=?) LEFT-JOIN" in plan, plan
+    assert any(s.startswith("SEARCH b USING COVERING INDEX ix_attempts_task_id") for s in plan)
+    assert not any("TEMP B-TREE" in step for step in plan), plan  # no sort: the list's order

@@ -6,7 +6,7 @@ import os
 import signal
 import sqlite3
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -703,6 +703,9 @@ class _CountingDirect:
 
     def write(self, work: Callable[[Tx], Any]) -> Any:
         return self.real.write(lambda tx: work(_CountingTx(tx, self.seen)))
+
+    def version(self) -> Hashable | None:
+        return self.real.version()
 
     def close(self) -> None:
         self.real.close()

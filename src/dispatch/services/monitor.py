@@ -3,7 +3,7 @@ the diff, the log tail and the page's "expected attempt"."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +15,6 @@ from dispatch.services.sweep import reconcile
 from dispatch.services.tasks import task_query
 from dispatch.store import pages
 from dispatch.store import statements as st
-from dispatch.store.direct import Tx
 from dispatch.store.statements import AttemptSummary, EventRow, TaskSummary
 
 
@@ -26,32 +25,43 @@ class BoardRow:
 
 
 # A board row as read, before any conversion: the task's columns, then its latest
-# attempt's (None before any). Equal rows make equal JSON, so the page's server keeps
-# what it made of each and converts only the rows that changed.
-StoredRow = tuple[tuple[Any, ...], tuple[Any, ...] | None]
+# attempt's (all None before any). Equal rows make equal JSON, so the page's server
+# keeps what it made of each and converts only the rows that changed.
+StoredRow = tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class Board:
+    """The board's rows as stored, and the database's version they were read at (None
+    when the executor cannot tell): an answer made from them holds while it is the same."""
+
+    version: Hashable | None
+    rows: list[StoredRow] | None  # None: unchanged since `unchanged_since`
 
 
 def stored_board(
-    app: App, statuses: Sequence[str] = (), include_closed: bool = False
-) -> list[StoredRow]:
+    app: App,
+    statuses: Sequence[str] = (),
+    include_closed: bool = False,
+    *,
+    unchanged_since: Hashable | None = None,
+) -> Board:
     """`list`'s tasks, each with its latest attempt, as stored: read in one transaction,
-    once this host's dead agents are reaped (as every read does)."""
+    once this host's dead agents are reaped (as every read does). Not read again when
+    the database is still at `unchanged_since`."""
     query = task_query(statuses, include_closed)
     reconcile(app)
+    # Taken before the read: a commit landing during it changes the next version, so
+    # the rows are never taken for newer than they are.
+    version = app.direct.version()
+    if version is not None and version == unchanged_since:
+        return Board(version, None)
 
-    def work(tx: Tx) -> list[StoredRow]:
-        latest = st.latest_attempt_rows(tx)
-        rows = []
-        for task in pages.stream_task_rows(tx, query):
-            attempt = latest.get(task[0])
-            rows.append((tuple(task), None if attempt is None else tuple(attempt)))
-        return rows
-
-    return app.direct.read(work)
+    return Board(version, app.direct.read(lambda tx: list(pages.stream_board(tx, query))))
 
 
 def board_row(row: StoredRow) -> BoardRow:
-    task, attempt = row
+    task, attempt = pages.board_parts(row)
     return BoardRow(
         pages.task_summary(task), None if attempt is None else st.attempt_summary(attempt)
     )

@@ -17,7 +17,7 @@ import random
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import quote
@@ -113,6 +113,11 @@ class Direct(Protocol):
         (so `work` must change nothing but the database)."""
         ...
 
+    def version(self) -> Hashable | None:
+        """A value that is the same only while nothing was committed to the database
+        since (None: this executor cannot tell, so every read must be made)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -195,27 +200,40 @@ class SqliteExecutor:
         # One connection, and the wrapper's heartbeat thread shares it: one transaction
         # at a time.
         self._lock = threading.Lock()
+        # Write transactions committed on this connection, which SQLite's data_version
+        # leaves out.
+        self._commits = 0
 
     def read(self, work: Callable[[Tx], T]) -> T:
         try:
-            return self._transaction(begin_sqlite(read_only=True), work)
+            return self._transaction(work, read_only=True)
         except sqlite3.Error as exc:
             raise self._unusable(exc) from None
 
     def write(self, work: Callable[[Tx], T]) -> T:
         try:
             return retry_while_locked(
-                lambda: self._transaction(begin_sqlite(read_only=False), work),
+                lambda: self._transaction(work, read_only=False),
                 sqlite3.OperationalError,
             )
         except sqlite3.Error as exc:
             raise self._unusable(exc) from None
 
-    def _transaction(self, begin: str, work: Callable[[Tx], T]) -> T:
+    def version(self) -> Hashable:
+        """SQLite's data_version (it changes with every commit of another connection)
+        and this connection's own commits."""
+        with self._lock:
+            try:
+                (changed,) = self._connection.execute("PRAGMA data_version").fetchone()
+            except sqlite3.Error as exc:
+                raise self._unusable(exc) from None
+            return (changed, self._commits)
+
+    def _transaction(self, work: Callable[[Tx], T], *, read_only: bool) -> T:
         connection = self._connection
         with self._lock:
             try:
-                connection.execute(begin)
+                connection.execute(begin_sqlite(read_only))
                 result = work(_SqliteTx(connection))
                 connection.execute("COMMIT")
             except BaseException:
@@ -224,6 +242,10 @@ class SqliteExecutor:
                 if connection.in_transaction:
                     connection.rollback()
                 raise
+            finally:
+                # Under the lock, so that `version` never sees a commit before its count.
+                if not read_only:
+                    self._commits += 1
         return result
 
     def _unusable(self, exc: sqlite3.Error) -> EnvironmentProblem:
@@ -244,6 +266,9 @@ class SqlAlchemyExecutor:
 
     def write(self, work: Callable[[Tx], T]) -> T:
         return self._database.write(lambda conn: work(_ConnectionTx(conn)))
+
+    def version(self) -> Hashable | None:
+        return None  # a server shared by hosts says nothing cheap about what changed
 
     def close(self) -> None:
         pass  # the Database is the App's to dispose of

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 from dispatch.store.convert import iso_utc
 from dispatch.store.direct import Tx, in_clause
-from dispatch.store.statements import LATEST_HOST, TaskSummary
+from dispatch.store.statements import LATEST_HOST, AttemptSummary, TaskSummary
 
 
 class TaskQuery(NamedTuple):
@@ -88,6 +88,44 @@ def task_summary(row: Sequence[Any]) -> TaskSummary:
     for i in _SUMMARY_TIMES:
         values[i] = iso_utc(values[i])
     return TaskSummary._make(values)
+
+
+# The monitor's board: each task with its latest attempt, in one statement (and the
+# task's host is that attempt's, not a second probe). Attempt columns, after the task's.
+_BOARD_COLUMNS = ", ".join(
+    [*(f"tasks.{c}" for c in TaskSummary._fields[:-1]), "a.host"]
+    + [f"a.{c}" for c in AttemptSummary._fields]
+)
+
+
+def board_sql(q: TaskQuery) -> tuple[str, dict[str, Any]]:
+    """The statement `stream_board` runs (the query-plan test reads it)."""
+    if q.repo is not None or q.agent is not None or q.host is not None:
+        raise ValueError("the board filters by status and closed only")
+    where, params = _task_where(q)
+    sql = (
+        f"SELECT {_BOARD_COLUMNS} FROM tasks"
+        " LEFT JOIN attempts a ON a.id ="
+        " (SELECT MAX(b.id) FROM attempts b WHERE b.task_id = tasks.id)"
+        f"{where} ORDER BY tasks.priority DESC, tasks.id"
+    )
+    return sql, params
+
+
+def stream_board(tx: Tx, q: TaskQuery) -> Iterator[tuple[Any, ...]]:
+    """Each task's row as `stream_task_rows` reads it, then its latest attempt's row as
+    stored (all None before any), in `list`'s order: `board_parts` splits one."""
+    sql, params = board_sql(q)
+    return map(tuple, tx.stream(sql, params))
+
+
+_TASK_WIDTH = len(TaskSummary._fields)
+
+
+def board_parts(row: Sequence[Any]) -> tuple[Sequence[Any], Sequence[Any] | None]:
+    """A board row's task and latest attempt (None before any)."""
+    attempt = row[_TASK_WIDTH:]
+    return row[:_TASK_WIDTH], None if attempt[0] is None else attempt
 
 
 def count_tasks(tx: Tx, q: TaskQuery) -> int:

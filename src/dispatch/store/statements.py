@@ -720,24 +720,6 @@ class AttemptSummary(NamedTuple):
 _SUMMARY_TIMES = ("started_at", "ended_at", "heartbeat_at")
 
 
-def latest_attempts(tx: Tx) -> dict[int, AttemptSummary]:
-    """Each task's newest attempt, by task id: one statement whatever the number of tasks.
-    The times stay text, as in `list_tasks`: the monitor lists thousands of them."""
-    return {task_id: attempt_summary(row) for task_id, row in latest_attempt_rows(tx).items()}
-
-
-def latest_attempt_rows(tx: Tx) -> dict[int, Sequence[Any]]:
-    """`latest_attempts`' rows as stored, before any conversion."""
-    sql = (
-        f"SELECT {', '.join(AttemptSummary._fields)} FROM attempts"
-        " WHERE id IN (SELECT MAX(id) FROM attempts GROUP BY task_id)"
-    )
-    return {row[_TASK_ID]: row for row in tx.rows(sql)}
-
-
-_TASK_ID = AttemptSummary._fields.index("task_id")
-
-
 def attempt_summary(row: Sequence[Any]) -> AttemptSummary:
     return records(AttemptSummary, [row], _SUMMARY_TIMES, convert=iso_utc)[0]
 

@@ -63,8 +63,6 @@ async def health(request: Request) -> Response:
 
 
 async def tasks(request: Request) -> Response:
-    from dispatch.services.monitor import stored_board
-
     statuses = request.query_params.getlist("status")
     include_closed = request.query_params.get("all", "") not in ("", "0", "false")
     app = _app(request)
@@ -72,7 +70,7 @@ async def tasks(request: Request) -> Response:
 
     def render() -> bytes:
         # Thousands of rows: read and encoded in the worker thread too, not on the loop.
-        return board.encode(stored_board(app, statuses, include_closed))
+        return board.answer(app, statuses, include_closed)
 
     return Response(await call(render), media_type="application/json")
 

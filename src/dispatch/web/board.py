@@ -1,19 +1,24 @@
-"""The task list's JSON, kept row by row between requests.
+"""The task list's JSON, kept between requests.
 
 A page asks for the whole list on every load and reconnect, and with 10,000 tasks
-shaping and encoding them cost more than reading them. Between two requests few rows
-change, and a row read the same gives the same JSON: each row's text is kept under the
-row exactly as stored, and only rows read differently are shaped again. Only the rows
-of the last answer are kept, so memory follows the list, not its history.
+shaping and encoding them cost more than reading them. Two things are kept:
+
+- the last answer, with the database version it was read at: while nothing has been
+  committed since (SQLite says so for the cost of one pragma), it is the answer;
+- each row's text, under the row exactly as stored: a row read the same gives the
+  same JSON, so only the rows read differently are shaped again. Only the rows of the
+  last answer are kept, so memory follows the list, not its history.
 """
 
 from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
 
-from dispatch.services.monitor import StoredRow, board_row
+from dispatch.app import App
+from dispatch.services.monitor import StoredRow, board_row, stored_board
 from dispatch.shapes import attempt_json, task_json
 
 
@@ -24,10 +29,33 @@ def _encode(row: StoredRow) -> bytes:
     return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
 
 
+@dataclass(frozen=True)
+class _Answer:
+    asked: tuple[tuple[str, ...], bool]  # the statuses and whether closed tasks count
+    version: Hashable
+    body: bytes
+
+
 class BoardJson:
     def __init__(self) -> None:
         self._kept: dict[StoredRow, bytes] = {}
+        self._answer: _Answer | None = None
         self._lock = threading.Lock()
+
+    def answer(self, app: App, statuses: Sequence[str], include_closed: bool) -> bytes:
+        """`GET /api/tasks`: the JSON array of the board's rows."""
+        asked = (tuple(sorted(set(statuses))), include_closed)
+        with self._lock:
+            last = self._answer
+        since = last.version if last is not None and last.asked == asked else None
+        board = stored_board(app, statuses, include_closed, unchanged_since=since)
+        if board.rows is None and last is not None:
+            return last.body
+        body = self.encode(board.rows or [])
+        with self._lock:
+            if board.version is not None:
+                self._answer = _Answer(asked, board.version, body)
+        return body
 
     def encode(self, rows: Sequence[StoredRow]) -> bytes:
         """The JSON array of `rows`, byte for byte what one `json.dumps` of them gives."""

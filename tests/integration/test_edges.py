@@ -3,13 +3,15 @@ missing profile, session ids after a reset, and what `run --json` shows."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
 from pathlib import Path
 
-from dispatch.services.dispatching import Dispatch, claim
+from dispatch.services.dispatching import Dispatch, _write_intent, claim
 from dispatch.services.tasks import add_task
+from dispatch.store import statements as st
 from tests.conftest import Cli, Env, MakeApp
 from tests.faults import agent_profile, events, write_config
 from tests.integration.recovery_helpers import rows, running, task_row, wait_for
@@ -102,6 +104,8 @@ def test_run_after_a_reset_starts_a_new_session_and_redispatch_keeps_it(
     assert cli("reset", str(task_id)).code == 0
     assert cli("run", str(task_id)).code == 0
     wait_for(lambda: task_row(env, task_id)["status"] == "failed", "the third failure")
+    assert cli("redispatch", str(task_id)).code == 0
+    wait_for(lambda: task_row(env, task_id)["status"] == "failed", "the fourth failure")
 
     sessions = [
         r["session_id"]
@@ -109,6 +113,33 @@ def test_run_after_a_reset_starts_a_new_session_and_redispatch_keeps_it(
     ]
     assert sessions[0] == sessions[1]  # the redispatch resumed the same session
     assert sessions[2] != sessions[1]  # the run after the reset started over
+    assert sessions[3] == sessions[2]  # and its new session is the one resumed next
+
+
+def test_a_run_superseded_before_its_worktree_does_not_replace_the_session(
+    make_app: MakeApp, repo: Path, env: Env
+) -> None:
+    # A run's new session is recorded with its first intent, and only while its attempt
+    # is still the task's: one reaped meanwhile must not replace what its successor resumes.
+    app = make_app()
+    task_id = add_task(app, "t", repo=repo, agent="shell").id
+    d = Dispatch(app, task_id)
+    assert claim(d) and d.claimed is not None
+    claimed = d.claimed
+    assert claimed.new_session is not None
+    app.direct.write(lambda tx: st.update_task(tx, task_id, current_attempt_id=None))
+
+    _write_intent(claimed, repo=str(repo))
+
+    assert rows(env, "SELECT session_id FROM agent_sessions") == []
+    intent = rows(env, "SELECT intent FROM attempts WHERE id = ?", claimed.attempt_id)
+    assert json.loads(intent[0]["intent"])["repo"] == str(repo)  # the intent itself is kept
+
+    # While it is the task's, the same write records the session.
+    app.direct.write(lambda tx: st.update_task(tx, task_id, current_attempt_id=claimed.attempt_id))
+    claimed.new_session = "s-1"
+    _write_intent(claimed, repo=str(repo))
+    assert [r["session_id"] for r in rows(env, "SELECT session_id FROM agent_sessions")] == ["s-1"]
 
 
 def test_run_json_shows_the_task_with_its_attempts(cli: Cli, repo: Path, env: Env) -> None:

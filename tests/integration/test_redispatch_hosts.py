@@ -85,6 +85,21 @@ def _failed_on(cli: Callable[..., Result], host: Host, repo: Path) -> dict[str, 
     return shown
 
 
+def _redispatch_failing_at_spawn(host: Host, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Task 1 redispatched on `host` with a tmux whose new-window fails: rolled back."""
+    for key, value in host.environ.items():
+        monkeypatch.setenv(key, value)
+    base = App(load_settings())
+    terminal = Faulty(base.terminal, spawn=raises(tool_failed("tmux")))
+    app = App(load_settings(), terminal_=terminal)
+    try:
+        with pytest.raises(DispatchRolledBack, match="failed at spawn"):
+            redispatch(app, 1)
+    finally:
+        app.close()
+        base.close()
+
+
 @pytest.fixture
 def hosts(env: Env) -> tuple[Host, Host]:
     return _host(env, "host-a"), _host(env, "host-b")
@@ -210,17 +225,7 @@ def test_a_failed_switch_back_puts_the_worktree_on_its_old_branch(
     assert _on(cli, b, "redispatch", "1").code == 0
     _settled(cli, b, 2)
     before = _files(old_worktree)
-    for key, value in a.environ.items():
-        monkeypatch.setenv(key, value)
-    base = App(load_settings())
-    terminal = Faulty(base.terminal, spawn=raises(tool_failed("tmux")))
-    app = App(load_settings(), terminal_=terminal)
-    try:
-        with pytest.raises(DispatchRolledBack, match="failed at spawn"):
-            redispatch(app, 1)
-    finally:
-        app.close()
-        base.close()
+    _redispatch_failing_at_spawn(a, monkeypatch)
 
     assert git(old_worktree, "branch", "--show-current").strip() == "dispatch/1-job"
     assert _files(old_worktree) == before
@@ -244,17 +249,7 @@ def test_a_failed_move_removes_only_what_it_made(
     first = _failed_on(cli, a, repo)["attempts"][0]
     old_worktree = Path(first["worktree"])
     before = _files(old_worktree)
-    for key, value in b.environ.items():
-        monkeypatch.setenv(key, value)
-    base = App(load_settings())
-    terminal = Faulty(base.terminal, spawn=raises(tool_failed("tmux")))
-    app = App(load_settings(), terminal_=terminal)
-    try:
-        with pytest.raises(DispatchRolledBack, match="failed at spawn"):
-            redispatch(app, 1)
-    finally:
-        app.close()
-        base.close()
+    _redispatch_failing_at_spawn(b, monkeypatch)
 
     shown = _show(cli, b)
     assert shown["status"] == "failed"

@@ -13,9 +13,15 @@ export function token() {
   return sessionStorage.getItem(KEY);
 }
 
+/** Whether `err` is the server's answer with this HTTP status. */
+export function answered(err, status) {
+  return err?.name === "ApiError" && err.status === status;
+}
+
 export class ApiError extends Error {
   constructor(status, body) {
     super(body?.error?.message ?? `the server answered ${status}`);
+    this.name = "ApiError";
     this.status = status;
     this.code = body?.error?.code;
     this.kind = body?.error?.kind;

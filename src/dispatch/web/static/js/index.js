@@ -1,6 +1,6 @@
 // The tasks page: the table, its filters, and the stream that keeps it current.
 
-import { ApiError, get, headers, token } from "./api.js";
+import { answered, get, headers, token } from "./api.js";
 import { follow } from "./stream.js";
 import { STATUSES, TaskTable, age } from "./table.js";
 
@@ -91,7 +91,7 @@ async function main() {
       say("");
       if (pending.size) schedule(); // changes heard while the list was on its way
     } catch (err) {
-      say(err instanceof ApiError && err.status === 401
+      say(answered(err, 401)
         ? "The token was refused: open the URL that `dispatch serve` printed."
         : `Cannot load the tasks: ${err.message}`);
     }

@@ -1,7 +1,7 @@
 // The tasks table: one row a task, kept in step with the server by `refresh(id)`.
 
 import { buttonsFor } from "./actions.js";
-import { ApiError, get, latest } from "./api.js";
+import { answered, get, latest } from "./api.js";
 
 export const STATUSES = ["ready", "in-progress", "failed", "incomplete", "interrupted", "cancelled", "done"];
 
@@ -30,7 +30,7 @@ export function age(iso) {
 function cell(content, className = "") {
   const td = document.createElement("td");
   if (className) td.className = className;
-  if (content instanceof Node) td.append(content);
+  if (typeof content === "object" && content !== null) td.append(content); // an element
   else td.textContent = content ?? "";
   return td;
 }
@@ -66,7 +66,7 @@ export class TaskTable {
       if (task.closed) this.remove(id); // the table shows open tasks, as `dispatch list`
       else this.put({ ...task, attempt: latest(attempts) });
     } catch (err) {
-      if (err instanceof ApiError && err.status === 404) this.remove(id);
+      if (answered(err, 404)) this.remove(id);
     }
   }
 

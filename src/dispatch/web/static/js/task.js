@@ -2,7 +2,7 @@
 // (followed while it runs) and what its agent changed.
 
 import { buttonsFor } from "./actions.js";
-import { ApiError, get, getText, headers, latest, token } from "./api.js";
+import { answered, get, getText, headers, latest, token } from "./api.js";
 import { render as renderDiff } from "./diff.js";
 import { follow } from "./stream.js";
 import { chip } from "./table.js";
@@ -101,7 +101,7 @@ async function loadLog() {
     if (box.textContent !== text) box.textContent = text;
     if (atEnd) box.scrollTop = box.scrollHeight;
   } catch (err) {
-    box.textContent = err instanceof ApiError && err.status === 404 ? "(no log yet)" : err.message;
+    box.textContent = answered(err, 404) ? "(no log yet)" : err.message;
   }
   if (running) logTimer = setTimeout(loadLog, 1000);
 }

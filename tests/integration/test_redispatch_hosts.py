@@ -85,6 +85,15 @@ def _failed_on(cli: Callable[..., Result], host: Host, repo: Path) -> dict[str, 
     return shown
 
 
+def _moved(cli: Callable[..., Result], a: Host, b: Host, repo: Path) -> Path:
+    """Task 1 failed on `a`, then redispatched on `b` (a shared repository: onto a new
+    branch) and ended there; `a`'s worktree of it, which is still on the first branch."""
+    old_worktree = Path(_failed_on(cli, a, repo)["attempts"][0]["worktree"])
+    assert _on(cli, b, "redispatch", "1").code == 0
+    _settled(cli, b, 2)
+    return old_worktree
+
+
 def _redispatch_failing_at_spawn(host: Host, monkeypatch: pytest.MonkeyPatch) -> None:
     """Task 1 redispatched on `host` with a tmux whose new-window fails: rolled back."""
     for key, value in host.environ.items():
@@ -170,9 +179,7 @@ def test_a_host_back_with_uncommitted_changes_is_refused_and_keeps_them(
     cli: Callable[..., Result], repo: Path, git: Callable[..., str], hosts: tuple[Host, Host]
 ) -> None:
     a, b = hosts
-    old_worktree = Path(_failed_on(cli, a, repo)["attempts"][0]["worktree"])
-    assert _on(cli, b, "redispatch", "1").code == 0
-    _settled(cli, b, 2)
+    old_worktree = _moved(cli, a, b, repo)
     (old_worktree / "notes.txt").write_text("mine\n")
     before = _files(old_worktree)
 
@@ -198,9 +205,7 @@ def test_a_detached_worktree_is_not_switched(
     cli: Callable[..., Result], repo: Path, git: Callable[..., str], hosts: tuple[Host, Host]
 ) -> None:
     a, b = hosts
-    old_worktree = Path(_failed_on(cli, a, repo)["attempts"][0]["worktree"])
-    assert _on(cli, b, "redispatch", "1").code == 0
-    _settled(cli, b, 2)
+    old_worktree = _moved(cli, a, b, repo)
     git(old_worktree, "switch", "--detach", "HEAD")
     head = git(old_worktree, "rev-parse", "HEAD").strip()
 
@@ -221,9 +226,7 @@ def test_a_failed_switch_back_puts_the_worktree_on_its_old_branch(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     a, b = hosts
-    old_worktree = Path(_failed_on(cli, a, repo)["attempts"][0]["worktree"])
-    assert _on(cli, b, "redispatch", "1").code == 0
-    _settled(cli, b, 2)
+    old_worktree = _moved(cli, a, b, repo)
     before = _files(old_worktree)
     _redispatch_failing_at_spawn(a, monkeypatch)
 

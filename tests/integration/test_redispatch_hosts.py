@@ -23,7 +23,16 @@ from dispatch.config import load_settings
 from dispatch.errors import DispatchRolledBack
 from dispatch.services.dispatching import redispatch
 from tests.conftest import BASE_CONFIG, Env, Result
-from tests.faults import Faulty, committer_profile, raises, tool_failed, wait_for
+from tests.faults import (
+    Fault,
+    Faulty,
+    committer_profile,
+    raises,
+    returns,
+    tool_failed,
+    wait_for,
+    works_then_raises,
+)
 
 
 @dataclass
@@ -94,19 +103,43 @@ def _moved(cli: Callable[..., Result], a: Host, b: Host, repo: Path) -> Path:
     return old_worktree
 
 
-def _redispatch_failing_at_spawn(host: Host, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Task 1 redispatched on `host` with a tmux whose new-window fails: rolled back."""
+def _redispatch_failing(
+    host: Host,
+    monkeypatch: pytest.MonkeyPatch,
+    step: str = "spawn",
+    *,
+    git: dict[str, Fault] | None = None,
+    tmux: dict[str, Fault] | None = None,
+) -> None:
+    """Task 1 redispatched on `host` with faults in git or tmux (by default, a tmux
+    whose new-window fails): rolled back at `step`."""
     for key, value in host.environ.items():
         monkeypatch.setenv(key, value)
+    if git is None and tmux is None:
+        tmux = {"spawn": raises(tool_failed("tmux"))}
     base = App(load_settings())
-    terminal = Faulty(base.terminal, spawn=raises(tool_failed("tmux")))
-    app = App(load_settings(), terminal_=terminal)
+    app = App(
+        load_settings(),
+        worktrees_=Faulty(base.worktrees, **(git or {})),
+        terminal_=Faulty(base.terminal, **(tmux or {})),
+    )
     try:
-        with pytest.raises(DispatchRolledBack, match="failed at spawn"):
+        with pytest.raises(DispatchRolledBack, match=f"failed at {step}"):
             redispatch(app, 1)
     finally:
         app.close()
         base.close()
+
+
+def _once(fault: Fault) -> Fault:
+    """`fault` on the first call only: the undo's own calls then work."""
+    calls: list[None] = []
+
+    def once(real: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        calls.append(None)
+        return fault(real, *args, **kwargs) if len(calls) == 1 else real(*args, **kwargs)
+
+    return once
 
 
 @pytest.fixture
@@ -228,7 +261,7 @@ def test_a_failed_switch_back_puts_the_worktree_on_its_old_branch(
     a, b = hosts
     old_worktree = _moved(cli, a, b, repo)
     before = _files(old_worktree)
-    _redispatch_failing_at_spawn(a, monkeypatch)
+    _redispatch_failing(a, monkeypatch)
 
     assert git(old_worktree, "branch", "--show-current").strip() == "dispatch/1-job"
     assert _files(old_worktree) == before
@@ -252,7 +285,7 @@ def test_a_failed_move_removes_only_what_it_made(
     first = _failed_on(cli, a, repo)["attempts"][0]
     old_worktree = Path(first["worktree"])
     before = _files(old_worktree)
-    _redispatch_failing_at_spawn(b, monkeypatch)
+    _redispatch_failing(b, monkeypatch)
 
     shown = _show(cli, b)
     assert shown["status"] == "failed"
@@ -303,3 +336,37 @@ def test_a_clone_without_the_branch_starts_it_from_base_ref(
     assert (worktree / "work.txt").read_text() == "work\n"
     assert _files(old_worktree) == before
     assert git(host_a_clone, "rev-parse", "--verify", "dispatch/1-job")
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        raises(RuntimeError("no space left on device")),  # an exception
+        works_then_raises(tool_failed("git switch", "error: post-checkout hook failed")),  # exit
+        returns(False),  # a false success
+    ],
+    ids=["exception", "exit", "false success"],
+)
+def test_a_failed_switch_is_undone_and_the_next_redispatch_goes_through(
+    cli: Callable[..., Result],
+    repo: Path,
+    git: Callable[..., str],
+    hosts: tuple[Host, Host],
+    monkeypatch: pytest.MonkeyPatch,
+    fault: Fault,
+) -> None:
+    a, b = hosts
+    old_worktree = _moved(cli, a, b, repo)
+    before = _files(old_worktree)
+
+    _redispatch_failing(a, monkeypatch, "worktree", git={"switch": _once(fault)})
+
+    assert git(old_worktree, "branch", "--show-current").strip() == "dispatch/1-job"
+    assert _files(old_worktree) == before
+    assert not git(repo, "branch", "--list", "dispatch/1-job-3").strip()
+    shown = _show(cli, a)
+    assert (shown["status"], shown["branch"]) == ("failed", "dispatch/1-job-2")
+    assert shown["attempts"][-1]["outcome"] == "dispatch-failed"
+    retried = _on(cli, a, "redispatch", "1", "--json")
+    assert retried.code == 0, retried.stderr
+    assert retried.json()["attempt"]["branch"] == "dispatch/1-job-4"

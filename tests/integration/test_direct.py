@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, timedelta
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from dispatch.errors import DispatchFailed, EnvironmentProblem, NotFound
 from dispatch.lifecycle import AttemptState
 from dispatch.services.dispatching import dispatch_task
 from dispatch.services.tasks import add_task
+from dispatch.store import pages
 from dispatch.store import statements as st
 from dispatch.store.database import migrations_dir
 from dispatch.store.direct import Direct, SqlAlchemyExecutor, SqliteExecutor, Tx, open_direct
@@ -100,6 +101,30 @@ def test_list_reads_the_same_tasks_both_ways(make_app: Callable[..., App], repo:
         stored.created_at.isoformat().replace("+00:00", "Z"),
         stored.updated_at.isoformat().replace("+00:00", "Z"),
     )
+
+
+def test_the_monitors_packed_board_rows_read_back_as_their_columns(
+    make_app: Callable[..., App], repo: Path
+) -> None:
+    """On SQLite each board row is read as one JSON array text: it must give back every
+    column as reading the columns does, hostile text, NULLs and numbers alike."""
+    app = make_app()
+    ids = build_world(app, repo)
+    query = pages.TaskQuery(include_closed=True)
+    for direct in _both(app):
+
+        def read(tx: Tx) -> tuple[list[pages.StoredRow], list[Sequence[Any]]]:
+            plain, params = pages.board_sql(query)
+            return list(pages.stream_board(tx, query)), tx.rows(plain, params)
+
+        packed, columns = direct.read(read)
+        assert all(isinstance(row, str) for row in packed)
+        assert len(packed) == len(columns) == read_with(direct, pages.count_tasks, query)
+        for row, expected in zip(packed, columns, strict=True):
+            task, attempt = pages.board_parts(row)
+            assert [*task, *(attempt or [None] * (len(expected) - len(task)))] == list(expected)
+        tasks = {task[0]: task for task, _ in map(pages.board_parts, packed)}
+        assert tasks[ids["hostile"]][1] == HOSTILE
 
 
 def test_list_gives_every_timestamp_as_show_does(make_app: Callable[..., App], repo: Path) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from dispatch.app import App
 from dispatch.errors import NotFound
@@ -15,6 +14,7 @@ from dispatch.services.sweep import reconcile
 from dispatch.services.tasks import task_query
 from dispatch.store import pages
 from dispatch.store import statements as st
+from dispatch.store.pages import StoredRow
 from dispatch.store.statements import AttemptSummary, EventRow, TaskSummary
 
 
@@ -22,12 +22,6 @@ from dispatch.store.statements import AttemptSummary, EventRow, TaskSummary
 class BoardRow:
     task: TaskSummary
     attempt: AttemptSummary | None
-
-
-# A board row as read, before any conversion: the task's columns, then its latest
-# attempt's (all None before any). Equal rows make equal JSON, so the page's server
-# keeps what it made of each and converts only the rows that changed.
-StoredRow = tuple[Any, ...]
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ the caller opened.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Any, NamedTuple
@@ -98,13 +99,15 @@ _BOARD_COLUMNS = ", ".join(
 )
 
 
-def board_sql(q: TaskQuery) -> tuple[str, dict[str, Any]]:
-    """The statement `stream_board` runs (the query-plan test reads it)."""
+def board_sql(q: TaskQuery, *, packed: bool = False) -> tuple[str, dict[str, Any]]:
+    """The statement `stream_board` runs (the query-plan test reads it); `packed`: each
+    row as one JSON array text (SQLite's `json_array`) instead of its columns."""
     if q.repo is not None or q.agent is not None or q.host is not None:
         raise ValueError("the board filters by status and closed only")
     where, params = _task_where(q)
+    columns = f"json_array({_BOARD_COLUMNS})" if packed else _BOARD_COLUMNS
     sql = (
-        f"SELECT {_BOARD_COLUMNS} FROM tasks"
+        f"SELECT {columns} FROM tasks"
         " LEFT JOIN attempts a ON a.id ="
         " (SELECT MAX(b.id) FROM attempts b WHERE b.task_id = tasks.id)"
         f"{where} ORDER BY tasks.priority DESC, tasks.id"
@@ -112,9 +115,21 @@ def board_sql(q: TaskQuery) -> tuple[str, dict[str, Any]]:
     return sql, params
 
 
-def stream_board(tx: Tx, q: TaskQuery) -> Iterator[tuple[Any, ...]]:
+# A board row as read, before any conversion: equal rows make equal JSON, so the
+# monitor keeps what it made of each and converts only the rows that changed. On SQLite
+# the row is one text, the JSON array of its columns: reading 10,000 rows of 30 columns
+# into Python objects cost twice what SQLite took to make them, and a text is quick to
+# look up; `board_parts` reads the values back (SQLite's values are JSON's: numbers,
+# text, null).
+StoredRow = str | tuple[Any, ...]
+
+
+def stream_board(tx: Tx, q: TaskQuery) -> Iterator[StoredRow]:
     """Each task's row as `stream_task_rows` reads it, then its latest attempt's row as
     stored (all None before any), in `list`'s order: `board_parts` splits one."""
+    if tx.dialect == "sqlite":
+        sql, params = board_sql(q, packed=True)
+        return (row[0] for row in tx.stream(sql, params))
     sql, params = board_sql(q)
     return map(tuple, tx.stream(sql, params))
 
@@ -122,10 +137,11 @@ def stream_board(tx: Tx, q: TaskQuery) -> Iterator[tuple[Any, ...]]:
 _TASK_WIDTH = len(TaskSummary._fields)
 
 
-def board_parts(row: Sequence[Any]) -> tuple[Sequence[Any], Sequence[Any] | None]:
+def board_parts(row: StoredRow) -> tuple[Sequence[Any], Sequence[Any] | None]:
     """A board row's task and latest attempt (None before any)."""
-    attempt = row[_TASK_WIDTH:]
-    return row[:_TASK_WIDTH], None if attempt[0] is None else attempt
+    values = json.loads(row) if isinstance(row, str) else row
+    attempt = values[_TASK_WIDTH:]
+    return values[:_TASK_WIDTH], None if attempt[0] is None else attempt
 
 
 def count_tasks(tx: Tx, q: TaskQuery) -> int:

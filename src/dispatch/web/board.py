@@ -18,8 +18,9 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 from dispatch.app import App
-from dispatch.services.monitor import StoredRow, board_row, stored_board
+from dispatch.services.monitor import board_row, stored_board
 from dispatch.shapes import attempt_json, task_json
+from dispatch.store.pages import StoredRow
 
 
 def _encode(row: StoredRow) -> bytes:

@@ -373,8 +373,9 @@ def test_health_reports_the_version_and_the_session_of_our_server(
 
     assert tmux.health("dispatch").endswith(": session 'dispatch' with 2 windows")
     assert tmux.health("other").endswith(" is up, without a session 'other'")
-    # libtmux runs tmux itself, not through the chokepoint that the hot paths use.
-    assert len(tmux.calls) == calls
+    # libtmux runs tmux itself, not through the chokepoint that the hot paths use: the
+    # only calls there are the timed question whether the server answers at all.
+    assert [argv[-1] for argv in tmux.calls[calls:]] == ["list-sessions"] * 2
 
 
 def test_health_asks_only_the_configured_socket(
@@ -388,7 +389,7 @@ def test_health_asks_only_the_configured_socket(
     # Every tmux that libtmux ran named our server: never the user's default one.
     asked = log.read_text().splitlines()
     assert len(asked) >= 3  # version, the session listing, the session's windows
-    assert all(argv.startswith(f"-L{env.socket} ") for argv in asked), asked
+    assert all(argv.startswith((f"-L{env.socket} ", f"-L {env.socket} ")) for argv in asked), asked
 
 
 def test_health_without_a_socket_asks_the_default_server(
@@ -427,6 +428,31 @@ exec '{real}' "$@"
     assert (
         problem.value.message == f"tmux server {env.socket!r} does not answer: access not allowed"
     )
+
+
+def test_health_of_a_wedged_server_gives_up_instead_of_hanging(
+    tmux: TmuxTerminal, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stopped server takes connections and never answers: doctor must say so."""
+    tmux.spawn("dispatch", "t1", SLEEP, tmp_path, {})
+    [pid] = tmux._run(["display-message", "-p", "#{pid}"]).stdout.split()
+    monkeypatch.setattr("dispatch.adapters.tmux._TIMEOUT_SECONDS", 1.0)
+    os.kill(int(pid), signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with pytest.raises(EnvironmentProblem) as problem:
+            tmux.health("dispatch")
+        took = time.monotonic() - started
+    finally:
+        os.kill(int(pid), signal.SIGCONT)
+
+    assert took < 5
+    assert problem.value.exit_code == 7
+    assert problem.value.message == (
+        f"tmux server {tmux.socket!r} does not answer: no answer within 1 s"
+    )
+    # Once it runs again, so does the check.
+    assert tmux.health("dispatch").endswith(": session 'dispatch' with 1 window")
 
 
 def test_missing_tmux_is_an_environment_problem(

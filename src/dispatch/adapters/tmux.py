@@ -132,11 +132,15 @@ class TmuxTerminal:
         from libtmux.exc import LibTmuxException, TmuxCommandNotFound
 
         # socket_name is what `-L` takes (libtmux passes it as `-L<name>`); None is the
-        # default server, as our own calls have no -L then. libtmux waits for tmux
-        # without a timeout: a person runs doctor and sees a hang, the cron sweep never
-        # comes here.
+        # default server, as our own calls have no -L then.
         server = Server(socket_name=self.socket)
         where = f"server {self.socket!r}" if self.socket else "the default server"
+        # libtmux waits for tmux without a timeout, and doctor is what a person runs when
+        # the server is wedged: it is asked first through our own call, which gives up.
+        try:
+            self._run(["list-sessions"], check=False)
+        except ToolFailed as exc:
+            raise EnvironmentProblem(f"tmux {where} does not answer: {exc.stderr}") from None
         try:
             version = " ".join(server.cmd("-V").stdout).removeprefix("tmux ")
             answer = server.cmd("list-sessions")

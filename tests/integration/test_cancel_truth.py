@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -164,6 +165,101 @@ def test_what_an_agent_leaves_running_ends_with_it(
     wait_for(lambda: f"t{task_id}" not in windows(env), "the wrapper to exit")
     assert in_worktree(worktree) == set()
     assert len(events_of(env, task_id, "finished")) == 1
+
+
+# A deaf child started with an emptied environment: it carries none of the attempt's
+# variables, only its descent from the agent (and its working directory, the witness).
+UNMARKED = f"env -i /bin/sh -c '{DEAF}'"
+
+
+def test_cancel_ends_a_child_that_carries_none_of_the_attempts_variables(
+    cli: Cli, make_app: MakeApp, repo: Path, env: Env
+) -> None:
+    task_id, attempt = _start(make_app, repo, env, f"{UNMARKED} & wait")
+    children = sleepers(attempt["worktree"])
+    [child] = children
+    assert b"DISPATCH_ATTEMPT_ID" not in Path(f"/proc/{child}/environ").read_bytes()
+
+    cancel = cli("cancel", str(task_id))
+
+    _assert_cancelled(env, task_id, attempt, cancel)
+    assert not alive(child)
+
+
+def _deaf_sleepers(worktree: str) -> set[int]:
+    """DEAF's `sleep 300`, not the agent's own `sleep 2`."""
+    return {
+        p
+        for p in sleepers(worktree)
+        if Path(f"/proc/{p}/cmdline").read_bytes() == b"sleep\x00300\x00"
+    }
+
+
+def test_what_an_agent_orphans_with_an_emptied_environment_ends_with_it(
+    cli: Cli, make_app: MakeApp, repo: Path, env: Env
+) -> None:
+    """The agent exits at once: its unmarked child is orphaned, adopted by the wrapper
+    (not by init), and stopped before the attempt is recorded as ended."""
+    app = make_app()
+    task_id = new_task(app, repo, f"{UNMARKED} & sleep 2; exit 0")
+    dispatch_task(app, task_id)
+    worktree = str(wait_for(lambda: attempt_row_of(env, task_id), "the attempt")["worktree"])
+    [child] = wait_for(lambda: _deaf_sleepers(worktree), "the orphan to start")
+
+    assert wait_for(lambda: settled(env, task_id), "the agent to finish", timeout=20) == "done"
+
+    wait_for(lambda: f"t{task_id}" not in windows(env), "the wrapper to exit")
+    assert not alive(child)
+    assert in_worktree(worktree) == set()
+
+
+def _zombie_children(pid: int) -> set[int]:
+    found = set()
+    for name in os.listdir("/proc"):
+        try:
+            state, parent = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()[:2]
+        except (OSError, ValueError):
+            continue
+        if int(parent) == pid and state == "Z":
+            found.add(int(name))
+    return found
+
+
+def test_the_wrapper_collects_the_orphans_it_adopted_as_they_end(
+    cli: Cli, make_app: MakeApp, repo: Path, env: Env
+) -> None:
+    """Adopting orphans makes their exits the wrapper's to collect: none stays a zombie
+    for as long as the agent runs."""
+    app = make_app()
+    # Three children orphaned at once (their subshell exits), each ending a second later.
+    task_id = new_task(app, repo, "(sleep 1 & sleep 1 & sleep 1 &); sleep 300")
+    dispatch_task(app, task_id)
+    attempt = dict(wait_for(lambda: running(env, task_id), "the agent to start"))
+    wrapper = attempt["wrapper_pid"]
+
+    def adopted() -> set[int]:
+        return {
+            int(name)
+            for name in os.listdir("/proc")
+            if name.isdigit()
+            and Path(f"/proc/{name}/stat").exists()
+            and _parent(int(name)) == wrapper
+            and Path(f"/proc/{name}/cmdline").read_bytes() == b"sleep\x001\x00"
+        }
+
+    wait_for(adopted, "the orphans to be adopted by the wrapper")
+    wait_for(lambda: not adopted(), "the orphans to end", timeout=10)
+    time.sleep(0.5)  # more than the wrapper's 0.2 s between looks
+
+    assert _zombie_children(wrapper) == set()
+    assert cli("cancel", str(task_id)).code == 0
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def attempt_row_of(env: Env, task_id: int) -> dict[str, Any] | None:

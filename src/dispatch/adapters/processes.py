@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -62,44 +63,95 @@ def process_alive(pid: int | None, started_before: datetime | None) -> bool:
     return started_before is None or stat.started <= started_before + _START_SLACK
 
 
-def _state(pid: int) -> str | None:
-    """A process's state letter ("R", "S", "Z"...), None if it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat[stat.rfind(")") + 2 :].split(maxsplit=1)[0]
-
-
 def attempt_processes(
-    marker: Sequence[bytes], *, group: int | None = None, exclude: Iterable[int] = ()
+    marker: Sequence[bytes],
+    *,
+    group: int | None = None,
+    exclude: Iterable[int] = (),
+    adopter: int | None = None,
 ) -> set[int]:
     """Live processes working for one attempt: those whose environment holds every entry
     of `marker` (the variables the wrapper gives its agent, which every descendant
-    inherits, whatever process group or session it moves to).
+    inherits, whatever process group or session it moves to), and every descendant of
+    those and of `adopter` (the attempt's wrapper, which adopts what the agent orphans):
+    a child started with an emptied environment (`env -i`) is the agent's all the same.
 
-    By environment rather than by process group: a recorded group id outlives its
-    processes, and on a busy machine its number soon belongs to someone else's. Only
-    where there is no /proc to read is the agent's `group` asked about instead."""
+    By environment and descent rather than by process group: a recorded group id
+    outlives its processes, and on a busy machine its number soon belongs to someone
+    else's. Only where there is no /proc to read is the agent's `group` asked about."""
     skip = {os.getpid(), *exclude}
-    found: set[int] = set()
     try:
         entries = os.listdir("/proc")
     except OSError:
-        if group and _group_exists(group):
-            found.add(group)
-        return found
+        return {group} if group and _group_exists(group) else set()
+    roots: set[int] = set() if adopter is None else {adopter}
+    children: dict[int, list[int]] = {}
     for name in entries:
-        if not name.isdigit() or int(name) in skip:
+        if not name.isdigit():
             continue
         pid = int(name)
         try:
             environ = b"\0" + Path(f"/proc/{pid}/environ").read_bytes()
+            stat = Path(f"/proc/{pid}/stat").read_text()
         except OSError:  # another user's process, or gone: not ours to judge
             continue
-        if all(entry in environ for entry in marker) and _state(pid) not in (None, "Z", "X"):
-            found.add(pid)
-    return found
+        state, parent = stat[stat.rfind(")") + 2 :].split(maxsplit=2)[:2]
+        if state in ("Z", "X"):
+            continue
+        children.setdefault(int(parent), []).append(pid)
+        if all(entry in environ for entry in marker):
+            roots.add(pid)
+    found, todo = set(roots), list(roots)
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    if adopter is not None:
+        found.discard(adopter)
+    return found - skip
+
+
+def become_subreaper() -> bool:
+    """Make this process the one that adopts its descendants' orphans (Linux), instead of
+    init: what the agent starts and leaves behind stays among the wrapper's descendants,
+    to be found and stopped. Whether it took."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes  # only here: the wrapper's one use of it
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    return bool(libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+
+
+_PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
+
+
+def reap_adopted(keep: int) -> None:
+    """Collect the exit of every orphan this process adopted that has ended (all of its
+    children but `keep`, the agent, whose exit subprocess waits for)."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return
+    for tid in tasks:
+        try:
+            listed = Path(f"/proc/self/task/{tid}/children").read_text().split()
+        except OSError:
+            continue
+        for pid in map(int, listed):
+            if pid != keep:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)
+
+
+def command_line(pid: int) -> list[str] | None:
+    """A process's argv, None if it is gone (or there is no /proc)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return raw.decode(errors="replace").split("\0")[:-1]
 
 
 def attempt_marker(attempt_id: int, database: str) -> tuple[bytes, bytes]:

@@ -8,12 +8,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from dispatch.adapters.processes import attempt_marker, attempt_processes, stop_processes
+from dispatch.adapters.processes import (
+    attempt_marker,
+    attempt_processes,
+    command_line,
+    stop_processes,
+)
 from dispatch.adapters.protocols import Pane
 from dispatch.app import App
 from dispatch.clock import utcnow
 from dispatch.errors import Conflict, NotFound, ToolFailed, UsageError
 from dispatch.lifecycle import Action, AttemptState, Outcome, Status, next_status
+from dispatch.services.naming import WRAPPER_MARKER
 from dispatch.services.panes import Panes
 from dispatch.services.tasks import TaskView
 from dispatch.store import statements as st
@@ -113,8 +119,13 @@ def agent_processes(app: App, attempt: AttemptRow) -> set[int]:
     """The live processes of an attempt of this host: every process carrying the
     attempt's variables, whatever group it is in (the wrapper itself is not one)."""
     marker = attempt_marker(attempt.id, app.settings.database)
-    exclude = [attempt.wrapper_pid] if attempt.wrapper_pid else []
-    return attempt_processes(marker, group=attempt.agent_pid, exclude=exclude)
+    wrapper = attempt.wrapper_pid
+    exclude = [wrapper] if wrapper else []
+    # The wrapper adopts what its agent orphans; a recorded pid is taken for it only
+    # while it still runs this attempt's wrapper (pids are reused).
+    argv = command_line(wrapper) if wrapper else None
+    adopter = wrapper if argv and argv[-2:] == [WRAPPER_MARKER, str(attempt.id)] else None
+    return attempt_processes(marker, group=attempt.agent_pid, exclude=exclude, adopter=adopter)
 
 
 def find_pane(app: App, attempt: AttemptRow) -> Pane | None:

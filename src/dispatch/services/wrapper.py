@@ -25,7 +25,13 @@ from pathlib import Path
 from types import FrameType
 from typing import TypeVar
 
-from dispatch.adapters.processes import attempt_marker, attempt_processes, stop_processes
+from dispatch.adapters.processes import (
+    attempt_marker,
+    attempt_processes,
+    become_subreaper,
+    reap_adopted,
+    stop_processes,
+)
 from dispatch.adapters.wakeup import address, nudge
 from dispatch.app import App
 from dispatch.clock import utcnow
@@ -115,6 +121,7 @@ def agent_exec(app: App, attempt_id: int) -> int:
         DISPATCH_BRANCH=start.branch or "",
     )
     tty = _terminal()
+    become_subreaper()  # before anything the agent starts can be orphaned
     try:
         # The agent leads a process group of its own, so that stopping it stops everything
         # it started; in the terminal's foreground, so the keyboard and Ctrl-C reach it.
@@ -141,7 +148,7 @@ def agent_exec(app: App, attempt_id: int) -> int:
     marker = attempt_marker(attempt_id, settings.database)
 
     def agent_processes() -> set[int]:
-        return attempt_processes(marker, group=proc.pid)
+        return attempt_processes(marker, group=proc.pid, adopter=os.getpid())
 
     cancelled = threading.Event()
     recorded = app.direct.write(lambda tx: record_agent_pid(tx, attempt_id, proc.pid))
@@ -251,6 +258,7 @@ def _wait(
             code = proc.wait(timeout=0.2)
             break
         except subprocess.TimeoutExpired:
+            reap_adopted(keep=proc.pid)
             if cancelled.is_set() and not stopping:
                 stopping = True
                 stop_processes(agent_processes, grace=KILL_GRACE_SECONDS)

@@ -150,7 +150,10 @@ def _finish_undo(app: App, attempt_id: int, reason: str, panes: Panes) -> Undone
                     f"{made.branch} were made on {attempt.host}; "
                     "a sweep there cannot undo them any more, check them by hand"
                 )
-            status = roll_back(app, attempt_id, reason, {"step": "sweep"})
+            # Kept in the event too: a read that reconciles reports nothing, and what
+            # could not be undone must not be known only to whoever happened to reap.
+            undo = {"undo_errors": problems} if problems else {}
+            status = roll_back(app, attempt_id, reason, {"step": "sweep", **undo})
     except Timeout:
         problems.append(f"attempt {attempt_id}: another sweep is still undoing it")
         return None, problems

@@ -357,6 +357,14 @@ class JsonArray:
         if len(self._parts) >= _WRITE_LINES:
             self._write()
 
+    def extend(self, texts: Sequence[str]) -> None:
+        """Elements already encoded, many at once."""
+        if self._objects:
+            self._encode()
+        self._parts.extend(texts)
+        if len(self._parts) >= _WRITE_LINES:
+            self._write()
+
     def add_object(self, data: Any) -> None:
         self._objects.append(data)
         if len(self._objects) >= _ENCODE_OBJECTS:
@@ -421,16 +429,19 @@ def _word(text: str | None) -> str:
     return found
 
 
-def event_line_json(e: EventLine) -> str:
-    """One event as `event_json` shapes it, as JSON text; the stored detail is JSON already."""
-    detail = e.detail if isinstance(e.detail, str) else json_text(e.detail)
-    task = "null" if e.task_id is None else e.task_id
-    attempt = "null" if e.attempt_id is None else e.attempt_id
-    return (
-        f'{{"id": {e.id}, "task_id": {task}, "attempt_id": {attempt}, "kind": {_word(e.kind)}, '
-        f'"from_status": {_word(e.from_status)}, "to_status": {_word(e.to_status)}, '
-        f'"at": "{e.at}", "detail": {detail}}}'
-    )
+def event_json_lines(events: Sequence[EventLine]) -> list[str]:
+    """Each event as `event_json` shapes it, as JSON text; the stored detail is JSON
+    already. A batch per call: `events --json` prints a million of them."""
+    word = _JSON_WORDS.get
+    return [
+        f'{{"id": {e.id}, "task_id": {"null" if e.task_id is None else e.task_id}, '
+        f'"attempt_id": {"null" if e.attempt_id is None else e.attempt_id}, '
+        f'"kind": {word(e.kind) or _word(e.kind)}, '
+        f'"from_status": {word(e.from_status) or _word(e.from_status)}, '
+        f'"to_status": {word(e.to_status) or _word(e.to_status)}, "at": "{e.at}", '
+        f'"detail": {e.detail if isinstance(e.detail, str) else json_text(e.detail)}}}'
+        for e in events
+    ]
 
 
 EVENT_HEADERS = ("ID", "AT", "TASK", "ATTEMPT", "KIND", "FROM", "TO", "DETAIL")

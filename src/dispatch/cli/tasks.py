@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -186,31 +186,33 @@ def events(
     query = event_query(task, after, since)
     if json and follow:
 
-        def each(e: EventLine) -> None:
-            out.line(out.event_line_json(e))
+        def lines(batch: Sequence[EventLine]) -> None:
+            out.line("\n".join(out.event_json_lines(batch)))
 
-        _, last = stream_event_log(app, each, query, limit=_limit(limit, None))
-        _follow(lambda: follow_event_log(app, each, query, last))
+        _, last = stream_event_log(app, lines, query, limit=_limit(limit, None))
+        _follow(lambda: follow_event_log(app, lines, query, last))
         return
     if json:
         array = out.JsonArray()
         stream_event_log(
-            app, lambda e: array.add(out.event_line_json(e)), query, limit=_limit(limit, None)
+            app,
+            lambda batch: array.extend(out.event_json_lines(batch)),
+            query,
+            limit=_limit(limit, None),
         )
         array.close()
         return
     table = out.StreamedTable(out.EVENT_HEADERS)
-    page, last = stream_event_log(
-        app, lambda e: table.add(out.event_cells(e)), query, limit=_limit(limit, EVENTS_LIMIT)
-    )
+
+    def rows(batch: Sequence[EventLine]) -> None:
+        for e in batch:
+            table.add(out.event_cells(e))
+
+    page, last = stream_event_log(app, rows, query, limit=_limit(limit, EVENTS_LIMIT))
     table.flush()
     out.more_line(page.more, "earlier events not shown", "--limit")
     if follow:
-        _follow(
-            lambda: follow_event_log(
-                app, lambda e: table.add(out.event_cells(e)), query, last, flush=table.flush
-            )
-        )
+        _follow(lambda: follow_event_log(app, rows, query, last, flush=table.flush))
     elif not page.shown:
         out.notice("no events")
 

@@ -227,13 +227,14 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
 
 def stream_event_log(
     app: App,
-    each: Callable[[pages.EventLine], None],
+    each: Callable[[Sequence[pages.EventLine]], None],
     query: pages.EventQuery,
     *,
     limit: int | None = None,
 ) -> tuple[Page, int]:
-    """Hand each matching event to `each`, oldest first (with `limit`, the newest that
-    many); also the highest event id seen so far, where a follow carries on."""
+    """Hand the matching events to `each`, a batch at a time, oldest first (with
+    `limit`, the newest that many); also the highest event id seen so far, where a
+    follow carries on."""
     if limit is not None and limit < 0:
         raise UsageError("the limit must be 0 or more")
 
@@ -243,10 +244,10 @@ def stream_event_log(
         # In the same snapshot as the page: a follow carries on from here, missing nothing.
         last = pages.last_event_id(tx)
         shown, first = 0, None
-        for event in pages.stream_events(tx, query, limit, upto=last):
-            first = event.id if first is None else first
-            each(event)
-            shown += 1
+        for batch in pages.stream_event_batches(tx, query, limit, upto=last):
+            first = batch[0].id if first is None else first
+            each(batch)
+            shown += len(batch)
         more = 0
         if limit is not None and shown == limit and first is not None:
             more = pages.count_events_before(tx, query, first)
@@ -265,23 +266,22 @@ FOLLOW_POLL_SECONDS = 0.2
 
 def follow_event_log(
     app: App,
-    each: Callable[[pages.EventLine], None],
+    each: Callable[[Sequence[pages.EventLine]], None],
     query: pages.EventQuery,
     after: int,
     *,
     flush: Callable[[], None] = lambda: None,
     poll: float = FOLLOW_POLL_SECONDS,
 ) -> None:
-    """Hand each new event to `each` as it is written, until interrupted (Ctrl-C)."""
+    """Hand the new events to `each` as they are written, until interrupted (Ctrl-C)."""
     last = after
     while True:
         # New events are later than any `since`: the id alone says what is new.
         news = pages.EventQuery(query.task_id, last)
         found = app.direct.read(partial(_new_events, news))
-        for event in found:
-            each(event)
-            last = event.id
         if found:
+            each(found)
+            last = found[-1].id
             flush()
         time.sleep(poll)
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Sequence
 from datetime import datetime
-from typing import Any, NamedTuple
+from itertools import islice
+from typing import Any, NamedTuple, cast
 
 from dispatch.store.convert import iso_utc
 from dispatch.store.direct import Tx, in_clause
@@ -175,7 +176,6 @@ class EventLine(NamedTuple):
 
 
 _EVENT_COLUMNS = ", ".join(EventLine._fields)
-_AT = EventLine._fields.index("at")
 
 
 def _event_where(tx: Tx, q: EventQuery) -> tuple[list[str], dict[str, Any]]:
@@ -220,14 +220,29 @@ def event_page_sql(
     return f"SELECT * FROM ({sql} ORDER BY id DESC LIMIT :limit) AS newest ORDER BY id", params
 
 
+def stream_event_batches(
+    tx: Tx, q: EventQuery, limit: int | None = None, upto: int | None = None
+) -> Iterator[list[EventLine]]:
+    """`stream_events`' events a batch at a time: a million of them are printed faster
+    a batch per call than an event per call."""
+    sql, params = event_page_sql(tx, q, limit, upto)
+    rows = tx.stream(sql, params)
+    while batch := list(islice(rows, EVENT_BATCH)):
+        # `at` is NOT NULL: its text is never None.
+        yield [
+            EventLine(i, t, a, k, f, to, cast(str, iso_utc(at)), d)
+            for i, t, a, k, f, to, at, d in batch
+        ]
+
+
+EVENT_BATCH = 500
+
+
 def stream_events(
     tx: Tx, q: EventQuery, limit: int | None = None, upto: int | None = None
 ) -> Iterator[EventLine]:
-    sql, params = event_page_sql(tx, q, limit, upto)
-    for row in tx.stream(sql, params):
-        values = list(row)
-        values[_AT] = iso_utc(values[_AT])
-        yield EventLine._make(values)
+    for batch in stream_event_batches(tx, q, limit, upto):
+        yield from batch
 
 
 def count_events_before(tx: Tx, q: EventQuery, before: int) -> int:

@@ -108,6 +108,9 @@ class Fleet:
     def kill_servers(self) -> None:
         for host in self.hosts.values():
             host.tmux("kill-server")
+            # A server that died without its own cleanup (SIGKILL) leaves its socket file.
+            tmpdir = Path(os.environ.get("TMUX_TMPDIR", "/tmp"), f"tmux-{os.getuid()}")
+            (tmpdir / host.socket).unlink(missing_ok=True)
 
 
 class Freezer:

@@ -18,6 +18,7 @@ from sqlalchemy import select
 from dispatch.app import App
 from dispatch.clock import utcnow
 from dispatch.lifecycle import Status
+from dispatch.services.naming import branch_name, worktree_path
 from dispatch.services.tasks import add_task
 from dispatch.store.models import Attempt, Task
 from tests import witness
@@ -202,3 +203,35 @@ def settled(env: Env, task_id: int) -> str | None:
     """The task's status once it is no longer in-progress."""
     status = str(task_row(env, task_id)["status"])
     return None if status == "in-progress" else status
+
+
+def made_worktree(app: App, git: Callable[..., str], repo: Path, task_id: int) -> dict[str, Any]:
+    """A worktree and branch made as a dispatch makes them, and the intent it records."""
+    path = worktree_path(app.settings.worktree_root, str(repo), task_id)
+    branch = branch_name(task_id, "job")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    git(repo, "worktree", "add", "--no-track", "-b", branch, str(path), "main")
+    return {
+        "repo": str(repo),
+        "base": "main",
+        "branch": branch,
+        "branch_existed": False,
+        "worktree": str(path),
+        "worktree_existed": False,
+    }
+
+
+def crashed_dispatch(
+    app: App, git: Callable[..., str], repo: Path, **extra: Any
+) -> tuple[int, int, dict[str, Any]]:
+    """A task whose dispatcher died mid-saga, its lease run out, after it made the
+    worktree and branch its intent names: the task, its attempt and the intent."""
+    task_id = new_task(app, repo)
+    intent = made_worktree(app, git, repo, task_id)
+    values: dict[str, Any] = {
+        "state": "starting",
+        "lease": utcnow() - timedelta(minutes=1),
+        "dispatcher_pid": dead_pid(),
+    }
+    values.update(extra)
+    return task_id, seed_attempt(app, task_id, intent=intent, **values), intent

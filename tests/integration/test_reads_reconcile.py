@@ -4,25 +4,22 @@ from __future__ import annotations
 
 import json
 import os
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 from dispatch.adapters.git import GitWorktrees
-from dispatch.clock import utcnow
 from dispatch.services.dispatching import dispatch_task
 from dispatch.services.sweep import sweep
 from dispatch.services.tasks import list_tasks
-from tests.conftest import Cli, Env, MakeApp, windows
+from tests.conftest import Cli, Env, GitRunner, MakeApp, windows
 from tests.faults import Faulty, raises, tool_failed
 from tests.integration.recovery_helpers import (
-    dead_pid,
+    crashed_dispatch,
     events_of,
     new_task,
     run_all,
     running,
-    seed_attempt,
     task_row,
     terminal_events,
     wait_for,
@@ -131,26 +128,12 @@ def test_a_database_deleted_under_a_running_agent_is_refused_not_recreated(
 
 @pytest.mark.parametrize("reaper", ["read", "sweep"])
 def test_what_the_undo_of_a_dead_dispatch_could_not_remove_is_kept_in_its_event(
-    cli: Cli, make_app: MakeApp, repo: Path, env: Env, reaper: str
+    make_app: MakeApp, repo: Path, env: Env, git: GitRunner, reaper: str
 ) -> None:
     """A read that reconciles reports nothing: whoever reaps, the event says what is left."""
-    git = GitWorktrees(env.home / "locks")
-    app = make_app(worktrees=Faulty(git, remove=raises(tool_failed("git worktree", "busy"))))
-    task_id = new_task(app, repo)
-    worktree, branch = (
-        env.home / "worktrees" / "repo" / f"task-{task_id}",
-        f"dispatch/{task_id}-job",
-    )
-    git.add(repo, worktree, branch, "main", new_branch=True)
-    intent = {"repo": str(repo), "base": "main", "branch": branch, "worktree": str(worktree)}
-    seed_attempt(
-        app,
-        task_id,
-        state="starting",
-        lease=utcnow() - timedelta(minutes=1),
-        dispatcher_pid=dead_pid(),
-        intent=intent,
-    )
+    busy = raises(tool_failed("git worktree", "busy"))
+    app = make_app(worktrees=Faulty(GitWorktrees(env.home / "locks"), remove=busy))
+    task_id, _, intent = crashed_dispatch(app, git, repo)
 
     if reaper == "read":
         list_tasks(app)
@@ -163,4 +146,4 @@ def test_what_the_undo_of_a_dead_dispatch_could_not_remove_is_kept_in_its_event(
     assert detail["step"] == "sweep"
     assert [e for e in detail["undo_errors"] if "git worktree: busy" in e], detail
     assert task_row(env, task_id)["status"] == "ready"
-    assert worktree.is_dir()  # not removed, and said so
+    assert Path(intent["worktree"]).is_dir()  # not removed, and said so

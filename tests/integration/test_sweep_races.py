@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
-from dispatch.app import App
 from dispatch.clock import utcnow
 from dispatch.services.dispatching import dispatch_task
 from dispatch.services.naming import branch_name, worktree_path
@@ -19,6 +16,7 @@ from dispatch.services.sweep import sweep
 from tests.conftest import Env, GitRunner, MakeApp
 from tests.integration.recovery_helpers import (
     attempt_row,
+    crashed_dispatch,
     dead_pid,
     dispatch_process,
     events_of,
@@ -32,34 +30,6 @@ from tests.integration.recovery_helpers import (
 )
 
 
-def _made_worktree(app: App, git: Callable[..., str], repo: Path, task_id: int) -> dict[str, Any]:
-    """A worktree and branch made as a dispatch makes them, and the intent it records."""
-    path = worktree_path(app.settings.worktree_root, str(repo), task_id)
-    branch = branch_name(task_id, "job")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    git(repo, "worktree", "add", "--no-track", "-b", branch, str(path), "main")
-    return {
-        "repo": str(repo),
-        "base": "main",
-        "branch": branch,
-        "branch_existed": False,
-        "worktree": str(path),
-        "worktree_existed": False,
-    }
-
-
-def _crashed(app: App, git: Callable[..., str], repo: Path, **extra: Any) -> tuple[int, int, dict]:  # type: ignore[type-arg]
-    task_id = new_task(app, repo)
-    intent = _made_worktree(app, git, repo, task_id)
-    values: dict[str, Any] = {
-        "state": "starting",
-        "lease": utcnow() - timedelta(minutes=1),
-        "dispatcher_pid": dead_pid(),
-    }
-    values.update(extra)
-    return task_id, seed_attempt(app, task_id, intent=intent, **values), intent
-
-
 def test_four_concurrent_sweeps_reap_each_task_exactly_once(
     make_app: MakeApp, repo: Path, env: Env, git: GitRunner
 ) -> None:
@@ -71,7 +41,7 @@ def test_four_concurrent_sweeps_reap_each_task_exactly_once(
     for _ in range(2):
         tasks.append(new_task(app, repo))
         seed_attempt(app, tasks[-1], host="elsewhere", heartbeat=utcnow() - timedelta(hours=1))
-    crashed_task, _crashed_attempt, intent = _crashed(app, git, repo)
+    crashed_task, _crashed_attempt, intent = crashed_dispatch(app, git, repo)
     tasks.append(crashed_task)
 
     procs = [dispatch_process(env, "sweep", "--json") for _ in range(4)]
@@ -119,11 +89,11 @@ def test_an_unfinished_rollback_is_finished_once_its_dispatcher_is_gone(
 ) -> None:
     app = make_app()
     # The dispatcher fenced its attempt, then died before its undos and rollback ran.
-    task_id, attempt_id, intent = _crashed(
+    task_id, attempt_id, intent = crashed_dispatch(
         app, git, repo, state="ended", prior="failed", dispatcher_pid=dead_pid()
     )
     # A rollback in progress: its dispatcher is alive (this very process) and in its lease.
-    busy_task, busy_attempt, busy_intent = _crashed(
+    busy_task, busy_attempt, busy_intent = crashed_dispatch(
         app,
         git,
         repo,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -15,12 +17,15 @@ import pytest
 from dispatch.services import control
 from dispatch.services.control import attach_argv
 from dispatch.services.dispatching import dispatch_task
+from dispatch.store import statements as st
 from tests.conftest import TMUX, Cli, Env, MakeApp, Result, tmux, windows
 from tests.integration.recovery_helpers import (
     attempt_row,
     events_of,
+    execute,
     new_task,
     running,
+    seed_attempt,
     settled,
     task_row,
     terminal_events,
@@ -211,6 +216,31 @@ def test_what_an_agent_orphans_with_an_emptied_environment_ends_with_it(
     wait_for(lambda: f"t{task_id}" not in windows(env), "the wrapper to exit")
     assert not alive(child)
     assert in_worktree(worktree) == set()
+
+
+def test_a_recorded_wrapper_pid_that_runs_something_else_adopts_nothing(
+    make_app: MakeApp, repo: Path, env: Env
+) -> None:
+    """Pids are reused: the descendants of whatever now has the wrapper's pid are not the
+    attempt's unless that process still runs this attempt's wrapper."""
+    app = make_app()
+    attempt_id = seed_attempt(app, new_task(app, repo))
+    stranger = subprocess.Popen(["sh", "-c", "sleep 300 & wait"], start_new_session=True)
+    try:
+        wait_for(lambda: _children_of(stranger.pid), "the stranger's child to start")
+        execute(env, "UPDATE attempts SET wrapper_pid = ? WHERE id = ?", stranger.pid, attempt_id)
+        attempt = app.direct.read(lambda tx: st.get_attempt(tx, attempt_id))
+
+        assert control.agent_processes(app, attempt) == set()
+    finally:
+        os.killpg(stranger.pid, signal.SIGKILL)
+        stranger.wait()
+
+
+def _children_of(pid: int) -> set[int]:
+    return {
+        int(name) for name in os.listdir("/proc") if name.isdigit() and _parent(int(name)) == pid
+    }
 
 
 def _zombie_children(pid: int) -> set[int]:

@@ -19,7 +19,7 @@ from dispatch.app import App
 from dispatch.clock import utcnow
 from dispatch.errors import Conflict, NotFound, ToolFailed, UsageError
 from dispatch.lifecycle import Action, AttemptState, Outcome, Status, next_status
-from dispatch.services.naming import WRAPPER_MARKER
+from dispatch.services.naming import wrapper_marker
 from dispatch.services.panes import Panes
 from dispatch.services.tasks import TaskView
 from dispatch.store import statements as st
@@ -124,7 +124,7 @@ def agent_processes(app: App, attempt: AttemptRow) -> set[int]:
     # The wrapper adopts what its agent orphans; a recorded pid is taken for it only
     # while it still runs this attempt's wrapper (pids are reused).
     argv = command_line(wrapper) if wrapper else None
-    adopter = wrapper if argv and argv[-2:] == [WRAPPER_MARKER, str(attempt.id)] else None
+    adopter = wrapper if argv and " ".join(argv[-2:]) == wrapper_marker(attempt.id) else None
     return attempt_processes(marker, group=attempt.agent_pid, exclude=exclude, adopter=adopter)
 
 

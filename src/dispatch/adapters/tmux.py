@@ -136,20 +136,21 @@ class TmuxTerminal:
         server = Server(socket_name=self.socket)
         where = f"server {self.socket!r}" if self.socket else "the default server"
         # libtmux waits for tmux without a timeout, and doctor is what a person runs when
-        # the server is wedged: it is asked first through our own call, which gives up.
+        # the server is wedged: the server is asked first through our own call, which
+        # gives up; libtmux then reads only a server that answered.
         try:
-            self._run(["list-sessions"], check=False)
+            answer = self._run(["list-sessions"], check=False)
         except ToolFailed as exc:
             raise EnvironmentProblem(f"tmux {where} does not answer: {exc.stderr}") from None
         try:
             version = " ".join(server.cmd("-V").stdout).removeprefix("tmux ")
-            answer = server.cmd("list-sessions")
             if answer.returncode != 0:
-                stderr = "\n".join(answer.stderr)
                 # A socket we may not use is no missing server: the first spawn would fail.
-                if _no_server(stderr) and "Permission denied" not in stderr:
+                if _no_server(answer.stderr) and "Permission denied" not in answer.stderr:
                     return f"{version}; {where} is not running (the first run starts it)"
-                raise EnvironmentProblem(f"tmux {where} does not answer: {_last_line(stderr)}")
+                raise EnvironmentProblem(
+                    f"tmux {where} does not answer: {_last_line(answer.stderr)}"
+                )
             ours = server.sessions.filter(session_name=session)
             windows = len(ours[0].windows) if ours else 0
         except TmuxCommandNotFound:

@@ -350,17 +350,10 @@ class JsonArray:
         self._objects: list[Any] = []
         self._started = False
 
-    def add(self, text: str) -> None:
-        if self._objects:
-            self._encode()  # in the order given
-        self._parts.append(text)
-        if len(self._parts) >= _WRITE_LINES:
-            self._write()
-
     def extend(self, texts: Sequence[str]) -> None:
         """Elements already encoded, many at once."""
         if self._objects:
-            self._encode()
+            self._encode()  # in the order given
         self._parts.extend(texts)
         if len(self._parts) >= _WRITE_LINES:
             self._write()

@@ -126,8 +126,9 @@ StoredRow = str | tuple[Any, ...]
 
 
 def stream_board(tx: Tx, q: TaskQuery) -> Iterator[StoredRow]:
-    """Each task's row as `stream_task_rows` reads it, then its latest attempt's row as
-    stored (all None before any), in `list`'s order: `board_parts` splits one."""
+    """Each task's columns as `stream_task_rows` reads them, then its latest attempt's
+    as stored (all None before any), in `list`'s order; on SQLite as one text:
+    `board_parts` splits one."""
     if tx.dialect == "sqlite":
         sql, params = board_sql(q, packed=True)
         return (row[0] for row in tx.stream(sql, params))
@@ -220,6 +221,10 @@ def event_page_sql(
     return f"SELECT * FROM ({sql} ORDER BY id DESC LIMIT :limit) AS newest ORDER BY id", params
 
 
+# Events `stream_event_batches` hands over at a time.
+EVENT_BATCH = 500
+
+
 def stream_event_batches(
     tx: Tx, q: EventQuery, limit: int | None = None, upto: int | None = None
 ) -> Iterator[list[EventLine]]:
@@ -233,9 +238,6 @@ def stream_event_batches(
             EventLine(i, t, a, k, f, to, cast(str, iso_utc(at)), d)
             for i, t, a, k, f, to, at, d in batch
         ]
-
-
-EVENT_BATCH = 500
 
 
 def stream_events(

@@ -50,9 +50,10 @@ class BoardJson:
             last = self._answer
         since = last.version if last is not None and last.asked == asked else None
         board = stored_board(app, statuses, include_closed, unchanged_since=since)
-        if board.rows is None and last is not None:
+        if board.rows is None:  # unchanged since `since`, which only `last` can be
+            assert last is not None
             return last.body
-        body = self.encode(board.rows or [])
+        body = self.encode(board.rows)
         with self._lock:
             if board.version is not None:
                 self._answer = _Answer(asked, board.version, body)

@@ -19,13 +19,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from dispatch.adapters.program import run_program
 from dispatch.errors import EnvironmentProblem, ToolFailed
-
-if TYPE_CHECKING:
-    from filelock import BaseFileLock
+from dispatch.flock import FileLock
 
 # A git command that takes longer than this is wedged (a hook that hangs, a lock an
 # editor holds); failing beats hanging.
@@ -102,7 +100,7 @@ class GitWorktrees:
         self.lock_dir = lock_dir
         self.calls: list[list[str]] = []
         self._binary: str | None = None
-        self._locks: dict[Path, BaseFileLock] = {}
+        self._locks: dict[Path, FileLock] = {}
         self._lock_paths: dict[str, Path] = {}
         self._guard = threading.Lock()
 
@@ -214,8 +212,6 @@ class GitWorktrees:
         Reentrant in a thread (one lock object per repository), so a removal may look at
         the list while it holds the lock. flock is released when its holder dies, so
         waiting without a timeout only waits for a live git; Ctrl-C still interrupts."""
-        from filelock import FileLock
-
         path = self._lock_path(repo)
         with self._guard:
             lock = self._locks.get(path)

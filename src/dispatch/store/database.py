@@ -20,6 +20,7 @@ from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError, SQLAlchemyError
 
 from dispatch.errors import EnvironmentProblem
+from dispatch.flock import FileLock
 from dispatch.store.direct import begin_sqlite, configure_sqlite, retry_while_locked
 from dispatch.store.revisions import HEAD_REVISION, KNOWN_REVISIONS
 
@@ -197,8 +198,6 @@ class Database:
     def _migration_lock(self) -> Iterator[Connection]:
         try:
             if self.is_sqlite:
-                from filelock import FileLock
-
                 target = self.path or Path.cwd() / "dispatch-memory.db"
                 with FileLock(str(target) + ".migrate.lock"), self.engine.connect() as conn:
                     yield conn

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import quote
 
 from dispatch.errors import EnvironmentProblem
-from dispatch.store.convert import stored_time, to_engine, to_sqlite
+from dispatch.store.convert import sqlite_params, stored_time, to_engine
 from dispatch.store.revisions import HEAD_REVISION
 
 if TYPE_CHECKING:
@@ -175,8 +175,7 @@ class _SqliteTx:
         self._connection = connection
 
     def _execute(self, sql: str, params: Params | None) -> sqlite3.Cursor:
-        values = {k: to_sqlite(v) for k, v in (params or {}).items()}
-        return self._connection.execute(sql, values)
+        return self._connection.execute(sql, sqlite_params(params))
 
     def rows(self, sql: str, params: Params | None = None) -> list[Sequence[Any]]:
         return self._execute(sql, params).fetchall()
@@ -285,7 +284,7 @@ class _ConnectionTx:
         from sqlalchemy import JSON, DateTime, bindparam, text
 
         if self.dialect == "sqlite":
-            return text(sql), {k: to_sqlite(v) for k, v in (params or {}).items()}
+            return text(sql), sqlite_params(params)
         values = {k: to_engine(v) for k, v in (params or {}).items()}
         typed = [
             bindparam(k, type_=DateTime() if isinstance(v, datetime) else JSON())

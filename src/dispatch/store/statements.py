@@ -269,6 +269,9 @@ class EventRow(NamedTuple):
 
 _TASK_SELECT = f"SELECT {', '.join(TaskRow._fields)} FROM tasks"
 _ATTEMPT_SELECT = f"SELECT {', '.join(AttemptRow._fields)} FROM attempts"
+# The columns a write may name, checked on every write (a claim makes three).
+_TASK_NAMES = frozenset(TaskRow._fields)
+_ATTEMPT_NAMES = frozenset(AttemptRow._fields)
 _ATTEMPT_ROW_TIMES = tuple(name for name in AttemptRow._fields if name.endswith("_at"))
 
 
@@ -496,14 +499,14 @@ class AttemptColumns(TypedDict, total=False):
 # all the same, since they are spelled into the SQL.
 
 
-def _assignments(values: Mapping[str, Any], allowed: Sequence[str]) -> str:
-    unknown = set(values) - set(allowed)
+def _assignments(values: Mapping[str, Any], allowed: frozenset[str]) -> str:
+    unknown = values.keys() - allowed
     if unknown:
         raise ValueError(f"unknown columns {sorted(unknown)}")
     return ", ".join(f"{column} = :{column}" for column in values)
 
 
-def _insert(tx: Tx, table: str, allowed: Sequence[str], values: Mapping[str, Any]) -> int:
+def _insert(tx: Tx, table: str, allowed: frozenset[str], values: Mapping[str, Any]) -> int:
     _assignments(values, allowed)
     columns = ", ".join(values)
     placeholders = ", ".join(f":{column}" for column in values)
@@ -513,12 +516,12 @@ def _insert(tx: Tx, table: str, allowed: Sequence[str], values: Mapping[str, Any
 
 def insert_task(tx: Tx, **values: Unpack[TaskColumns]) -> int:
     """A new task row; its id."""
-    return _insert(tx, "tasks", TaskRow._fields, values)
+    return _insert(tx, "tasks", _TASK_NAMES, values)
 
 
 def insert_attempt(tx: Tx, **values: Unpack[AttemptColumns]) -> int:
     """A new attempt row; its id."""
-    return _insert(tx, "attempts", AttemptRow._fields, values)
+    return _insert(tx, "attempts", _ATTEMPT_NAMES, values)
 
 
 _NEXT_ATTEMPT_COLUMNS = (
@@ -526,6 +529,7 @@ _NEXT_ATTEMPT_COLUMNS = (
     "tmux_socket", "worktree", "branch", "session_id", "resume", "intent",
     "lease_expires_at", "started_at",
 )  # fmt: skip
+_NEXT_ATTEMPT_NAMES = frozenset(_NEXT_ATTEMPT_COLUMNS)
 _NEXT_ATTEMPT = (
     f"INSERT INTO attempts ({', '.join(_NEXT_ATTEMPT_COLUMNS)}, number, redispatch_of)"
     f" SELECT {', '.join(':' + c for c in _NEXT_ATTEMPT_COLUMNS)},"
@@ -542,8 +546,8 @@ def insert_next_attempt(
 
     A redispatch records the attempt it follows: `redispatch_of`, else the task's latest.
     """
-    if set(values) != set(_NEXT_ATTEMPT_COLUMNS):
-        raise ValueError(f"columns {sorted(set(values) ^ set(_NEXT_ATTEMPT_COLUMNS))}")
+    if values.keys() != _NEXT_ATTEMPT_NAMES:
+        raise ValueError(f"columns {sorted(values.keys() ^ _NEXT_ATTEMPT_NAMES)}")
     params = {**values, "redispatch": int(redispatch), "redispatch_of": redispatch_of}
     return int(tx.rows(_NEXT_ATTEMPT, params)[0][0])
 
@@ -567,7 +571,7 @@ def move_task(
     write of a task sets it).
     """
     changes: dict[str, Any] = {**values, "status": target.value, "updated_at": utcnow()}
-    sql = f"UPDATE tasks SET {_assignments(changes, TaskRow._fields)}"
+    sql = f"UPDATE tasks SET {_assignments(changes, _TASK_NAMES)}"
     sql += " WHERE id = :where_id AND status = :where_status"
     params = {**changes, "where_id": task_id, "where_status": expected.value}
     if unchanged_since is not None:
@@ -583,7 +587,7 @@ def move_task(
 
 def update_task(tx: Tx, task_id: int, **values: Unpack[TaskColumns]) -> bool:
     changes: dict[str, Any] = {**values, "updated_at": utcnow()}
-    sql = f"UPDATE tasks SET {_assignments(changes, TaskRow._fields)} WHERE id = :where_id"
+    sql = f"UPDATE tasks SET {_assignments(changes, _TASK_NAMES)} WHERE id = :where_id"
     return tx.change(sql, {**changes, "where_id": task_id}) == 1
 
 
@@ -607,7 +611,7 @@ def move_attempt(
     if target is not None:
         changes["state"] = target.value
     clause, states = in_clause("where_state", [s.value for s in expected])
-    sql = f"UPDATE attempts SET {_assignments(changes, AttemptRow._fields)}"
+    sql = f"UPDATE attempts SET {_assignments(changes, _ATTEMPT_NAMES)}"
     sql += f" WHERE id = :where_id AND state {clause}"
     return tx.change(sql, {**changes, **states, "where_id": attempt_id}) == 1
 
@@ -629,7 +633,7 @@ def end_failed_dispatch(
 
 
 def update_attempt(tx: Tx, attempt_id: int, **values: Unpack[AttemptColumns]) -> None:
-    sql = f"UPDATE attempts SET {_assignments(values, AttemptRow._fields)} WHERE id = :where_id"
+    sql = f"UPDATE attempts SET {_assignments(values, _ATTEMPT_NAMES)} WHERE id = :where_id"
     tx.change(sql, {**values, "where_id": attempt_id})
 
 

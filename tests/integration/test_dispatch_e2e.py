@@ -242,6 +242,28 @@ def test_the_agent_exit_decides_the_task(
     assert [(e["to_status"], e["detail"]["exit_code"]) for e in finished] == [(status, code)]
 
 
+def test_a_repository_that_holds_python_modules_does_not_replace_the_wrappers(
+    cli: Cli, env: Env, repo: Path, add: Add
+) -> None:
+    """The wrapper runs in the worktree: its modules must not come from the repository's
+    tree, whatever names that uses (a project called dispatch, a `tomllib.py`)."""
+    (repo / "dispatch").mkdir()
+    (repo / "dispatch" / "__init__.py").write_text("")
+    (repo / "dispatch" / "__main__.py").write_text("raise SystemExit('the repository ran')\n")
+    (repo / "tomllib.py").write_text("raise SystemExit('the repository ran')\n")
+    git = ["git", "-C", str(repo)]
+    subprocess.run([*git, "add", "-A"], check=True, capture_output=True)
+    subprocess.run([*git, "commit", "-qm", "modules"], check=True, capture_output=True)
+    write_config(env, agent_profile("exiter", ["sh", "-c", "exit 0"]), spawn_timeout=5)
+    add("exiter")
+    ran = cli("run", "1", "--json")
+    assert ran.code == 0, ran.stderr
+    worktree = Path(ran.json()["attempt"]["worktree"])
+    assert (worktree / "dispatch" / "__main__.py").is_file()  # the modules were there
+    assert wait_status(env, 1) == "done"
+    assert attempts(env, 1)[-1]["exit_code"] == 0
+
+
 def test_a_missing_agent_binary_rolls_back_naming_the_command(
     cli: Cli, env: Env, repo: Path, add: Add
 ) -> None:

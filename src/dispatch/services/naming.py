@@ -35,8 +35,12 @@ def window_name(task_id: int) -> str:
 
 
 def wrapper_argv(attempt_id: int) -> list[str]:
-    """The wrapper, by absolute interpreter path: a running tmux server has its own PATH."""
-    return [sys.executable, "-m", "dispatch", WRAPPER_MARKER, str(attempt_id)]
+    """The wrapper, by absolute interpreter path: a running tmux server has its own PATH.
+
+    `-P`: `python -m` would put its working directory, the task's worktree, first on
+    the module path, and a repository's own `dispatch/`, `tomllib.py` or `json/` would
+    be imported in place of ours."""
+    return [sys.executable, "-P", "-m", "dispatch", WRAPPER_MARKER, str(attempt_id)]
 
 
 def wrapper_marker(attempt_id: int) -> str:

@@ -18,10 +18,15 @@ from types import TracebackType
 POLL_SECONDS = 0.05
 
 
+class LockHeld(TimeoutError):
+    """The lock was still held by someone else when the timeout ran out: its own error,
+    so that a caller's `except` cannot take a timeout from inside the locked work for it."""
+
+
 class FileLock:
     """One lock file. Re-entrant in the thread that holds it, exclusive between the
     threads of a process and between processes; `timeout` < 0 waits as long as it takes
-    (Ctrl-C still interrupts), else TimeoutError once it has passed.
+    (Ctrl-C still interrupts), else LockHeld once it has passed.
 
     Two objects for one file in one process exclude each other too: take one object
     per operation, or share it."""
@@ -48,7 +53,7 @@ class FileLock:
     def acquire(self) -> None:
         deadline = None if self.timeout < 0 else time.monotonic() + self.timeout
         if not self._threads.acquire(timeout=-1 if deadline is None else self.timeout):
-            raise TimeoutError(f"{self.path} is held by another thread")
+            raise LockHeld(f"{self.path} is held by another thread")
         try:
             if self._depth == 0:
                 self._fd = _take(self.path, deadline)
@@ -80,7 +85,7 @@ def _take(path: str, deadline: float | None) -> int:
                 return fd
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    raise TimeoutError(f"{path} is held by another process") from None
+                    raise LockHeld(f"{path} is held by another process") from None
                 time.sleep(POLL_SECONDS)
     except BaseException:
         os.close(fd)

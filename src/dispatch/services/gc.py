@@ -26,6 +26,7 @@ from dispatch.adapters.snapshots import WIP_PREFIX, Snapshots, disk_usage
 from dispatch.app import App
 from dispatch.clock import utcnow
 from dispatch.errors import DispatchError
+from dispatch.flock import LockHeld
 from dispatch.lifecycle import RETRYABLE, Status
 from dispatch.services.guards import path_guard, task_guard
 from dispatch.services.sweep import _orphan_dirs, _task_dirs
@@ -208,7 +209,7 @@ class Collector:
                 self._remove_task_worktree(c, path, repo)
                 if self.options.branches:
                     self._remove_branch(c, path, repo)
-        except TimeoutError:
+        except LockHeld:
             self._keep(c.id, "a dispatch or another gc is using it; left for the next gc")
         except Exception as exc:
             # Whatever failed, nothing was removed before its snapshot was written; one
@@ -377,7 +378,7 @@ class Collector:
         try:
             with path_guard(self.app, str(path), timeout=GUARD_SECONDS):
                 self._remove_orphan(path, main, size)
-        except TimeoutError:
+        except LockHeld:
             self._keep(None, f"orphan {path} is being collected by another gc")
         except Exception as exc:  # as for tasks: the next orphan all the same
             self._keep(None, f"orphan {path} not collected: {_describe(exc)}")

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from dispatch.app import App
 from dispatch.clock import utcnow
 from dispatch.errors import DispatchError
-from dispatch.flock import FileLock
+from dispatch.flock import FileLock, LockHeld
 from dispatch.lifecycle import Action, AttemptState, Outcome, Status, next_status
 from dispatch.services.cleanup import remove_created, remove_prompt, roll_back
 from dispatch.services.intent import Intent
@@ -153,7 +153,7 @@ def _finish_undo(app: App, attempt_id: int, reason: str, panes: Panes) -> Undone
             # could not be undone must not be known only to whoever happened to reap.
             undo = {"undo_errors": problems} if problems else {}
             status = roll_back(app, attempt_id, reason, {"step": "sweep", **undo})
-    except TimeoutError:
+    except LockHeld:
         problems.append(f"attempt {attempt_id}: another sweep is still undoing it")
         return None, problems
     if status is None:

@@ -54,20 +54,15 @@ def to_sqlite(value: Any) -> Any:
     if isinstance(value, datetime):
         return sqlite_time(value)
     if isinstance(value, dict | list):
-        # What SQLAlchemy's JSON type writes; most are empty (an event without detail).
-        return json.dumps(value) if value else ("{}" if isinstance(value, dict) else "[]")
+        return json.dumps(value)  # what SQLAlchemy's JSON type writes
     if isinstance(value, Enum):
         return value.value
     return value
 
 
 def sqlite_params(params: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Parameters as SQLite stores them. Most are stored as they are, so the type test
-    is made here, not in a call per value: a claim binds about 35 of them while every
-    other claimer waits for its lock."""
-    if not params:
-        return {}
-    return {k: v if v is None or type(v) in _AS_IS else to_sqlite(v) for k, v in params.items()}
+    """A statement's parameters as SQLite stores them, for either executor."""
+    return {k: to_sqlite(v) for k, v in (params or {}).items()}
 
 
 def to_engine(value: Any) -> Any:

@@ -7,7 +7,11 @@ import os
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
+
 from dispatch.clock import utcnow
+from dispatch.flock import FileLock
+from dispatch.services import reaping
 from dispatch.services.dispatching import dispatch_task
 from dispatch.services.naming import branch_name, worktree_path
 from dispatch.services.panes import Panes
@@ -151,3 +155,28 @@ def test_a_sweep_with_an_old_snapshot_never_undoes_a_newer_dispatch(
     assert window in window_ids(env)
     assert task_row(env, task_id)["status"] == "in-progress"
     assert len(events_of(env, task_id, "dispatch-failed")) == 1
+
+
+def test_a_sweep_that_finds_the_undo_lock_held_leaves_the_task_to_the_next_sweep(
+    make_app: MakeApp, repo: Path, env: Env, git: GitRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another sweep still undoing: this one waits its timeout, says so, changes nothing."""
+    app = make_app()
+    task_id, crashed, intent = crashed_dispatch(app, git, repo)
+    monkeypatch.setattr(reaping, "UNDO_LOCK_SECONDS", 0.2)
+    app.settings.locks_dir.mkdir(parents=True, exist_ok=True)
+    other = FileLock(app.settings.locks_dir / "sweep-undo.lock")  # as another sweep holds it
+
+    with other:
+        undone, problems = _finish_undo(app, crashed, "dispatcher died", Panes.of([]))
+
+    assert undone is None
+    assert problems == [f"attempt {crashed}: another sweep is still undoing it"]
+    assert task_row(env, task_id)["status"] == "in-progress"
+    assert attempt_row(env, crashed)["state"] == "starting"
+    assert Path(intent["worktree"]).is_dir()
+    assert events_of(env, task_id, "dispatch-failed") == []
+    # Once the lock is free, the next sweep finishes it.
+    assert [r.attempt_id for r in sweep(app).reaped] == [crashed]
+    assert task_row(env, task_id)["status"] == "ready"
+    assert not Path(intent["worktree"]).exists()

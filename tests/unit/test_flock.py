@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from dispatch.flock import FileLock
+from dispatch.flock import FileLock, LockHeld
 
 # A process that takes the lock, says so, and holds it until killed.
 HOLDER = (
@@ -129,3 +129,32 @@ def test_waiting_without_a_timeout_ends_when_the_holder_dies(tmp_path: Path) -> 
         proc.kill()
         assert taken.wait(10)
     thread.join(5)
+
+
+def test_an_acquire_that_fails_leaves_the_lock_free_for_other_threads(tmp_path: Path) -> None:
+    """Its file cannot be opened (no directory): the error is raised as it is, and
+    neither the descriptor nor the lock between threads is kept."""
+    path = tmp_path / "missing" / "a.lock"
+    lock = FileLock(path, timeout=0)
+    before = _open_fds()
+    with pytest.raises(FileNotFoundError):
+        lock.acquire()
+    assert _open_fds() == before
+    path.parent.mkdir()
+    taken: list[bool] = []
+
+    def other_thread() -> None:
+        with lock:
+            taken.append(True)
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    thread.join(5)
+    assert taken == [True]
+
+
+def test_a_lock_that_stays_held_raises_its_own_error(tmp_path: Path) -> None:
+    """LockHeld, a TimeoutError of its own, so callers never take another for it."""
+    path = tmp_path / "a.lock"
+    with FileLock(path), pytest.raises(LockHeld):
+        FileLock(path, timeout=0).acquire()

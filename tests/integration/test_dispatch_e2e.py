@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from dispatch.adapters.git import GitWorktrees
 from dispatch.adapters.tmux import TmuxTerminal
 from dispatch.app import App
 from dispatch.errors import DispatchFailed
@@ -84,6 +85,26 @@ def test_a_failing_post_checkout_hook_leaves_no_branch_or_worktree(
     assert ran.stdout == ""
     assert_rolled_back(env, 1, "ready", step="worktree")
     assert_nothing_left(env, repo, 1)
+
+
+def test_a_worktree_lock_that_cannot_be_taken_fails_the_step_before_git_runs(
+    env: Env, repo: Path, add: Add, make_app: Callable[..., App], tmp_path: Path
+) -> None:
+    """The per-repository lock's file cannot be made (its directory is a file): the
+    worktree step fails by exception, git is never asked to add, and all is undone."""
+    write_config(env)
+    task_id = add("sleeper")
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")
+    worktrees = GitWorktrees(blocked / "locks")
+    app = make_app(worktrees=worktrees)
+    with pytest.raises(DispatchFailed) as caught:
+        dispatch_task(app, task_id)
+    assert "failed at worktree" in caught.value.message
+    assert [argv for argv in worktrees.calls if argv[3:5] == ["worktree", "add"]] == []
+    assert_rolled_back(env, task_id, "ready", step="worktree")
+    assert_nothing_left(env, repo, task_id)
+    assert blocked.read_text() == ""  # what was there is left as it was
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])

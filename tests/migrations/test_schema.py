@@ -146,6 +146,25 @@ def test_an_empty_file_is_migrated(run: Cli, env: Env) -> None:
         ]
 
 
+def test_a_migration_lock_that_cannot_be_taken_is_one_line_and_the_next_run_migrates(
+    run: Cli, env: Env, repo: Path
+) -> None:
+    env.home.mkdir()
+    blocker = env.home / "dispatch.db.migrate.lock"
+    blocker.mkdir()  # something that is no lock file stands where the lock goes
+    for args in (["list"], ["add", "x"]):
+        done = run(*args, cwd=repo)
+        assert done.code == 7, done.stderr
+        assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+        assert "cannot be migrated" in done.stderr and str(blocker) in done.stderr
+    as_json = run("list", "--json")
+    assert as_json.code == 7
+    assert "cannot be taken" in json.loads(as_json.stdout)["error"]["message"]
+    blocker.rmdir()
+    assert run("add", "x", cwd=repo).code == 0
+    assert [task["title"] for task in run("list", "--json").json()] == ["x"]
+
+
 # -- SQLite settings -----------------------------------------------------------------------
 
 

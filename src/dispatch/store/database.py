@@ -199,8 +199,21 @@ class Database:
         try:
             if self.is_sqlite:
                 target = self.path or Path.cwd() / "dispatch-memory.db"
-                with FileLock(str(target) + ".migrate.lock"), self.engine.connect() as conn:
-                    yield conn
+                lock = FileLock(str(target) + ".migrate.lock")
+                try:
+                    lock.acquire()
+                except OSError as exc:
+                    raise EnvironmentProblem(
+                        f"database {self._where()} cannot be migrated: its lock file "
+                        f"{lock.path} cannot be taken ({exc.strerror or exc}); nothing "
+                        "was migrated",
+                        hint="remove or fix whatever is at that path",
+                    ) from exc
+                try:
+                    with self.engine.connect() as conn:
+                        yield conn
+                finally:
+                    lock.release()
             else:
                 with self.engine.connect() as conn:
                     conn.execute(text("SELECT pg_advisory_lock(7307013)"))

@@ -3,17 +3,21 @@
 A page asks for the whole list on every load and reconnect, and with 10,000 tasks
 shaping and encoding them cost more than reading them. Two things are kept:
 
-- the last answer, with the database version it was read at: while nothing has been
-  committed since (SQLite says so for the cost of one pragma), it is the answer;
+- per filter, the last answer, with the database version it was read at: while
+  nothing has been committed since (SQLite says so for the cost of one pragma), it
+  is the answer;
 - each row's text, under the row exactly as stored: a row read the same gives the
-  same JSON, so only the rows read differently are shaped again. Only the rows of the
-  last answer are kept, so memory follows the list, not its history.
+  same JSON, so only the rows read differently are shaped again.
+
+Both are kept for the few filters asked last (pages open side by side each ask their
+own), and only the rows of those answers: memory follows the list, not its history.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
@@ -30,47 +34,49 @@ def _encode(row: StoredRow) -> bytes:
     return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
 
 
+# The statuses asked for (sorted) and whether closed tasks count.
+Asked = tuple[tuple[str, ...], bool]
+# How many filters' answers are kept: a few pages open at once, each with its own.
+KEPT_FILTERS = 4
+
+
 @dataclass(frozen=True)
 class _Answer:
-    asked: tuple[tuple[str, ...], bool]  # the statuses and whether closed tasks count
-    version: Hashable
+    version: Hashable | None  # None: the executor cannot tell, so it is read every time
     body: bytes
+    texts: dict[StoredRow, bytes]  # each of its rows' JSON
 
 
 class BoardJson:
     def __init__(self) -> None:
-        self._kept: dict[StoredRow, bytes] = {}
-        self._answer: _Answer | None = None
+        self._answers: OrderedDict[Asked, _Answer] = OrderedDict()  # asked last at the end
         self._lock = threading.Lock()
 
     def answer(self, app: App, statuses: Sequence[str], include_closed: bool) -> bytes:
         """`GET /api/tasks`: the JSON array of the board's rows."""
-        asked = (tuple(sorted(set(statuses))), include_closed)
+        asked: Asked = (tuple(sorted(set(statuses))), include_closed)
         with self._lock:
-            last = self._answer
-        since = last.version if last is not None and last.asked == asked else None
+            last = self._answers.get(asked)
+            # Its own rows first: they are the likeliest to be read the same again.
+            pools = [a.texts for key, a in reversed(self._answers.items()) if key != asked]
+        if last is not None:
+            pools.insert(0, last.texts)
+        since = None if last is None else last.version
         board = stored_board(app, statuses, include_closed, unchanged_since=since)
         if board.rows is None:  # unchanged since `since`, which only `last` can be
             assert last is not None
+            with self._lock:
+                if asked in self._answers:
+                    self._answers.move_to_end(asked)
             return last.body
-        body = self.encode(board.rows)
+        texts: dict[StoredRow, bytes] = {}
+        for row in board.rows:
+            text = next((t for pool in pools if (t := pool.get(row)) is not None), None)
+            texts[row] = _encode(row) if text is None else text
+        body = b"[" + b",".join(texts[row] for row in board.rows) + b"]"
         with self._lock:
-            if board.version is not None:
-                self._answer = _Answer(asked, board.version, body)
+            self._answers[asked] = _Answer(board.version, body, texts)
+            self._answers.move_to_end(asked)
+            while len(self._answers) > KEPT_FILTERS:
+                self._answers.popitem(last=False)
         return body
-
-    def encode(self, rows: Sequence[StoredRow]) -> bytes:
-        """The JSON array of `rows`, byte for byte what one `json.dumps` of them gives."""
-        with self._lock:
-            kept = self._kept
-        fresh: dict[StoredRow, bytes] = {}
-        parts = []
-        for row in rows:
-            text = kept.get(row)
-            if text is None:
-                text = _encode(row)
-            fresh[row] = text
-            parts.append(text)
-        with self._lock:
-            self._kept = fresh
-        return b"[" + b",".join(parts) + b"]"

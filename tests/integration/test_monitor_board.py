@@ -12,6 +12,7 @@ import pytest
 
 from dispatch.app import App
 from dispatch.store import statements as st
+from dispatch.store.pages import StoredRow
 from dispatch.web import board as board_module
 from dispatch.web.board import KEPT_FILTERS, BoardJson
 from tests.conftest import Result
@@ -28,7 +29,7 @@ def shaped(monkeypatch: pytest.MonkeyPatch) -> list[object]:
     seen: list[object] = []
     real = board_module._encode
 
-    def counting(row: board_module.StoredRow) -> bytes:
+    def counting(row: StoredRow) -> bytes:
         seen.append(row)
         return real(row)
 

@@ -92,3 +92,27 @@ def test_only_the_filters_asked_last_are_kept(
         (("done",), False),
         (("done", "failed"), False),
     ]
+
+
+def test_a_read_that_fails_keeps_what_was_kept(
+    cli: Cli,
+    repo: Path,
+    make_app: Callable[..., App],
+    shaped: list[object],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cli("add", "a", cwd=repo)
+    app = make_app()
+    board = BoardJson()
+    everything = board.answer(app, [], False)
+
+    def failing(*args: object, **kwargs: object) -> object:
+        raise OSError("disk I/O error")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(board_module, "stored_board", failing)
+        with pytest.raises(OSError, match="disk I/O error"):
+            board.answer(app, ["ready"], False)
+    assert board.answer(app, [], False) is everything
+    assert list(board._answers) == [((), False)]
+    assert len(shaped) == 1

@@ -57,10 +57,8 @@ class BoardJson:
         asked: Asked = (tuple(sorted(set(statuses))), include_closed)
         with self._lock:
             last = self._answers.get(asked)
-            # Its own rows first: they are the likeliest to be read the same again.
-            pools = [a.texts for key, a in reversed(self._answers.items()) if key != asked]
-        if last is not None:
-            pools.insert(0, last.texts)
+            # A row has one text whichever answer holds it: the order only saves lookups.
+            pools = [kept.texts for kept in reversed(self._answers.values())]
         since = None if last is None else last.version
         board = stored_board(app, statuses, include_closed, unchanged_since=since)
         if board.rows is None:  # unchanged since `since`, which only `last` can be
@@ -71,9 +69,14 @@ class BoardJson:
             return last.body
         texts: dict[StoredRow, bytes] = {}
         for row in board.rows:
-            text = next((t for pool in pools if (t := pool.get(row)) is not None), None)
-            texts[row] = _encode(row) if text is None else text
-        body = b"[" + b",".join(texts[row] for row in board.rows) + b"]"
+            for pool in pools:
+                if (text := pool.get(row)) is not None:
+                    break
+            else:
+                text = _encode(row)
+            texts[row] = text
+        # In the rows' order: each row holds its task's id, so none is a duplicate.
+        body = b"[" + b",".join(texts.values()) + b"]"
         with self._lock:
             self._answers[asked] = _Answer(board.version, body, texts)
             self._answers.move_to_end(asked)

@@ -4,7 +4,12 @@ exit code of SPEC §5, and a traceback only when DISPATCH_DEBUG=1."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import sqlite3
+import subprocess
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -159,6 +164,45 @@ def test_not_a_repository_exits_7(run: Cli, env: Env) -> None:
     assert done.code == 7
     assert f"{elsewhere} is not a git repository" in _one_line(done)
     _json_error(run("add", "x", "--json", cwd=elsewhere), 7, "environment")
+
+
+def _path_without(env: Env, missing: str) -> str:
+    """A PATH holding only what `run` needs besides the tool that is `missing`."""
+    tools = env.root / f"bin-without-{missing}"
+    tools.mkdir()
+    for program in ("git", "tmux", "sh"):
+        found = shutil.which(program)
+        assert found is not None
+        if program != missing:
+            os.symlink(found, tools / program)
+    return str(tools)
+
+
+@pytest.mark.sqlite_only  # the failure count, read from the file
+@pytest.mark.parametrize("missing", ["tmux", "git"])
+def test_run_without_tmux_or_git_exits_7_and_claims_nothing(
+    cli: Cli, repo: Path, env: Env, missing: str
+) -> None:
+    """A host that lacks a tool is the host's problem: nothing is claimed, so there is
+    nothing to roll back and no dispatch failure is counted against the task."""
+    task = str(_add(cli, repo))
+    path = _path_without(env, missing)
+    for command in (["run", task], ["run", "--next"]):
+        done = cli(*command, cwd=repo, extra_env={"PATH": path})
+        assert done.code == 7, done.stderr
+        assert f"{missing} cannot be run" in _one_line(done)
+    message = _json_error(
+        cli("run", task, "--json", cwd=repo, extra_env={"PATH": path}), 7, "environment"
+    )
+    assert f"{missing} cannot be run" in message
+    shown = cli("show", task, "--json").json()
+    assert (shown["status"], shown["attempts"]) == ("ready", [])
+    assert [e["kind"] for e in shown["events"]] == ["created"]
+    with closing(sqlite3.connect(env.db_path)) as conn:
+        assert conn.execute("SELECT dispatch_failures FROM tasks").fetchall() == [(0,)]
+    branches = ["git", "-C", str(repo), "branch", "--list", "dispatch/*"]
+    assert subprocess.run(branches, capture_output=True, text=True, check=True).stdout == ""
+    assert not (env.home / "worktrees" / repo.name).exists()
 
 
 @pytest.mark.sqlite_only

@@ -104,6 +104,9 @@ class GitWorktrees:
         self._lock_paths: dict[str, Path] = {}
         self._guard = threading.Lock()
 
+    def require(self) -> None:
+        self._git()
+
     def _git(self) -> str:
         if self._binary is None:
             found = shutil.which("git")

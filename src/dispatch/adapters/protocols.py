@@ -25,6 +25,10 @@ class Pane:
 class Terminal(Protocol):
     """tmux on one server (socket)."""
 
+    def require(self) -> None:
+        """EnvironmentProblem when tmux cannot be run here; nothing is run to find out."""
+        ...
+
     def health(self, session: str) -> str:
         """tmux's version and whether its server answers; EnvironmentProblem if not."""
         ...
@@ -60,6 +64,10 @@ class Terminal(Protocol):
 
 class Worktrees(Protocol):
     """git worktrees and branches of a repository."""
+
+    def require(self) -> None:
+        """EnvironmentProblem when git cannot be run here; nothing is run to find out."""
+        ...
 
     def version(self) -> str:
         """git's version; raises EnvironmentProblem when git is missing."""

@@ -96,6 +96,9 @@ class TmuxTerminal:
         self.calls: list[list[str]] = []
         self._binary: str | None = None
 
+    def require(self) -> None:
+        self._prefix()
+
     def _prefix(self) -> list[str]:
         if self._binary is None:
             found = shutil.which("tmux")

@@ -122,7 +122,12 @@ def claim(d: Dispatch) -> bool:
     Every claimer waits for SQLite's one write lock, so the transaction holds it for a
     fixed few statements: what needs no lock (settings, the profile, the clock, the
     session id, for a named task its checks and names) is done before it is taken.
+
+    A host without git or tmux is refused before anything is claimed (exit 7): no
+    step could work, and a rollback would count the host's problem as the task's failure.
     """
+    d.app.worktrees.require()
+    d.app.terminal.require()
     fixed = _claim_values(d)
     if d.task_id is None:
         claimed = d.app.direct.write(lambda tx: _claim_next(tx, d, fixed))

@@ -110,6 +110,20 @@ def test_redispatch_by_attempt_id(cli: Cli, make_app: MakeApp, repo: Path, env: 
     )
     _redispatched(env, task_id)
 
+    # The first attempt is no longer the latest: following it would record a history
+    # that never happened (attempt 3 "redispatched from" attempt 1).
+    stale = cli("redispatch", "--attempt", str(first["id"]), "--json")
+    assert stale.code == 3, stale.stdout
+    message = stale.json()["error"]["message"]
+    assert f"task {task_id} has moved on: it is at attempt 2" in message
+    assert "not at attempt 1" in message
+    assert [a["number"] for a in attempts_of(env, task_id)] == [1, 2]
+    latest = attempts_of(env, task_id)[-1]
+    again = cli("redispatch", "--attempt", str(latest["id"]), "--json")
+    assert again.code == 0, again.stdout
+    assert again.json()["attempt"]["redispatch_of"] == latest["id"]
+    _redispatched(env, task_id, count=3)
+
 
 def test_redispatch_refusals(cli: Cli, make_app: MakeApp, repo: Path, env: Env) -> None:
     app = make_app()

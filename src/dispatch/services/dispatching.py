@@ -942,6 +942,10 @@ def redispatch(
     if attempt_id is not None:
         attempt = app.direct.read(lambda tx: st.get_attempt(tx, attempt_id))
         task_id, previous = attempt.task_id, attempt.id
+        if expected_attempt is None:
+            # Only the latest attempt can be the one a new attempt follows: an older one
+            # would be recorded as its `redispatch_of`, a history that never happened.
+            expected_attempt = attempt.number
     if task_id is None:
         raise NotFound("give a task id or --attempt")
     _refuse_while_alive(app, task_id)

@@ -399,15 +399,16 @@ def _skip_locked(tx: Tx) -> str:
 
 def expect_latest_attempt(tx: Tx, task: TaskRow, expected: int) -> None:
     """Conflict when the task's latest attempt is not number `expected` (0: none yet):
-    the caller (the monitor's page) acted on a state the task has since left. Checked
-    inside the transaction that acts, so nothing can start in between."""
+    the caller acted on a state the task has since left (the monitor's page), or named
+    an attempt that is no longer the latest. Checked inside the transaction that acts,
+    so nothing can start in between."""
     latest = latest_attempt(tx, task.id)
     number = latest.number if latest else 0
     if number != expected:
         now = f"attempt {number} ({task.status})" if latest else f"no attempt ({task.status})"
         raise Conflict(
-            f"task {task.id} has moved on: it is at {now}, the page showed attempt {expected}",
-            hint="look again before acting",
+            f"task {task.id} has moved on: it is at {now}, not at attempt {expected}",
+            hint=f"look again before acting (dispatch show {task.id})",
         )
 
 

@@ -261,6 +261,13 @@ def test_the_agent_exit_decides_the_task(
     assert "dispatch/1-fix-the-parser" in branches(repo)
     finished = events(env, 1, "finished")
     assert [(e["to_status"], e["detail"]["exit_code"]) for e in finished] == [(status, code)]
+    # An agent this quick exits before its dispatcher has finished: the timeline still
+    # says it was dispatched before it finished.
+    timeline = events(env, 1)
+    assert [e["kind"] for e in timeline] == ["created", "claimed", "dispatched", "finished"]
+    window = data["attempt"]["tmux_target"].rpartition(":")[2]
+    assert timeline[2]["attempt_id"] == attempt["id"]
+    assert timeline[2]["detail"].get("window") in (None, window)
 
 
 def test_a_repository_that_holds_python_modules_does_not_replace_the_wrappers(

@@ -762,14 +762,8 @@ def record(c: Claimed) -> bool:
             "UPDATE tasks SET last_error = NULL WHERE id = :id AND current_attempt_id = :attempt",
             {"id": task_id, "attempt": attempt_id},
         )
+        # (Its `dispatched` event was recorded by the wrapper with the agent's pid.)
         st.update_attempt(tx, attempt_id, lease_expires_at=None)
-        st.record_event(
-            tx,
-            "dispatched",
-            task_id=task_id,
-            attempt_id=attempt_id,
-            window=c.window_id,
-        )
         return True
 
     return c.app.direct.write(work)

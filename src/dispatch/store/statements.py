@@ -185,8 +185,18 @@ def acknowledge(tx: Tx, attempt_id: int, wrapper_pid: int, now: datetime) -> boo
 
 
 def record_agent_pid(tx: Tx, attempt_id: int, agent_pid: int) -> bool:
-    """False when the attempt stopped being `running` (rolled back while starting)."""
-    return move_attempt(tx, attempt_id, expected=[AttemptState.RUNNING], agent_pid=agent_pid)
+    """The agent started: its pid, and the `dispatched` event, since this is when a spawn
+    counts (SPEC §3 step 5) and comes before anything the agent's exit records. False
+    when the attempt stopped being `running` (rolled back while starting)."""
+    if not move_attempt(tx, attempt_id, expected=[AttemptState.RUNNING], agent_pid=agent_pid):
+        return False
+    sql = "SELECT task_id, tmux_target FROM attempts WHERE id = :id"
+    [(task_id, target)] = tx.rows(sql, {"id": attempt_id})
+    # The window is named once the dispatcher has recorded it, which it does as soon as
+    # tmux answers; a wrapper that got here first leaves it out rather than guess.
+    window = target.rpartition(":")[2] if target else None
+    record_event(tx, "dispatched", task_id=task_id, attempt_id=attempt_id, window=window)
+    return True
 
 
 def heartbeat_and_cancel_asked(tx: Tx, attempt_id: int, now: datetime) -> bool:

@@ -377,6 +377,19 @@ def test_attach_without_a_window_is_a_conflict(
     assert "ready" in result.stderr
 
 
+def test_attach_without_a_terminal_says_so_and_names_the_command(
+    cli: Cli, make_app: MakeApp, repo: Path, env: Env
+) -> None:
+    task_id, attempt = _start(make_app(), repo, env)
+    window = attempt["tmux_target"].split(":")[1]
+    result = cli("attach", str(task_id), input="", extra_env={"TMUX": ""})
+    assert result.code == 7, result.stderr
+    [line] = result.stderr.splitlines()
+    assert f"task {task_id}'s window needs a terminal" in line
+    assert line.endswith(f"-L {env.socket} attach-session -t {window})")
+    assert "open terminal failed" not in result.stderr
+
+
 def test_attach_argv_inside_and_outside_tmux(
     make_app: MakeApp, repo: Path, env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:

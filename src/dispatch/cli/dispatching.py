@@ -9,12 +9,13 @@ import typer
 from dispatch.cli import output as out
 from dispatch.cli.context import invocation
 from dispatch.cli.tasks import NO_REAP
-from dispatch.errors import UsageError
+from dispatch.errors import EnvironmentProblem, UsageError
 
 if TYPE_CHECKING:
     from dispatch.services.dispatching import DispatchResult
 
 JSON = typer.Option(False, "--json", help="Print JSON.")
+TASK = typer.Argument(..., help="Task id.")
 
 
 def _print_result(result: DispatchResult, json: bool) -> None:
@@ -140,7 +141,7 @@ def _result_json(result: DispatchResult) -> dict[str, Any]:
     return dispatch_result_json(result)
 
 
-def cancel(ctx: typer.Context, task: int = typer.Argument(...), json: bool = JSON) -> None:
+def cancel(ctx: typer.Context, task: int = TASK, json: bool = JSON) -> None:
     """Stop a task's agent and mark it cancelled.
 
     Sends C-c, then kills the window after a grace period; cancelling twice is a no-op.
@@ -156,7 +157,13 @@ def cancel(ctx: typer.Context, task: int = typer.Argument(...), json: bool = JSO
         out.notice(f"task {view.task.id} is {view.task.status}")
 
 
-def done(ctx: typer.Context, task: int | None = typer.Argument(None), json: bool = JSON) -> None:
+def done(
+    ctx: typer.Context,
+    task: int | None = typer.Argument(
+        None, help="Task id (default: DISPATCH_ATTEMPT_ID's task, else the cwd's worktree's)."
+    ),
+    json: bool = JSON,
+) -> None:
     """Mark the running attempt's work as complete.
 
     Evidence for profiles with completion = "signal". Without TASK: the attempt in
@@ -175,7 +182,7 @@ def done(ctx: typer.Context, task: int | None = typer.Argument(None), json: bool
 
 def logs(
     ctx: typer.Context,
-    task: int = typer.Argument(...),
+    task: int = TASK,
     attempt: int | None = typer.Option(None, "--attempt", help="Attempt number (default: latest)."),
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing until it ends."),
 ) -> None:
@@ -197,17 +204,33 @@ def logs(
     sys.stdout.buffer.write(path.read_bytes())
 
 
-def attach(ctx: typer.Context, task: int = typer.Argument(...)) -> None:
+def attach(ctx: typer.Context, task: int = TASK) -> None:
     """Switch to (inside tmux) or attach to the task's window."""
     import os
+    import shlex
 
     from dispatch.services.control import attach_argv
 
     argv = attach_argv(invocation(ctx).app(), task)
+    if "attach-session" in argv and not _on_a_terminal():
+        # tmux would say only "open terminal failed: not a terminal", and exit 1.
+        raise EnvironmentProblem(
+            f"attaching to task {task}'s window needs a terminal, and stdin is not one",
+            hint=f"run it from a terminal, or there: {shlex.join(argv)}",
+        )
     os.execvp(argv[0], argv)
 
 
-def agent_exec(ctx: typer.Context, attempt: int = typer.Argument(...)) -> None:
+def _on_a_terminal() -> bool:
+    import os
+
+    try:
+        return os.isatty(0)
+    except OSError:
+        return False
+
+
+def agent_exec(ctx: typer.Context, attempt: int = typer.Argument(..., help="Attempt id.")) -> None:
     """Internal: the wrapper that runs inside the task's tmux window."""
     from dispatch.services.wrapper import agent_exec as run_wrapper
 

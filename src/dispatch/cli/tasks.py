@@ -16,7 +16,9 @@ from dispatch.errors import UsageError
 if TYPE_CHECKING:
     from dispatch.store.pages import EventLine
 
-JSON = typer.Option(False, "--json", help="Print JSON instead of a table.")
+JSON = typer.Option(False, "--json", help="Print JSON.")
+TABLE_OR_JSON = typer.Option(False, "--json", help="Print JSON instead of a table.")
+TASK = typer.Argument(..., help="Task id.")
 NO_REAP = typer.Option(
     False,
     "--no-reap",
@@ -98,7 +100,7 @@ def list_(
         min=0,
         help=f"At most N tasks (table: {LIST_LIMIT} unless given; JSON: all); 0: all.",
     ),
-    json: bool = JSON,
+    json: bool = TABLE_OR_JSON,
     no_reap: bool = NO_REAP,
 ) -> None:
     """List tasks (closed ones only with --all), highest priority first."""
@@ -138,7 +140,7 @@ def show(
     events: int | None = typer.Option(
         None, "--events", min=0, help=f"Show the newest N events (default {SHOW_EVENTS}); 0: all."
     ),
-    json: bool = JSON,
+    json: bool = TABLE_OR_JSON,
     no_reap: bool = NO_REAP,
 ) -> None:
     """Show a task, its attempts and its event timeline."""
@@ -173,7 +175,7 @@ def events(
     follow: bool = typer.Option(
         False, "--follow", "-f", help="Keep printing new events as they come, until Ctrl-C."
     ),
-    json: bool = JSON,
+    json: bool = TABLE_OR_JSON,
 ) -> None:
     """The audit log of every state change, oldest first.
 
@@ -223,7 +225,7 @@ def _follow(loop: Callable[[], None]) -> None:
         loop()
 
 
-def reset(ctx: typer.Context, task: int = typer.Argument(...), json: bool = JSON) -> None:
+def reset(ctx: typer.Context, task: int = TASK, json: bool = JSON) -> None:
     """Put a finished, unsuccessful task back to ready.
 
     Works on failed, incomplete, interrupted and cancelled tasks; clears the count of
@@ -238,7 +240,7 @@ def reset(ctx: typer.Context, task: int = typer.Argument(...), json: bool = JSON
         out.notice(f"task {row.id} is {row.status}")
 
 
-def close(ctx: typer.Context, task: int = typer.Argument(...), json: bool = JSON) -> None:
+def close(ctx: typer.Context, task: int = TASK, json: bool = JSON) -> None:
     """Archive a task; a running attempt is cancelled with it."""
     from dispatch.services.control import close_task
 
@@ -251,7 +253,7 @@ def close(ctx: typer.Context, task: int = typer.Argument(...), json: bool = JSON
         out.notice(f"task {view.task.id} closed ({view.task.status})")
 
 
-def reopen(ctx: typer.Context, task: int = typer.Argument(...), json: bool = JSON) -> None:
+def reopen(ctx: typer.Context, task: int = TASK, json: bool = JSON) -> None:
     """Unarchive a task; it keeps its status."""
     from dispatch.services.tasks import reopen_task
 

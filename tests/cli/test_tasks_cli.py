@@ -97,6 +97,26 @@ def test_add_resolves_the_repository_to_its_top_level(cli: Cli, repo: Path, env:
     assert relative.json()["repo"] == str(repo.resolve())
 
 
+def test_add_from_a_tasks_worktree_adds_to_its_repository(
+    cli: Cli, repo: Path, env: Env, git: Callable[..., str]
+) -> None:
+    """A worktree dispatch made is the repository's, and gc removes it: a task added from
+    inside one belongs to the repository. A worktree the user made elsewhere is theirs."""
+    first = int(cli("add", "first", cwd=repo).stdout)
+    own = env.home / "worktrees" / repo.name / f"task-{first}"
+    git(repo, "worktree", "add", "-q", "-b", f"dispatch/{first}-first", str(own))
+    (own / "sub").mkdir()
+    inside = cli("add", "follow-up", "--json", cwd=own / "sub")
+    assert inside.code == 0, inside.stderr
+    assert (inside.json()["repo"], inside.json()["base_ref"]) == (str(repo.resolve()), "main")
+    given = cli("add", "given", "--repo", str(own), "--json", cwd=env.root)
+    assert given.json()["repo"] == str(repo.resolve())
+    users = env.root / "users-worktree"
+    git(repo, "worktree", "add", "-q", "-b", "feature", str(users))
+    theirs = cli("add", "in the user's worktree", "--json", cwd=users)
+    assert (theirs.json()["repo"], theirs.json()["base_ref"]) == (str(users.resolve()), "feature")
+
+
 def test_add_uses_the_current_branch_or_the_given_base(
     cli: Cli, repo: Path, git: Callable[..., str]
 ) -> None:

@@ -71,7 +71,7 @@ def add_task(
     where = (repo or Path.cwd()).expanduser().resolve()
     if where.exists() and not where.is_dir():
         raise EnvironmentProblem(f"{where} is not a directory, so it is not a git repository")
-    top = app.worktrees.toplevel(where)
+    top = _repository_of(app, app.worktrees.toplevel(where))
     if base is None:
         base = app.worktrees.head_ref(top)
         # A repository without commits names a branch that does not exist yet.
@@ -102,6 +102,15 @@ def add_task(
         return st.get_task(tx, task_id)
 
     return app.direct.write(work)
+
+
+def _repository_of(app: App, top: Path) -> Path:
+    """The repository a task belongs to. A worktree dispatch made for another task stands
+    for the repository it was made from: gc removes it, and the task would lose its repo."""
+    root = app.settings.worktree_root.expanduser().resolve()
+    if top == root or not top.is_relative_to(root):
+        return top
+    return app.worktrees.list_worktrees(top)[0]  # git lists the main worktree first
 
 
 def list_tasks(

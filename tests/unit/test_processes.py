@@ -102,7 +102,13 @@ def test_no_subreaper_outside_linux(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_the_command_line_of_a_process_that_is_gone_is_none() -> None:
     child = subprocess.Popen(["sleep", "30"])
-    assert (command_line(child.pid) or [])[:2] == ["sleep", "30"]
-    child.kill()
-    child.wait()
+    try:
+        # Until its exec is done, the child shows its parent's command line, or none.
+        deadline = time.monotonic() + 10
+        while (command_line(child.pid) or [])[:2] != ["sleep", "30"]:
+            assert time.monotonic() < deadline, command_line(child.pid)
+            time.sleep(0.01)
+    finally:
+        child.kill()
+        child.wait()
     assert command_line(child.pid) is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -19,6 +20,7 @@ from typing import Any
 import pytest
 
 from dispatch.services.dispatching import dispatch_task
+from dispatch.services.monitor import task_diff
 from tests.conftest import Env
 from tests.faults import events, run_cli, worktree_list
 from tests.integration.recovery_helpers import (
@@ -120,6 +122,8 @@ def test_gc_then_restore_gives_back_every_byte_and_the_same_status(
     branch_tip = git_out(project, "rev-parse", branch).strip()
     head = git_out(path, "rev-parse", "HEAD").strip()
     main_status = status(project)
+    diffed_before = _diffed_files(task_diff(make_app(), task_id))
+    assert {"README.md", "gone.txt", "run.sh", "blob.bin", "new/deep/notes.txt"} <= diffed_before
 
     result = gc_json(capsys, "--older-than", "0s")
 
@@ -140,6 +144,11 @@ def test_gc_then_restore_gives_back_every_byte_and_the_same_status(
     (gc_event,) = events(env, task_id, "gc")
     commit = git_out(project, "rev-parse", ref).strip()
     assert gc_event["detail"]["ref"] == ref and gc_event["detail"]["commit"] == commit
+    # What was uncommitted is still in the task's diff, read from the snapshot.
+    assert _diffed_files(task_diff(make_app(), task_id)) == diffed_before
+    code, _, err = run_cli(capsys, "show", str(task_id))
+    assert code == 0
+    assert f"collected by gc; `dispatch restore {task_id}` brings it back" in err
 
     code, _, err = run_cli(capsys, "restore", str(task_id))
 
@@ -151,6 +160,13 @@ def test_gc_then_restore_gives_back_every_byte_and_the_same_status(
     assert status(path) == before_status
     assert git_out(path, "rev-parse", "--abbrev-ref", "HEAD").strip() == branch
     assert [e["detail"]["commit"] for e in events(env, task_id, "restored")] == [commit]
+    code, _, err = run_cli(capsys, "show", str(task_id))
+    assert (code, err) == (0, "")
+
+
+def _diffed_files(diff: str) -> set[str]:
+    """The paths a unified diff changes, from its `diff --git a/X b/X` headers."""
+    return set(re.findall(r"^diff --git a/\S+ b/(\S+)$", diff, re.MULTILINE))
 
 
 def test_staged_changes_come_back_staged(

@@ -16,12 +16,21 @@ _PLAIN = ("--no-color", "--no-ext-diff", "--no-textconv")
 class GitChanges(GitWorktrees):
     """Reads what a task's branch and worktree hold; changes nothing."""
 
-    def diff(self, repo: Path, branch: str, base: str, worktree: Path | None) -> str:
+    def diff(
+        self, repo: Path, branch: str, base: str, worktree: Path | None, snapshot: str | None = None
+    ) -> str:
+        """The branch against its merge base, then the worktree's uncommitted changes: read
+        from the worktree, or for a collected one from its `snapshot` commit (whose parent
+        is the worktree's HEAD)."""
         parts: list[str] = []
         if self.branch_exists(repo, branch):
             found = self._run(repo, "merge-base", "--end-of-options", base, branch, check=False)
             start = found.stdout.strip() if found.returncode == 0 else base
             parts.append(self._run(repo, "diff", *_PLAIN, start, branch, "--").stdout)
+        if snapshot is not None:
+            saved = self._run(repo, "diff", *_PLAIN, f"{snapshot}^", snapshot, "--", check=False)
+            ok = saved.returncode == 0
+            parts.append(saved.stdout if ok else f"# snapshot {snapshot} cannot be read\n")
         if worktree is not None and worktree.is_dir() and self.is_worktree(repo, worktree):
             parts.append(self._run(worktree, "diff", *_PLAIN, "HEAD", "--").stdout)
             listed = self._run(worktree, "ls-files", "-z", "--others", "--exclude-standard")

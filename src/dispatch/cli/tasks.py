@@ -155,6 +155,8 @@ def show(
     else:
         out.task_detail(view.task, view.attempts, view.events)
     out.more_line(view.events_more, "earlier events not shown", "--events")
+    for text in view.notices:
+        out.notice(text)
 
 
 def events(

@@ -93,5 +93,14 @@ def task_diff(app: App, task_id: int) -> str:
     if not task.branch:
         raise NotFound(f"task {task_id} has no branch yet: it has not been dispatched")
     worktree = Path(task.worktree) if task.worktree else None
+    snapshot = None
+    if worktree is not None and not worktree.is_dir():
+        # Collected by gc: what was uncommitted is in its snapshot, not lost from the diff.
+        from dispatch.store.collected import is_collected, last_collection
+
+        last = app.direct.read(lambda tx: last_collection(tx, task_id))
+        if last is not None and is_collected(last):
+            commit = last.detail.get("commit")
+            snapshot = commit if isinstance(commit, str) else None
     changes = GitChanges(app.settings.locks_dir)
-    return changes.diff(Path(task.repo), task.branch, task.base_ref, worktree)
+    return changes.diff(Path(task.repo), task.branch, task.base_ref, worktree, snapshot)

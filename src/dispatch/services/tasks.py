@@ -183,13 +183,24 @@ def show_task(app: App, task_id: int, *, reap: bool = True, events: int | None =
         reconcile(app)
 
     def work(tx: Tx) -> TaskView:
+        from dispatch.store.collected import is_collected, last_collection
+
         task = st.get_task(tx, task_id)
         attempts = st.attempts_of(tx, task_id)
         shown = st.events(tx, task_id, events)
         more = 0
         if events is not None and len(shown) == events and shown:
             more = pages.count_events_before(tx, pages.EventQuery(task_id), shown[0].id)
-        return TaskView(task, attempts, shown, events_more=more)
+        notices = []
+        # A worktree that is there was not collected (or is back): no query for most tasks.
+        gone = task.worktree is not None and not Path(task.worktree).is_dir()
+        if gone and is_collected(last_collection(tx, task_id)):
+            # The task still names its worktree: that is where `restore` puts it back.
+            notices.append(
+                f"worktree {task.worktree} was collected by gc; "
+                f"`dispatch restore {task_id}` brings it back"
+            )
+        return TaskView(task, attempts, shown, notices=notices, events_more=more)
 
     return app.direct.read(work)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -494,6 +495,38 @@ def test_ctrl_c_during_git_worktree_add_is_undone(
     assert "failed at worktree: interrupted by SIGINT" in caught.value.message
     assert_rolled_back(env, 1, "ready", step="worktree")
     assert_nothing_left(env, repo, 1)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_right_after_the_claim_commits_is_undone(
+    env: Env,
+    repo: Path,
+    make_app: Callable[..., App],
+    monkeypatch: pytest.MonkeyPatch,
+    signum: signal.Signals,
+) -> None:
+    """The signal lands once the claim's transaction has committed, before the dispatch
+    knows its attempt: the claim is rolled back all the same, never left in-progress."""
+    write_config(env)
+    app = make_app()
+    _add(app, repo)
+    real_claim = dispatching._claim_named
+
+    def claim_then_signal(*args: Any) -> Any:
+        claimed = real_claim(*args)
+        signal.raise_signal(signum)
+        return claimed
+
+    monkeypatch.setattr(dispatching, "_claim_named", claim_then_signal)
+    with pytest.raises(DispatchInterrupted) as caught:
+        dispatch_task(app, 1)
+    assert f"failed at claim: interrupted by {signum.name}" in caught.value.message
+    assert caught.value.message.endswith("rolled back, task is ready")
+    assert_rolled_back(env, 1, "ready", step="claim")
+    assert [e["kind"] for e in events(env, 1)] == ["created", "claimed", "dispatch-failed"]
+    assert_nothing_left(env, repo, 1)
+    monkeypatch.setattr(dispatching, "_claim_named", real_claim)
+    assert dispatch_task(app, 1) is not None  # nothing is left holding the task
 
 
 def test_failures_are_capped_and_a_success_or_reset_clears_the_count(

@@ -41,7 +41,15 @@ from dispatch.services.naming import (
     worktree_path,
     wrapper_argv,
 )
-from dispatch.services.saga import NO_WORK, Saga, Step, StepFailed, describe, signals_interrupt
+from dispatch.services.saga import (
+    NO_WORK,
+    Saga,
+    Step,
+    StepFailed,
+    describe,
+    signals_held,
+    signals_interrupt,
+)
 from dispatch.store import statements as st
 from dispatch.store.direct import Tx
 from dispatch.store.statements import AttemptRow, TaskRow, list_tasks
@@ -129,14 +137,16 @@ def claim(d: Dispatch) -> bool:
     d.app.worktrees.require()
     d.app.terminal.require()
     fixed = _claim_values(d)
-    if d.task_id is None:
-        claimed = d.app.direct.write(lambda tx: _claim_next(tx, d, fixed))
-    else:
-        claimed = _claim_named(d, d.task_id, fixed)
-    if claimed is None:
-        return False
-    d.task_id, d.claimed = claimed.task.id, claimed
-    return True
+    # A signal between the commit and learning the attempt would leave a claim nobody
+    # knows to undo: held until the attempt is known, then the undos run as after any step.
+    with signals_held():
+        if d.task_id is None:
+            claimed = d.app.direct.write(lambda tx: _claim_next(tx, d, fixed))
+        else:
+            claimed = _claim_named(d, d.task_id, fixed)
+        if claimed is not None:
+            d.task_id, d.claimed = claimed.task.id, claimed
+    return claimed is not None
 
 
 def _after_claim(step: Callable[[Claimed], bool]) -> Callable[[Dispatch], bool]:

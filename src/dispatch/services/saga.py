@@ -174,3 +174,19 @@ def signals_interrupt() -> AbstractContextManager[None]:
 def ignored_signals() -> AbstractContextManager[None]:
     """Ignore SIGINT, SIGTERM and SIGHUP for the block: the process is already unwinding."""
     return _handling((signal.SIGINT, *_TERMINATING), signal.SIG_IGN)
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold Ctrl-C, SIGTERM and SIGHUP for the block, then deliver the first one again to
+    whatever handles it outside: for work that must not be cut off between doing and
+    recording that it was done (a claim that committed must be known, to be undone)."""
+    held: list[int] = []
+
+    def hold(signum: int, _frame: FrameType | None) -> None:
+        held.append(signum)
+
+    with _handling((signal.SIGINT, *_TERMINATING), hold):
+        yield
+    if held:
+        signal.raise_signal(held[0])  # handled here and now, by the handler put back

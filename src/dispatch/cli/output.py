@@ -32,12 +32,19 @@ def emit_json(data: Any) -> None:
 
 def line(text: str) -> None:
     """A plain line on stdout (ids, paths: things scripts read)."""
+    # Written as it is, not made visible: what is printed here is data (an id, a path, a
+    # JSON line of `events --follow --json`) that a script must get byte for byte, as it
+    # gets a title from --json; a path with a control character in it is still that path.
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
 
 
 def notice(text: str) -> None:
     """A message for the person, on stderr so stdout stays clean for scripts."""
+    _stderr(_visible(text))
+
+
+def _stderr(text: str) -> None:
     sys.stderr.write(text + "\n")
     sys.stderr.flush()
 
@@ -50,7 +57,7 @@ def error(exc: DispatchError, *, json: bool = False) -> None:
     text = f"dispatch: error: {exc.message}"
     if exc.hint:
         text += f" (hint: {exc.hint})"
-    notice(text.replace("\n", " "))
+    _stderr(_visible(text, _ONE_LINE))
 
 
 def _console() -> Console:
@@ -67,11 +74,34 @@ def _console() -> Console:
     )
 
 
+# What a terminal would act on instead of showing, each shown as its code point the way
+# Python writes it (ESC as \x1b): C0 controls and DEL (ESC starts colour, cursor and
+# window-title sequences, CR and BS overwrite what is already on the line), C1 controls
+# (U+009B is a one-character CSI to some terminals) and the bidirectional overrides and
+# isolates, which reorder how the rest of the line reads. A backslash typed by the user
+# stays as it is: text shown here is for reading, and --json gives it exactly. rich's
+# `escape_control_codes` knows only BEL, BS, VT, FF and CR (not ESC, C1 or bidi), and
+# its `Text` deletes those five without a trace.
+_ESCAPES: dict[int, str] = {
+    code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F, *range(0x80, 0xA0))
+} | {code: f"\\u{code:04x}" for code in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))}
+# Notices keep their line breaks; a table cell or an error is one line, a newline a space.
+_TERMINAL = {**_ESCAPES, ord("\n"): "\n"}
+_ONE_LINE = {**_ESCAPES, ord("\n"): " "}
+
+
+def _visible(text: str, table: dict[int, str] = _TERMINAL) -> str:
+    """`text` with every character a terminal would act on shown instead."""
+    # None of the characters the table holds is printable, and `isprintable` is one pass
+    # in C; `translate` looks every character up in the table, several times slower.
+    return text if text.isprintable() else text.translate(table)
+
+
 def _safe(text: str | None) -> str:
-    """Table cells on one line, with markup shown as typed."""
+    """Table cells on one line, with markup and control characters shown as typed."""
     from rich.markup import escape
 
-    return escape((text or "").replace("\n", " ").replace("\r", " "))
+    return escape(_visible(text or "", _ONE_LINE))
 
 
 # Colour only where it carries meaning; rich drops it for pipes, dumb terminals and NO_COLOR.
@@ -125,10 +155,10 @@ def task_detail(t: TaskRow, attempts: Sequence[AttemptRow], events: Sequence[Eve
             table.add_row(
                 str(a.number),
                 str(a.id),
-                a.state,
-                a.outcome or "-",
+                _safe(a.state),
+                _safe(a.outcome) or "-",
                 "-" if a.exit_code is None else str(a.exit_code),
-                a.tmux_target or "-",
+                _safe(a.tmux_target) or "-",
                 _iso(a.started_at) or "-",
                 _safe(a.error) or "-",
             )
@@ -272,7 +302,19 @@ def _colour() -> bool:
 
 
 def _cell(text: str | None) -> str:
-    return (text or "").replace("\n", " ").replace("\r", " ")
+    # `_visible` inlined: a streamed table calls this for every cell of a million rows.
+    text = text or ""
+    return text if text.isprintable() else text.translate(_ONE_LINE)
+
+
+def _cell_width(text: str) -> int:
+    """The terminal cells `text` takes (a CJK character or an emoji takes two)."""
+    # ASCII is one cell a character once controls are escaped, and `isascii` reads a flag.
+    if text.isascii():
+        return len(text)
+    from rich.cells import cell_len
+
+    return cell_len(text)
 
 
 class StreamedTable:
@@ -280,7 +322,11 @@ class StreamedTable:
 
     A rich `Table` holds every row and measures them all before printing: 100,000 rows
     take half a minute and half a gigabyte. Here the columns are as wide as the first
-    `MEASURE_ROWS` rows need; a longer cell later only pushes its own row wider.
+    `MEASURE_ROWS` rows need; a longer cell later only pushes its own row wider. Rows
+    added after `flush` (`events --follow`) come after the table was seen: one that does
+    not fit widens the columns and the header is printed again above it, so every row
+    lines up with the header above it. Widths are terminal cells (a CJK character or an
+    emoji takes two), as rich measures them.
     """
 
     def __init__(self, headers: Sequence[str], *, status_column: int | None = None) -> None:
@@ -290,6 +336,7 @@ class StreamedTable:
         self._widths: list[int] | None = None
         self._pending: list[tuple[list[str], str | None]] = []
         self._lines: list[str] = []
+        self._flushed = False
         self.rows = 0
 
     def add(self, cells: list[str], style: str | None = None) -> None:
@@ -299,26 +346,46 @@ class StreamedTable:
             if len(self._pending) >= MEASURE_ROWS:
                 self._measure()
             return
+        if self._flushed and not self._fits(cells):
+            self._widen(cells)
+            self._header()
         self._emit(cells, style)
 
     def _measure(self) -> None:
-        widths = [len(h) for h in self._headers]
+        widths = [_cell_width(h) for h in self._headers]
         for cells, _ in self._pending:
             for i, cell in enumerate(cells):
-                widths[i] = max(widths[i], len(cell))
+                widths[i] = max(widths[i], _cell_width(cell))
         self._widths = widths
-        header = self._format(self._headers, None)
-        self._lines.append(f"\x1b[1m{header}\x1b[0m" if self._colour else header)
+        self._header()
         pending, self._pending = self._pending, []
         for cells, style in pending:
             self._emit(cells, style)
+
+    def _fits(self, cells: list[str]) -> bool:
+        assert self._widths is not None
+        # The last column is never padded: however long its cell, the others stay put.
+        return all(_cell_width(c) <= w for c, w in zip(cells[:-1], self._widths, strict=False))
+
+    def _widen(self, cells: list[str]) -> None:
+        assert self._widths is not None
+        self._widths = [max(w, _cell_width(c)) for w, c in zip(self._widths, cells, strict=True)]
+
+    def _header(self) -> None:
+        header = self._format(self._headers, None)
+        self._lines.append(f"\x1b[1m{header}\x1b[0m" if self._colour else header)
 
     def _format(self, cells: list[str], style: str | None) -> str:
         assert self._widths is not None
         last = len(cells) - 1
         parts = []
         for i, cell in enumerate(cells):
-            padded = cell if i == last else cell.ljust(self._widths[i])
+            if i == last:
+                padded = cell
+            elif cell.isascii():
+                padded = cell.ljust(self._widths[i])
+            else:
+                padded = cell + " " * (self._widths[i] - _cell_width(cell))
             if style and i == self._status and self._colour and style in _SGR:
                 padded = f"\x1b[{_SGR[style]}m{cell}\x1b[0m" + padded[len(cell) :]
             parts.append(padded)
@@ -327,15 +394,20 @@ class StreamedTable:
     def _emit(self, cells: list[str], style: str | None) -> None:
         self._lines.append(self._format(cells, style))
         if len(self._lines) >= _WRITE_LINES:
-            self.flush()
+            self._write()
 
-    def flush(self) -> None:
-        if self._widths is None and self._pending:
-            self._measure()
+    def _write(self) -> None:
         if self._lines:
             sys.stdout.write("\n".join(self._lines) + "\n")
             self._lines = []
         sys.stdout.flush()
+
+    def flush(self) -> None:
+        """Print every row added so far; a later row that does not fit repeats the header."""
+        if self._widths is None and self._pending:
+            self._measure()
+        self._write()
+        self._flushed = self._widths is not None
 
 
 class JsonArray:

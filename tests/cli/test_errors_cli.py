@@ -8,6 +8,7 @@ import os
 import shutil
 import sqlite3
 import subprocess
+import sys
 from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
@@ -203,6 +204,30 @@ def test_run_without_tmux_or_git_exits_7_and_claims_nothing(
     branches = ["git", "-C", str(repo), "branch", "--list", "dispatch/*"]
     assert subprocess.run(branches, capture_output=True, text=True, check=True).stdout == ""
     assert not (env.home / "worktrees" / repo.name).exists()
+
+
+@pytest.mark.parametrize(
+    "args", [["list"], ["list", "--json"], ["show", "1"], ["show", "1", "--json"], ["events"]]
+)
+def test_a_reader_that_went_away_is_no_error(
+    cli: Cli, repo: Path, env: Env, args: list[str]
+) -> None:
+    """`dispatch list | head -1`: the rest has nowhere to go, and nothing went wrong."""
+    for _ in range(3):
+        _add(cli, repo)
+    gone, stdout = os.pipe()
+    os.close(gone)  # the reader is gone before the first write: every write meets EPIPE
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "dispatch", *args],
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(stdout)
+    assert (done.returncode, done.stderr) == (0, "")
 
 
 @pytest.mark.sqlite_only

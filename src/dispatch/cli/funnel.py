@@ -11,6 +11,11 @@ from collections.abc import Callable
 from dispatch.errors import DispatchError
 
 
+class ReaderGone(Exception):
+    """Whoever read stdout stopped (`| head`): the command stops there, and that is no
+    error. Not an OSError: the CLI framework would end the process with exit 1 for one."""
+
+
 def funnel(work: Callable[[], int], *, json: bool = False) -> int:
     """Run `work`; every error leaves as one line (no traceback unless DISPATCH_DEBUG=1)."""
     try:
@@ -21,7 +26,7 @@ def funnel(work: Callable[[], int], *, json: bool = False) -> int:
     except KeyboardInterrupt:
         report(DispatchError("interrupted"), json=json)
         return 130
-    except BrokenPipeError:
+    except (BrokenPipeError, ReaderGone):
         return 0
     except Exception as exc:
         report(DispatchError(f"{type(exc).__name__}: {exc}"), json=json)

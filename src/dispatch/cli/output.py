@@ -9,6 +9,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from dispatch.cli.funnel import ReaderGone
+
 # The shapes are shared with the monitor; the CLI modules keep using them from here.
 from dispatch.shapes import attempt_json as attempt_json
 from dispatch.shapes import event_json as event_json
@@ -25,9 +27,18 @@ if TYPE_CHECKING:
     from dispatch.store.statements import AttemptRow, EventRow, TaskRow, TaskSummary
 
 
+def _out(text: str, *, flush: bool = True) -> None:
+    """Every write to stdout goes through here."""
+    try:
+        sys.stdout.write(text)
+        if flush:
+            sys.stdout.flush()
+    except BrokenPipeError:
+        raise ReaderGone from None
+
+
 def emit_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, ensure_ascii=False, indent=None) + "\n")
-    sys.stdout.flush()
+    _out(json.dumps(data, ensure_ascii=False, indent=None) + "\n")
 
 
 def line(text: str) -> None:
@@ -35,8 +46,7 @@ def line(text: str) -> None:
     # Written as it is, not made visible: what is printed here is data (an id, a path, a
     # JSON line of `events --follow --json`) that a script must get byte for byte, as it
     # gets a title from --json; a path with a control character in it is still that path.
-    sys.stdout.write(text + "\n")
-    sys.stdout.flush()
+    _out(text + "\n")
 
 
 def notice(text: str) -> None:
@@ -66,12 +76,19 @@ def _console() -> Console:
     # rich honours NO_COLOR and drops styling when stdout is not a terminal. A pipe gets
     # whole lines rather than rich's 80 columns, so `dispatch list | grep` sees each row.
     wide = not sys.stdout.isatty() and "COLUMNS" not in os.environ
-    return Console(
+    console = Console(
         highlight=False,
         emoji=False,  # a title such as ":rocket:" is shown as typed
         no_color="NO_COLOR" in os.environ,
         width=4096 if wide else None,
     )
+    console.on_broken_pipe = _reader_gone  # type: ignore[method-assign]
+    return console
+
+
+def _reader_gone() -> None:
+    """rich's own answer to a reader that went away is SystemExit(1)."""
+    raise ReaderGone
 
 
 # What a terminal would act on instead of showing, each shown as its code point the way
@@ -397,10 +414,8 @@ class StreamedTable:
             self._write()
 
     def _write(self) -> None:
-        if self._lines:
-            sys.stdout.write("\n".join(self._lines) + "\n")
-            self._lines = []
-        sys.stdout.flush()
+        lines, self._lines = self._lines, []
+        _out("\n".join(lines) + "\n" if lines else "")
 
     def flush(self) -> None:
         """Print every row added so far; a later row that does not fit repeats the header."""
@@ -445,14 +460,13 @@ class JsonArray:
         if not self._parts:
             return
         lead = ", " if self._started else "["
-        sys.stdout.write(lead + ", ".join(self._parts))
+        _out(lead + ", ".join(self._parts), flush=False)
         self._started = True
         self._parts = []
 
     def close(self) -> None:
         self._encode()
-        sys.stdout.write("]\n" if self._started else "[]\n")
-        sys.stdout.flush()
+        _out("]\n" if self._started else "[]\n")
 
 
 # Objects a streamed JSON array encodes at once.

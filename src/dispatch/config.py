@@ -121,6 +121,11 @@ _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
+# The longest duration taken: a century. Every duration is also subtracted from the
+# present, and dates end at year 1 (a longer one failed as an internal error).
+MAX_DURATION_SECONDS = 36_500 * 86_400.0
+
+
 def parse_duration(text: str | int | float) -> float:
     """Seconds from `90`, `30s`, `10m`, `1h30m`, `2d`; ValueError otherwise."""
     if isinstance(text, bool):
@@ -128,14 +133,20 @@ def parse_duration(text: str | int | float) -> float:
     if isinstance(text, int | float):
         if text < 0:
             raise ValueError(f"negative duration: {text!r}")
-        return float(text)
+        return _at_most_a_century(float(text), text)
     spec = text.strip().lower()
     if re.fullmatch(r"\d+(?:\.\d+)?", spec):
-        return float(spec)
+        return _at_most_a_century(float(spec), text)
     parts = _DURATION.findall(spec)
     if not spec or "".join(n + u for n, u in parts) != spec.replace(" ", ""):
         raise ValueError(f"not a duration: {text!r} (use e.g. 90s, 10m, 1h30m)")
-    return sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
+    return _at_most_a_century(sum(float(n) * _UNIT_SECONDS[u] for n, u in parts), text)
+
+
+def _at_most_a_century(seconds: float, text: str | int | float) -> float:
+    if not seconds <= MAX_DURATION_SECONDS:  # NaN too
+        raise ValueError(f"duration {text!r} is longer than a century (36500d)")
+    return seconds
 
 
 def _absolute(path: str | Path) -> Path:

@@ -207,6 +207,21 @@ def test_run_without_tmux_or_git_exits_7_and_claims_nothing(
 
 
 @pytest.mark.parametrize(
+    "args",
+    [
+        ["events", "--since", "1000000d"],
+        ["gc", "--older-than", "99999999999d"],
+        ["sweep", "--stale-after", "1000000d"],
+    ],
+)
+def test_a_duration_too_long_for_any_date_is_a_usage_error(run: Cli, args: list[str]) -> None:
+    done = run(*args)
+    assert done.code == 2, done.stderr
+    assert repr(args[-1]) in _one_line(done)
+    _json_error(run(*args, "--json"), 2, "usage")
+
+
+@pytest.mark.parametrize(
     "args", [["list"], ["list", "--json"], ["show", "1"], ["show", "1", "--json"], ["events"]]
 )
 def test_a_reader_that_went_away_is_no_error(

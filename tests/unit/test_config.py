@@ -27,13 +27,21 @@ from tests.conftest import Env
         (45, 45.0),
         (2.5, 2.5),
         (" 10M ", 600.0),
+        ("36500d", 36_500 * 86_400.0),  # a century: the longest taken
     ],
 )
 def test_durations(text: str | int | float, seconds: float) -> None:
     assert parse_duration(text) == pytest.approx(seconds)
 
 
-@pytest.mark.parametrize("text", ["", "10x", "m10", "10 minutes", "1h30", "-5m", "abc", True, -1])
+@pytest.mark.parametrize(
+    "text",
+    [
+        *("", "10x", "m10", "10 minutes", "1h30", "-5m", "abc", True, -1),
+        # Longer than a century, which no date arithmetic of a command could take.
+        *("36501d", "1000000d", "99999999999d", 36_501 * 86_400, float("inf"), float("nan")),
+    ],
+)
 def test_bad_durations_are_refused(text: str | int) -> None:
     with pytest.raises(ValueError):
         parse_duration(text)

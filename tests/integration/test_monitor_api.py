@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TMUX, Env, Result, windows
+from dispatch.store import statements as st
+from dispatch.store.direct import Tx
+from tests.conftest import TMUX, Env, MakeApp, Result, windows
 from tests.faults import attempts, events, task, wait_for, wait_status
 from tests.integration.monitor import Server, serving
 from tests.integration.recovery_helpers import signal_quietly
@@ -565,6 +567,29 @@ def test_a_reconnecting_stream_resumes_right_after_its_last_event(
             ids.append(live.data["id"])
         finally:
             stream.close()
+
+
+def test_a_client_that_leaves_a_long_replay_leaves_the_server_quiet(
+    serve: Serve, cli: Cli, repo: Path, make_app: MakeApp
+) -> None:
+    """`curl …/api/events?after=0 | head`: the server noticed the closed socket only after
+    a write for every event, and asyncio logged each one."""
+    task_id = _add(cli, repo, "chatty", "true")
+
+    def notes(tx: Tx) -> None:
+        for n in range(3000):
+            st.record_event(tx, "note", task_id=task_id, n=n)
+
+    make_app().direct.write(notes)
+    server = serve()
+    for _ in range(3):
+        stream = server.stream("/api/events?after=0")
+        assert stream.next().data["task_id"] == task_id
+        stream.close()
+    time.sleep(1)  # what the server would log, it logs as it writes
+    assert server.get("/api/tasks").status == 200
+    assert "socket.send() raised exception" not in server.stderr
+    assert server.stderr.strip() == "", server.stderr
 
 
 def test_a_stream_of_one_task_shows_only_it(serve: Serve, cli: Cli, repo: Path) -> None:

@@ -39,10 +39,12 @@ class Table:
 async def _frames(feed: Feed, after: int | None, task: int | None, count: int) -> list[str]:
     ids = []
     async for text in feed.frames(after, task):
-        if text.startswith("id: "):
-            ids.append(text.split("\n", 1)[0].removeprefix("id: "))
-            if len(ids) == count:
-                break
+        # A backlog comes a batch of frames at a time.
+        for part in text.split("\n\n"):
+            if part.startswith("id: "):
+                ids.append(part.split("\n", 1)[0].removeprefix("id: "))
+        if len(ids) >= count:
+            return ids[:count]
     return ids
 
 

@@ -100,8 +100,9 @@ class Feed:
                 rows = [r for r in rows if r.id <= mark]
                 if not rows:
                     break
-                for row in rows:
-                    yield frame(row)
+                # One write a batch: a client that went away is noticed at the next read,
+                # not after a write for every row (each of which asyncio logs).
+                yield "".join(map(frame, rows))
                 sent = rows[-1].id
             while True:
                 try:

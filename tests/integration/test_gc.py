@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -21,7 +22,7 @@ import pytest
 
 from dispatch.services.dispatching import dispatch_task
 from dispatch.services.monitor import task_diff
-from tests.conftest import Env
+from tests.conftest import Env, windows
 from tests.faults import events, run_cli, worktree_list
 from tests.integration.recovery_helpers import (
     dispatch_process,
@@ -29,6 +30,7 @@ from tests.integration.recovery_helpers import (
     execute,
     hours_ago,
     new_task,
+    running,
     settled,
     task_row,
     wait_for,
@@ -370,6 +372,173 @@ def test_a_plain_directory_under_the_root_is_no_worktree_and_stays(
 
     assert result["removed"] == [] and "not a git worktree" in result["kept"][0]["reason"]
     assert (stray / "keep.txt").exists()
+
+
+# -- work a snapshot cannot hold -------------------------------------------------------------
+
+
+def unreferenced(path: Path, head: str) -> str:
+    """What gc says of a worktree whose detached HEAD no branch or tag holds."""
+    return (
+        f"{path}: HEAD {head[:12]} is detached and no branch or tag holds it; left alone"
+        f" (`git -C {path} branch NAME` keeps it, then gc may take the worktree)"
+    )
+
+
+def commit_detached(git: Any, path: Path, name: str) -> str:
+    """A commit on a detached HEAD in the worktree at path, which no ref holds; its id."""
+    git(path, "checkout", "-q", "--detach")
+    (path / name).write_text("on no branch\n")
+    git(path, "add", name)
+    git(path, "commit", "-q", "-m", "detached work")
+    head = git_out(path, "rev-parse", "HEAD").strip()
+    assert git_out(path, "for-each-ref", "--contains", head) == ""
+    return head
+
+
+def test_commits_on_a_detached_head_keep_the_worktree_until_a_branch_holds_them(
+    make_app: Any, env: Env, project: Path, capsys: Any, git: Any
+) -> None:
+    task_id = finished(make_app, env, project, "true")
+    path = worktree_of(env, task_id)
+    branch = task_row(env, task_id)["branch"]
+    head = commit_detached(git, path, "detached.txt")
+    kept = [{"task_id": task_id, "reason": f"worktree {unreferenced(path, head)}"}]
+
+    planned = gc_json(capsys, "--older-than", "0s", "--dry-run")
+    result = gc_json(capsys, "--older-than", "0s")
+
+    for answer in (planned, result):
+        assert (answer["removed"], answer["kept"]) == ([], kept)
+    assert (path / "detached.txt").exists() and str(path) in worktree_list(project)
+    (path / "more.txt").write_text("uncommitted\n")  # a snapshot would not bring HEAD back
+    assert gc_json(capsys, "--older-than", "0s")["kept"] == kept
+    assert git_out(path, "rev-parse", "HEAD").strip() == head
+    assert events(env, task_id, "gc") == [] and refs(project) == ""
+
+    (path / "more.txt").unlink()
+    git(path, "branch", "kept-work")  # what the reason says to do
+    result = gc_json(capsys, "--older-than", "0s")
+
+    assert [(r["task_id"], r["snapshot"]) for r in result["removed"]] == [(task_id, None)]
+    assert result["kept"] == [] and not path.exists()
+    assert [e["detail"]["head"] for e in events(env, task_id, "gc")] == [head]
+    assert git_out(project, "show", "kept-work:detached.txt") == "on no branch\n"
+    assert run_cli(capsys, "restore", str(task_id))[0] == 0
+    assert git_out(path, "rev-parse", "--abbrev-ref", "HEAD").strip() == branch
+    assert status(path) == ""
+
+
+def test_a_detached_head_a_branch_holds_is_collected_as_before(
+    make_app: Any, env: Env, project: Path, capsys: Any, git: Any
+) -> None:
+    commit = "echo x > x.txt && git add x.txt && git commit -qm x && git checkout -q --detach"
+    task_id = finished(make_app, env, project, commit)
+    path = worktree_of(env, task_id)
+    tip = git_out(project, "rev-parse", task_row(env, task_id)["branch"]).strip()
+    assert git_out(path, "rev-parse", "HEAD").strip() == tip
+    assert git_out(path, "rev-parse", "--abbrev-ref", "HEAD").strip() == "HEAD"  # detached
+
+    result = gc_json(capsys, "--older-than", "0s")
+
+    assert [(r["task_id"], r["snapshot"]) for r in result["removed"]] == [(task_id, None)]
+    assert result["kept"] == [] and not path.exists()
+    assert [e["detail"]["head"] for e in events(env, task_id, "gc")] == [tip]
+
+
+def test_an_orphan_whose_detached_head_no_ref_holds_stays(
+    env: Env, project: Path, capsys: Any, git: Any
+) -> None:
+    orphan = env.home / "worktrees" / project.name / "task-998"
+    git(project, "worktree", "add", "-q", "--detach", str(orphan))
+    head = commit_detached(git, orphan, "lost.txt")
+    kept = [{"task_id": None, "reason": f"orphan {unreferenced(orphan, head)}"}]
+
+    planned = gc_json(capsys, "--older-than", "0s", "--orphans", "--dry-run")
+    result = gc_json(capsys, "--older-than", "0s", "--orphans")
+
+    for answer in (planned, result):
+        assert (answer["removed"], answer["kept"]) == ([], kept)
+    assert (orphan / "lost.txt").exists() and str(orphan) in worktree_list(project)
+    assert refs(project) == ""
+
+
+# A shell deaf to every polite signal, whose `sleep` inherits the deafness: an agent
+# that outlives its wrapper.
+DEAF = 'trap "" TERM INT HUP; sleep 300'
+
+
+def working_in(path: Path) -> set[int]:
+    """Live processes whose working directory is in path: a witness independent of gc."""
+    found = set()
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cwd = os.readlink(f"/proc/{name}/cwd").removesuffix(" (deleted)")
+            state = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if (cwd == str(path) or cwd.startswith(f"{path}{os.sep}")) and state != "Z":
+            found.add(int(name))
+    return found
+
+
+def sleeping_in(path: Path) -> set[int]:
+    """The agent's `sleep 300` once it has exec'd, among the processes working in path."""
+    found = set()
+    for pid in working_in(path):
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes() == b"sleep\x00300\x00":
+                found.add(pid)
+        except OSError:
+            continue
+    return found
+
+
+def kill_all(pids: set[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_worktree_an_agent_still_runs_in_stays_until_its_processes_end(
+    make_app: Any, env: Env, project: Path, capsys: Any, cli: Any
+) -> None:
+    app = make_app()
+    task_id = new_task(app, project, DEAF)
+    dispatch_task(app, task_id)
+    attempt = dict(wait_for(lambda: running(env, task_id), "the agent to start"))
+    path = Path(attempt["worktree"])
+    seen: set[int] = {attempt["wrapper_pid"]}
+    try:
+        seen |= wait_for(lambda: sleeping_in(path), "the agent's sleep to start")
+        os.kill(attempt["wrapper_pid"], signal.SIGKILL)
+        wait_for(lambda: f"t{task_id}" not in windows(env), "the window to close")
+        assert cli("sweep").code == 0
+        assert task_row(env, task_id)["status"] == "interrupted"
+        left = working_in(path)
+        seen |= left
+        assert len(left) == 2  # the deaf shell and its sleep
+        pids = " ".join(map(str, sorted(left)))
+        reason = (
+            f"processes {pids} of attempt {attempt['id']} are still running in worktree"
+            f" {path}; left alone (wait for them to exit, or stop them: kill {pids})"
+        )
+
+        for extra in (["--dry-run"], []):
+            result = gc_json(capsys, "--older-than", "0s", "--include-failed", *extra)
+            assert result["removed"] == []
+            assert result["kept"] == [{"task_id": task_id, "reason": reason}]
+        assert working_in(path) == left and str(path) in worktree_list(project)
+        assert events(env, task_id, "gc") == []
+
+        kill_all(left)
+        wait_for(lambda: not working_in(path), "the agent's processes to end")
+        result = gc_json(capsys, "--older-than", "0s", "--include-failed")
+
+        assert [r["task_id"] for r in result["removed"]] == [task_id]
+        assert result["kept"] == [] and not path.exists()
+    finally:
+        kill_all(seen | working_in(path))
 
 
 # -- restore's answers ---------------------------------------------------------------------

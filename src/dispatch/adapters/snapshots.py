@@ -98,6 +98,21 @@ class Snapshots:
             except ValueError:
                 return None
 
+    def unreferenced_head(self, worktree: Path, repo_path: Path) -> str | None:
+        """The worktree's HEAD commit if it is detached and no ref holds it, else None."""
+        # Read in `repo_path`: the worktree's own refs (`refs/bisect/`, `refs/worktree/`)
+        # and HEAD's reflog go with the worktree. A snapshot under `refs/dispatch/` does
+        # not count: `restore` brings back the task's branch, never a detached HEAD.
+        with _open(worktree) as repo:
+            if not repo.head.is_detached:
+                return None  # on a branch, which holds every commit HEAD has
+            head = str(repo.head.commit.hexsha)
+        with _open(repo_path) as main:
+            holders = _git(main, "for-each-ref", "--contains", head, "--format=%(refname)")
+        if any(not name.startswith("refs/dispatch/") for name in holders.splitlines()):
+            return None
+        return head
+
     def is_dirty(self, worktree: Path) -> bool:
         """Anything uncommitted: staged, modified, deleted, or untracked and not ignored."""
         with _open(worktree) as repo:

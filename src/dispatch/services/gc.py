@@ -28,6 +28,7 @@ from dispatch.clock import utcnow
 from dispatch.errors import DispatchError
 from dispatch.flock import LockHeld
 from dispatch.lifecycle import RETRYABLE, Status
+from dispatch.services.control import agent_processes
 from dispatch.services.guards import path_guard, task_guard
 from dispatch.services.sweep import _orphan_dirs, _task_dirs
 from dispatch.store import statements as st
@@ -251,7 +252,42 @@ class Collector:
             return f"{path} is not a worktree of {c.repo}; left alone"
         if self.snapshots.is_locked(path):
             return f"worktree {path} is locked (git worktree lock); left alone"
-        return None
+        return self._agents_in(c, path) or self._unreferenced(path, Path(c.repo), "worktree")
+
+    def _agents_in(self, c: GcCandidate, path: Path) -> str | None:
+        """Why the worktree stays while processes of the task's attempts on this host run."""
+        # An agent deaf to the signals outlives its reaped wrapper, and would go on
+        # writing in a deleted directory. Another host's processes cannot be seen from
+        # here, and /proc is read only for a task last run on this host.
+        here = self.app.settings.host
+        attempts = self.app.direct.read(lambda tx: st.attempts_of(tx, c.id))
+        if not attempts or attempts[-1].host != here:
+            return None
+        alive: dict[int, int] = {}
+        for attempt in attempts:
+            if attempt.host == here:
+                alive.update(dict.fromkeys(agent_processes(self.app, attempt), attempt.id))
+        if not alive:
+            return None
+        pids = " ".join(map(str, sorted(alive)))
+        ids = sorted(set(alive.values()))
+        which = f"attempt {ids[0]}" if len(ids) == 1 else f"attempts {', '.join(map(str, ids))}"
+        return (
+            f"processes {pids} of {which} are still running in worktree {path}; left alone"
+            f" (wait for them to exit, or stop them: kill {pids})"
+        )
+
+    def _unreferenced(self, path: Path, repo: Path, what: str) -> str | None:
+        """Why the worktree stays while its detached HEAD holds commits no ref does."""
+        # A snapshot saves only what is uncommitted, and `restore` checks out the task's
+        # branch: such commits would be in no ref after the removal, for git's gc to take.
+        head = self.snapshots.unreferenced_head(path, repo)
+        if head is None:
+            return None
+        return (
+            f"{what} {path}: HEAD {head[:12]} is detached and no branch or tag holds it;"
+            f" left alone (`git -C {path} branch NAME` keeps it, then gc may take the worktree)"
+        )
 
     def _remove_task_worktree(self, c: GcCandidate, path: Path, repo: Path) -> None:
         collected = is_collected(self.app.direct.read(lambda tx: last_collection(tx, c.id)))
@@ -371,6 +407,10 @@ class Collector:
             self._keep(None, _nested(path, nested))
             return
         if self.options.dry_run:
+            unreferenced = self._unreferenced(path, main, "orphan")
+            if unreferenced is not None:
+                self._keep(None, unreferenced)
+                return
             dirty = self.snapshots.is_dirty(path)
             ref = orphan_ref(path.name) if dirty else None
             self.report.removed.append(Removed(None, str(path), ref, size))
@@ -392,6 +432,10 @@ class Collector:
             return
         if self.snapshots.is_locked(path):
             self._keep(None, f"orphan {path} is locked (git worktree lock); left alone")
+            return
+        unreferenced = self._unreferenced(path, main, "orphan")
+        if unreferenced is not None:
+            self._keep(None, unreferenced)
             return
         ref = commit = None
         if self.snapshots.is_dirty(path):

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import pty
+import re
 import subprocess
 import sys
+import unicodedata
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -289,6 +291,23 @@ def _in_a_terminal(args: list[str], cwd: Path, **extra: str) -> bytes:
     os.close(leader)
     assert proc.wait(timeout=60) == 0, output
     return output
+
+
+def test_a_long_title_is_cut_to_the_terminal_and_whole_in_a_pipe(cli: Cli, repo: Path) -> None:
+    """One long title must not push every row of the table past the terminal's edge."""
+    long_title = "long " * 1000
+    wide_title = "日本語 " + "長い" * 100
+    for title in (long_title, wide_title, "short"):
+        assert cli("add", title, cwd=repo).code == 0
+    shown = _in_a_terminal(["list"], cwd=repo, COLUMNS="100").decode()
+    rows = [re.sub(r"\x1b\[[0-9;]*m", "", line) for line in shown.splitlines()]
+    assert len(rows) == 4, rows
+    for row in rows:
+        assert sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in row) <= 100, row
+    assert rows[1].endswith("…") and rows[2].endswith("…") and rows[3].endswith("short")
+    assert " long long " in rows[1] and "長い" in rows[2]
+    titles = [row.split(None, 5)[5] for row in cli("list").stdout.splitlines()[1:]]
+    assert titles == [long_title.strip(), wide_title, "short"]  # a pipe gets them whole
 
 
 COLOUR = (b"\x1b[31m", b"\x1b[32m", b"\x1b[33m", b"\x1b[35m", b"\x1b[36m", b"\x1b[38;")

@@ -139,7 +139,7 @@ def _status(status: str, closed: bool = False) -> str:
 
 
 def task_table(tasks: Iterable[TaskSummary]) -> None:
-    table = StreamedTable(TASK_HEADERS, status_column=1)
+    table = StreamedTable(TASK_HEADERS, status_column=1, shrinks=TITLE_COLUMN)
     for t in tasks:
         table.add(task_cells(t), task_style(t))
     table.flush()
@@ -334,6 +334,20 @@ def _cell_width(text: str) -> int:
     return cell_len(text)
 
 
+# A column that shrinks to fit the terminal keeps at least this many cells, and leaves
+# the last column (unpadded, so it may run on) at least this many.
+_NARROWEST, _LAST_ROOM = 12, 20
+
+
+def _cut(text: str, width: int) -> str:
+    """`text` cut to `width` terminal cells, the last of them an ellipsis."""
+    if text.isascii():
+        return text[: width - 1] + "…"
+    from rich.cells import set_cell_size
+
+    return set_cell_size(text, width - 1) + "…"
+
+
 class StreamedTable:
     """A table printed as its rows arrive, in columns measured on the first rows.
 
@@ -343,13 +357,22 @@ class StreamedTable:
     added after `flush` (`events --follow`) come after the table was seen: one that does
     not fit widens the columns and the header is printed again above it, so every row
     lines up with the header above it. Widths are terminal cells (a CJK character or an
-    emoji takes two), as rich measures them.
+    emoji takes two), as rich measures them. On a terminal, the `shrinks` column gives
+    way so that the others fit its width: its longer cells are cut, ending in "…" (a
+    pipe gets them whole).
     """
 
-    def __init__(self, headers: Sequence[str], *, status_column: int | None = None) -> None:
+    def __init__(
+        self,
+        headers: Sequence[str],
+        *,
+        status_column: int | None = None,
+        shrinks: int | None = None,
+    ) -> None:
         self._headers = list(headers)
         self._status = status_column
         self._colour = _colour()
+        self._shrinks = shrinks if shrinks is not None and sys.stdout.isatty() else None
         self._widths: list[int] | None = None
         self._pending: list[tuple[list[str], str | None]] = []
         self._lines: list[str] = []
@@ -373,20 +396,40 @@ class StreamedTable:
         for cells, _ in self._pending:
             for i, cell in enumerate(cells):
                 widths[i] = max(widths[i], _cell_width(cell))
+        if self._shrinks is not None:
+            widths[self._shrinks] = self._room(widths, self._shrinks)
         self._widths = widths
         self._header()
         pending, self._pending = self._pending, []
         for cells, style in pending:
             self._emit(cells, style)
 
+    def _room(self, widths: list[int], column: int) -> int:
+        """How wide `column` may be for a row to fit the terminal; never narrower than its
+        header or than _NARROWEST, and it leaves the last column _LAST_ROOM cells."""
+        import shutil
+
+        others = sum(w for i, w in enumerate(widths[:-1]) if i != column)
+        room = shutil.get_terminal_size().columns - others - 2 * (len(widths) - 1)
+        room -= min(widths[-1], _LAST_ROOM)
+        floor = max(_cell_width(self._headers[column]), _NARROWEST)
+        return max(min(widths[column], room), floor)
+
     def _fits(self, cells: list[str]) -> bool:
         assert self._widths is not None
-        # The last column is never padded: however long its cell, the others stay put.
-        return all(_cell_width(c) <= w for c, w in zip(cells[:-1], self._widths, strict=False))
+        # The last column is never padded: however long its cell, the others stay put;
+        # nor is a cell of the column that shrinks, which is cut instead.
+        return all(
+            _cell_width(c) <= w or i == self._shrinks
+            for i, (c, w) in enumerate(zip(cells[:-1], self._widths, strict=False))
+        )
 
     def _widen(self, cells: list[str]) -> None:
         assert self._widths is not None
-        self._widths = [max(w, _cell_width(c)) for w, c in zip(self._widths, cells, strict=True)]
+        self._widths = [
+            w if i == self._shrinks else max(w, _cell_width(c))
+            for i, (w, c) in enumerate(zip(self._widths, cells, strict=True))
+        ]
 
     def _header(self) -> None:
         header = self._format(self._headers, None)
@@ -397,6 +440,8 @@ class StreamedTable:
         last = len(cells) - 1
         parts = []
         for i, cell in enumerate(cells):
+            if i == self._shrinks and _cell_width(cell) > self._widths[i]:
+                cell = _cut(cell, self._widths[i])
             if i == last:
                 padded = cell
             elif cell.isascii():
@@ -478,6 +523,7 @@ def json_text(data: Any) -> str:
 
 
 TASK_HEADERS = ("ID", "STATUS", "PRI", "AGENT", "HOST", "TITLE", "LAST ERROR")
+TITLE_COLUMN = TASK_HEADERS.index("TITLE")
 
 
 def task_cells(t: TaskSummary) -> list[str]:

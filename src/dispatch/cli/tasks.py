@@ -120,7 +120,7 @@ def list_(
         )
         array.close()
         return
-    table = out.StreamedTable(out.TASK_HEADERS, status_column=1)
+    table = out.StreamedTable(out.TASK_HEADERS, status_column=1, shrinks=out.TITLE_COLUMN)
     page = stream_task_list(
         app,
         lambda t: table.add(out.task_cells(t), out.task_style(t)),

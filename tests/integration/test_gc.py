@@ -337,6 +337,30 @@ def test_a_worktree_deleted_by_hand_is_unregistered_and_its_snapshot_still_resto
     assert files(path) == expected
 
 
+def test_a_worktree_made_on_another_host_is_that_hosts_to_collect(
+    make_app: Any, env: Env, project: Path, capsys: Any
+) -> None:
+    """SPEC §10: whether the path is there on this host (a shared disk) or not, gc here
+    neither removes another host's worktree nor records it as removed."""
+    task_id = finished(make_app, env, project, DIRTY)
+    path = worktree_of(env, task_id)
+    execute(env, "UPDATE attempts SET host = ? WHERE task_id = ?", "far-away", task_id)
+    result = gc_json(capsys, "--older-than", "0s")
+    assert (result["removed"], result["kept"]) == ([], [])
+    assert path.is_dir() and str(path) in worktree_list(project)
+    shutil.rmtree(path)  # now as on a host that does not have it
+    git_out(project, "worktree", "prune")
+    result = gc_json(capsys, "--older-than", "0s")
+    assert (result["removed"], result["kept"]) == ([], [])
+    assert events(env, task_id, "gc") == []
+    assert gc_json(capsys, "--older-than", "0s", "--dry-run")["removed"] == []
+
+    execute(
+        env, "UPDATE attempts SET host = ? WHERE task_id = ?", make_app().settings.host, task_id
+    )
+    assert [r["task_id"] for r in gc_json(capsys, "--older-than", "0s")["removed"]] == [task_id]
+
+
 def test_orphans_are_snapshotted_in_their_own_repository_then_removed(
     env: Env, project: Path, capsys: Any, git: Any
 ) -> None:

@@ -192,6 +192,10 @@ class Collector:
 
     def task(self, c: GcCandidate) -> None:
         path, repo = Path(c.worktree), Path(c.repo)
+        if c.host is not None and c.host != self.app.settings.host:
+            # Made on another host of the fleet: that host's gc keeps or collects it (SPEC
+            # §10). Judged from here, a path missing on this host would pass for removed.
+            return
         if not _inside(path, self.root):
             if os.path.lexists(path):  # one that is gone is nothing to report
                 self._keep(

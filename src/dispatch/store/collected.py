@@ -31,6 +31,7 @@ class GcCandidate(NamedTuple):
     worktree: str
     updated_at: datetime
     attempt_id: int | None  # its latest attempt: the one that last used the worktree
+    host: str | None  # where that attempt ran, and so where the worktree is
 
 
 def gc_candidates(tx: Tx, statuses: Sequence[str], before: datetime) -> list[GcCandidate]:
@@ -40,8 +41,9 @@ def gc_candidates(tx: Tx, statuses: Sequence[str], before: datetime) -> list[GcC
     params.update(before=before, in_progress=Status.IN_PROGRESS.value, ready=Status.READY.value)
     sql = (
         "SELECT t.id, t.status, t.closed_at, t.repo, t.base_ref, t.branch, t.worktree,"
-        " t.updated_at, (SELECT MAX(a.id) FROM attempts a WHERE a.task_id = t.id)"
-        " FROM tasks t WHERE t.worktree IS NOT NULL"
+        " t.updated_at, l.id, l.host FROM tasks t"
+        " LEFT JOIN attempts l ON l.id = (SELECT MAX(a.id) FROM attempts a WHERE a.task_id = t.id)"
+        " WHERE t.worktree IS NOT NULL"
         " AND t.status != :in_progress AND t.status != :ready"
         f" AND (t.status {clause} OR t.closed_at IS NOT NULL)"
         " AND t.updated_at < :before ORDER BY t.id"

@@ -652,6 +652,29 @@ def test_a_worktree_path_taken_by_something_else_is_left_alone(
     assert BRANCH not in branches(repo)
 
 
+def test_another_tasks_worktree_at_the_path_is_not_taken_over(
+    env: Env, repo: Path, make_app: Callable[..., App], git: Callable[..., str]
+) -> None:
+    """Task 1 of another database had this path: its worktree, on its own branch, is not
+    this task 1's to switch or use; the message says whose it likely is."""
+    write_config(env)
+    app = make_app()
+    _add(app, repo)
+    theirs = env.home / "worktrees" / "repo" / "task-1"
+    git(repo, "worktree", "add", "-q", "-b", "dispatch/1-their-task", str(theirs))
+    (theirs / "their-work.txt").write_text("theirs\n")
+    with pytest.raises(DispatchFailed) as caught:
+        dispatch_task(app, 1)
+    assert f"worktree {theirs} is on dispatch/1-their-task and was never this task's" in (
+        caught.value.message
+    )
+    assert "switch" not in caught.value.message  # no hint that would take it over
+    assert_rolled_back(env, 1, "ready", step="worktree")
+    assert (theirs / "their-work.txt").read_text() == "theirs\n"
+    assert git(theirs, "symbolic-ref", "--short", "HEAD").strip() == "dispatch/1-their-task"
+    assert BRANCH not in branches(repo)
+
+
 def test_the_json_error_of_a_failed_dispatch(
     env: Env,
     repo: Path,

@@ -479,7 +479,7 @@ def _make_worktree(c: Claimed) -> bool:
         if not git.is_worktree(repo, c.worktree):
             raise DispatchError(f"{c.worktree} exists and is not a worktree of {repo}")
         exists = branch_existed or switched_from is not None
-        _check_on_branch(git, repo, c.worktree, c.branch, exists=exists)
+        _check_on_branch(git, repo, c.worktree, c.branch, exists=exists, had=c.task.worktree)
         if git.has_changes(c.worktree):
             c.warnings.append(f"worktree {c.worktree} has uncommitted changes; they are kept")
         return True
@@ -559,7 +559,7 @@ def _record_branched(c: Claimed, moved: dict[str, Any]) -> None:
 
 
 def _check_on_branch(
-    git: Worktrees, repo: Path, worktree: Path, branch: str, *, exists: bool
+    git: Worktrees, repo: Path, worktree: Path, branch: str, *, exists: bool, had: str | None
 ) -> None:
     """A reused worktree must be on the task's branch: on a detached HEAD, or on a branch
     that was deleted, the agent's commits would belong to no branch (and `completion =
@@ -576,6 +576,14 @@ def _check_on_branch(
             f"worktree {worktree}: it is on {head}, and the task's branch {branch} is "
             f"checked out at {holder} (`git worktree remove {worktree}` once its work is "
             "safe, then redispatch: a new branch starts from that branch's tip)"
+        )
+    if had is None and head != branch:
+        # Never this task's: another task's worktree at the same path (the same id in
+        # another database, most likely). Switching it would take that task's work.
+        raise DispatchError(
+            f"worktree {worktree} is on {head} and was never this task's (another task's, "
+            "perhaps of another database, at the same path): move it away, or give this "
+            "database its own worktree_root"
         )
     if not exists:
         state = f"its branch {branch} was deleted"

@@ -27,6 +27,7 @@ from tests.integration.recovery_helpers import (
     running,
     seed_attempt,
     settled,
+    signal_quietly,
     task_row,
     terminal_events,
     wait_for,
@@ -309,16 +310,32 @@ def test_redispatch_refuses_while_the_last_attempts_processes_run(
     left = sleepers(attempt["worktree"])
     assert left  # deaf to the hangup: still working in the worktree
 
-    refused = cli("redispatch", str(task_id))
+    try:
+        refused = cli("redispatch", str(task_id))
 
-    assert refused.code == 3, refused.stderr
-    assert f"of attempt {attempt['id']} are still running" in refused.stderr
-    assert events_of(env, task_id, "redispatched") == []
-    for pid in left:
-        os.kill(pid, 9)
-    wait_for(lambda: not sleepers(attempt["worktree"]), "the leftovers to die")
-    again = cli("redispatch", str(task_id))
-    assert again.code == 0, again.stderr
+        assert refused.code == 3, refused.stderr
+        assert f"of attempt {attempt['id']} are still running" in refused.stderr
+        assert events_of(env, task_id, "redispatched") == []
+        # Nor through a reset: neither `run` of the task nor `run --next` starts a second agent.
+        assert cli("reset", str(task_id)).code == 0
+        named = cli("run", str(task_id))
+        assert named.code == 3, named.stderr
+        assert f"of attempt {attempt['id']} are still running" in named.stderr
+        picked = cli("run", "--next")
+        assert picked.code == 6, picked.stderr
+        assert f"of attempt {attempt['id']} are still running" in picked.stderr
+        assert "rolled back, task is ready" in picked.stderr
+        assert task_row(env, task_id)["status"] == "ready"
+        assert [e["attempt_id"] for e in events_of(env, task_id, "dispatched")] == [attempt["id"]]
+        assert sleepers(attempt["worktree"]) == left
+        for pid in left:
+            os.kill(pid, 9)
+        wait_for(lambda: not sleepers(attempt["worktree"]), "the leftovers to die")
+        again = cli("run", str(task_id))
+        assert again.code == 0, again.stderr
+    finally:
+        for pid in in_worktree(attempt["worktree"]):
+            signal_quietly(pid, signal.SIGKILL)
 
 
 FREEZER = Path("/sys/fs/cgroup/freezer")

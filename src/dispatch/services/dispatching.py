@@ -136,9 +136,12 @@ def claim(d: Dispatch) -> bool:
     """
     d.app.worktrees.require()
     d.app.terminal.require()
+    if d.task_id is not None:
+        _refuse_while_alive(d.app, d.task_id)  # a named task: refused before anything is made
     fixed = _claim_values(d)
     # A signal between the commit and learning the attempt would leave a claim nobody
     # knows to undo: held until the attempt is known, then the undos run as after any step.
+    picked = d.task_id is None
     with signals_held():
         if d.task_id is None:
             claimed = d.app.direct.write(lambda tx: _claim_next(tx, d, fixed))
@@ -146,6 +149,10 @@ def claim(d: Dispatch) -> bool:
             claimed = _claim_named(d, d.task_id, fixed)
         if claimed is not None:
             d.task_id, d.claimed = claimed.task.id, claimed
+    if claimed is not None and picked:
+        # Picked inside the claim's transaction, too late to refuse: a failed dispatch,
+        # undone, and `run --next` goes on to the next task.
+        _refuse_while_alive(d.app, claimed.task.id, before=claimed.attempt_id)
     return claimed is not None
 
 
@@ -852,8 +859,9 @@ def dispatch_task(
     except StepFailed as failure:
         if failure.step == "claim" and failure.cause == NO_WORK and d.attempt_id is None:
             return None  # --next: nothing ready
-        if failure.step == "claim" and isinstance(failure.cause, DispatchError):
-            raise failure.cause from None  # a refusal (conflict, closed, unknown): nothing made
+        cause = failure.cause
+        if failure.step == "claim" and isinstance(cause, DispatchError) and d.attempt_id is None:
+            raise cause from None  # a refusal (conflict, closed, unknown): nothing made
         raise _failed(app, d, failure) from None
     assert d.attempt_id is not None
     attempt_id = d.attempt_id
@@ -960,7 +968,6 @@ def redispatch(
             expected_attempt = attempt.number
     if task_id is None:
         raise NotFound("give a task id or --attempt")
-    _refuse_while_alive(app, task_id)
     result = dispatch_task(
         app,
         task_id,
@@ -972,12 +979,15 @@ def redispatch(
     return result
 
 
-def _refuse_while_alive(app: App, task_id: int) -> None:
-    """A second agent must never work in the worktree while the last one's processes run."""
+def _refuse_while_alive(app: App, task_id: int, *, before: int | None = None) -> None:
+    """A second agent must never work in the worktree while the last one's processes run
+    (a wrapper killed outright leaves an agent that ignores hangups running): a task
+    reset or redispatched since is refused until they are gone. With `before`, the last
+    attempt is the newest before that one (the one being claimed)."""
 
     def work(tx: Tx) -> AttemptRow | None:
         st.get_task(tx, task_id)  # an unknown task is refused as such
-        return st.latest_attempt(tx, task_id)
+        return st.latest_attempt(tx, task_id, before=before)
 
     latest = app.direct.read(work)
     if latest is None or latest.state != AttemptState.ENDED.value:
@@ -992,7 +1002,7 @@ def _refuse_while_alive(app: App, task_id: int) -> None:
         raise Conflict(
             f"task {task_id}: processes {pids} of attempt {latest.id} are still running "
             "in its worktree",
-            hint=f"wait for them to exit, or stop them: kill {pids}",
+            hint=f"wait for them to exit, or stop them: kill {pids} (kill -9 if they ignore it)",
         )
 
 

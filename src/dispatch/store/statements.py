@@ -338,8 +338,11 @@ def events(tx: Tx, task_id: int | None = None, limit: int | None = None) -> list
     return [e._replace(detail=json_value(e.detail)) for e in found]
 
 
-def latest_attempt(tx: Tx, task_id: int) -> AttemptRow | None:
-    found = _attempts(tx, "WHERE task_id = :task ORDER BY id DESC LIMIT 1", {"task": task_id})
+def latest_attempt(tx: Tx, task_id: int, *, before: int | None = None) -> AttemptRow | None:
+    """The task's newest attempt (with `before`, the newest older than that attempt)."""
+    where = "WHERE task_id = :task" + ("" if before is None else " AND id < :before")
+    params = {"task": task_id, "before": before}
+    found = _attempts(tx, f"{where} ORDER BY id DESC LIMIT 1", params)
     return found[0] if found else None
 
 

@@ -38,7 +38,9 @@ def gc(
 
     Done and closed tasks (with --include-failed, failed ones too) unchanged for
     --older-than. Anything uncommitted is saved first as a commit at
-    refs/dispatch/wip/TASK-ATTEMPT; `dispatch restore TASK` brings it back.
+    refs/dispatch/wip/TASK-ATTEMPT; `dispatch restore TASK` brings it back. Kept, with
+    the reason: a worktree an agent's processes still run in, and one whose detached
+    HEAD holds commits no branch does. Another host's worktrees are that host's to collect.
     """
     from dispatch.config import parse_duration
     from dispatch.services.gc import GcOptions, collect

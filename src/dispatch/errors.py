@@ -88,3 +88,8 @@ class DispatchRolledBack(DispatchFailed):
 
 class DispatchInterrupted(DispatchRolledBack):
     """Ctrl-C or SIGTERM stopped a dispatch; it was rolled back, and nothing more is started."""
+
+
+class ReaderGone(Exception):
+    """Whoever read stdout stopped (`| head`): the command stops there, and that is no
+    error. Not an OSError: the CLI framework would end the process with exit 1 for one."""

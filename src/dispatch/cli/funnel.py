@@ -8,12 +8,7 @@ import signal
 import sys
 from collections.abc import Callable
 
-from dispatch.errors import DispatchError
-
-
-class ReaderGone(Exception):
-    """Whoever read stdout stopped (`| head`): the command stops there, and that is no
-    error. Not an OSError: the CLI framework would end the process with exit 1 for one."""
+from dispatch.errors import DispatchError, ReaderGone
 
 
 def funnel(work: Callable[[], int], *, json: bool = False) -> int:

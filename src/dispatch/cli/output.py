@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from dispatch.cli.funnel import ReaderGone
+from dispatch.errors import ReaderGone
 
 # The shapes are shared with the monitor; the CLI modules keep using them from here.
 from dispatch.shapes import attempt_json as attempt_json

@@ -338,6 +338,25 @@ def test_an_unexpected_error_exits_1_in_one_line(run: Cli, monkeypatch: pytest.M
     assert "boom" in _json_error(run("list", "--json"), 1, "internal")
 
 
+def _interrupted_while_making_a_class(*_args: object, **_kwargs: object) -> None:
+    class Descriptor:
+        def __set_name__(self, owner: type, name: str) -> None:
+            raise KeyboardInterrupt  # a Ctrl-C as a module's dataclass is being made
+
+    type("Made", (), {"field": Descriptor()})
+
+
+def test_a_ctrl_c_while_a_class_is_made_is_an_interrupt(
+    run: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Python 3.11 hands it on as RuntimeError("Error calling __set_name__ …")."""
+    monkeypatch.setattr(
+        "dispatch.services.tasks.stream_task_list", _interrupted_while_making_a_class
+    )
+    done = run("list")
+    assert (done.code, _one_line(done)) == (130, "dispatch: error: interrupted")
+
+
 def test_dispatch_debug_adds_the_traceback(run: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("dispatch.services.tasks.stream_task_list", _explode)
     done = run("list", extra_env={"DISPATCH_DEBUG": "1"})

@@ -24,6 +24,11 @@ def funnel(work: Callable[[], int], *, json: bool = False) -> int:
     except (BrokenPipeError, ReaderGone):
         return 0
     except Exception as exc:
+        if isinstance(exc.__cause__, KeyboardInterrupt):
+            # A Ctrl-C while a class was being made (a dataclass's fields, at import)
+            # comes out as Python's RuntimeError("Error calling __set_name__ …").
+            report(DispatchError("interrupted"), json=json)
+            return 130
         report(DispatchError(f"{type(exc).__name__}: {exc}"), json=json)
         return 1
 

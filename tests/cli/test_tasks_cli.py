@@ -9,17 +9,16 @@ import subprocess
 import sys
 import unicodedata
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 
 from dispatch.app import App
-from dispatch.store.models import Attempt, Event
 from tests import witness
 from tests.cli.inprocess import InProcess
 from tests.conftest import Env, Result
-from tests.orm import orm_write
+from tests.orm import ended_attempt
 
 Cli = Callable[..., Result]
 
@@ -330,28 +329,7 @@ def test_statuses_are_coloured_in_a_terminal_unless_no_color(
 
 def _attempt(make_app: Callable[..., App], task_id: int) -> int:
     """An ended attempt and its event, written as the dispatch code would."""
-    app = make_app()
-    now = datetime.now(UTC)
-
-    def work(s):  # type: ignore[no-untyped-def]
-        attempt = Attempt(
-            task_id=task_id, number=1, state="ended", outcome="failed", exit_code=3,
-            prior_status="ready", host="builder", tmux_target="dispatch:@7",
-            worktree="/w/task-1", branch="dispatch/1-x", session_id="s-1", resume=False,
-            intent={}, started_at=now, ended_at=now, heartbeat_at=now, error="exit 3",
-        )  # fmt: skip
-        s.add(attempt)
-        s.flush()
-        s.add(
-            Event(
-                task_id=task_id, attempt_id=attempt.id, kind="finished",
-                from_status="in-progress", to_status="failed", at=now,
-                detail={"exit_code": 3},
-            )
-        )  # fmt: skip
-        return attempt.id
-
-    return int(orm_write(app.db, work))
+    return ended_attempt(make_app().db, task_id)
 
 
 def test_show_json_has_the_task_its_attempts_and_its_events(

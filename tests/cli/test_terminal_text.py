@@ -10,7 +10,6 @@ import sys
 import threading
 import unicodedata
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
 
@@ -19,11 +18,11 @@ from sqlalchemy.orm import Session
 
 from dispatch.app import App
 from dispatch.cli import output as out
-from dispatch.store.models import Attempt, Event, Task
+from dispatch.store.models import Task
 from tests.cli.inprocess import InProcess
 from tests.conftest import Env, Result
 from tests.faults import wait_for
-from tests.orm import orm_write
+from tests.orm import ended_attempt, orm_write
 
 Cli = Callable[..., Result]
 
@@ -69,25 +68,9 @@ def _set_task(make_app: Callable[..., App], task_id: int, **columns: str) -> Non
 
 def _hostile_attempt_and_event(make_app: Callable[..., App], task_id: int) -> None:
     """An attempt whose error and window are EVIL, and an event whose detail is."""
-    now = datetime.now(UTC)
-
-    def work(s: Session) -> None:
-        attempt = Attempt(
-            task_id=task_id, number=1, state="ended", outcome="failed", exit_code=3,
-            prior_status="ready", host="builder", tmux_target=f"dispatch:{EVIL}",
-            worktree="/w/task-1", branch="dispatch/1-x", session_id="s-1", resume=False,
-            intent={}, started_at=now, ended_at=now, heartbeat_at=now, error=EVIL,
-        )  # fmt: skip
-        s.add(attempt)
-        s.flush()
-        s.add(
-            Event(
-                task_id=task_id, attempt_id=attempt.id, kind="finished",
-                from_status="in-progress", to_status="failed", at=now, detail={"why": EVIL},
-            )
-        )  # fmt: skip
-
-    orm_write(make_app().db, work)
+    ended_attempt(
+        make_app().db, task_id, tmux_target=f"dispatch:{EVIL}", error=EVIL, detail={"why": EVIL}
+    )
 
 
 # -- columns in terminal cells, as an independent witness ------------------------------------

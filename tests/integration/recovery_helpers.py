@@ -235,3 +235,38 @@ def crashed_dispatch(
     }
     values.update(extra)
     return task_id, seed_attempt(app, task_id, intent=intent, **values), intent
+
+
+def alive(pid: int) -> bool:
+    """Running, not merely a zombie waiting for whoever inherited it to reap it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def in_worktree(worktree: str | Path) -> set[int]:
+    """Live processes whose working directory is in the worktree, also once it has been
+    deleted under them: a witness independent of dispatch."""
+    root = str(worktree)
+    found = set()
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cwd = os.readlink(f"/proc/{name}/cwd").removesuffix(" (deleted)")
+        except OSError:
+            continue
+        if (cwd == root or cwd.startswith(root + os.sep)) and alive(int(name)):
+            found.add(int(name))
+    return found
+
+
+def sleepers(worktree: str | Path) -> set[int]:
+    """The `sleep` processes (an agent's, once it has exec'd) working in the worktree."""
+    found = set()
+    for pid in in_worktree(worktree):
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0] == b"sleep":
+                found.add(pid)
+        except OSError:
+            continue
+    return found

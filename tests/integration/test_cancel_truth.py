@@ -20,14 +20,17 @@ from dispatch.services.dispatching import dispatch_task
 from dispatch.store import statements as st
 from tests.conftest import TMUX, Cli, Env, MakeApp, Result, tmux, windows
 from tests.integration.recovery_helpers import (
+    alive,
     attempt_row,
     events_of,
     execute,
+    in_worktree,
     new_task,
     running,
     seed_attempt,
     settled,
     signal_quietly,
+    sleepers,
     task_row,
     terminal_events,
     wait_for,
@@ -36,41 +39,6 @@ from tests.integration.recovery_helpers import (
 # A shell deaf to every polite signal, whose child inherits the deafness: what build
 # tools and language servers under a real agent often are.
 DEAF = 'trap "" TERM INT HUP; sleep 300'
-
-
-def alive(pid: int) -> bool:
-    """Running, not merely a zombie waiting for whoever inherited it to reap it."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def in_worktree(worktree: str) -> set[int]:
-    """Live processes whose working directory is the worktree: an independent witness."""
-    found = set()
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            cwd = os.readlink(f"/proc/{name}/cwd")
-        except OSError:
-            continue
-        if (cwd == worktree or cwd.startswith(worktree + os.sep)) and alive(int(name)):
-            found.add(int(name))
-    return found
-
-
-def sleepers(worktree: str) -> set[int]:
-    """The `sleep 300` processes working in the worktree."""
-    found = set()
-    for pid in in_worktree(worktree):
-        try:
-            if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0] == b"sleep":
-                found.add(pid)
-        except OSError:
-            continue
-    return found
 
 
 def _start(make_app: MakeApp, repo: Path, env: Env, prompt: str) -> tuple[int, dict[str, Any]]:

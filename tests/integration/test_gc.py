@@ -29,9 +29,11 @@ from tests.integration.recovery_helpers import (
     dump,
     execute,
     hours_ago,
+    in_worktree,
     new_task,
     running,
     settled,
+    sleepers,
     task_row,
     wait_for,
 )
@@ -492,32 +494,6 @@ def test_an_orphan_whose_detached_head_no_ref_holds_stays(
 DEAF = 'trap "" TERM INT HUP; sleep 300'
 
 
-def working_in(path: Path) -> set[int]:
-    """Live processes whose working directory is in path: a witness independent of gc."""
-    found = set()
-    for name in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cwd = os.readlink(f"/proc/{name}/cwd").removesuffix(" (deleted)")
-            state = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if (cwd == str(path) or cwd.startswith(f"{path}{os.sep}")) and state != "Z":
-            found.add(int(name))
-    return found
-
-
-def sleeping_in(path: Path) -> set[int]:
-    """The agent's `sleep 300` once it has exec'd, among the processes working in path."""
-    found = set()
-    for pid in working_in(path):
-        try:
-            if Path(f"/proc/{pid}/cmdline").read_bytes() == b"sleep\x00300\x00":
-                found.add(pid)
-        except OSError:
-            continue
-    return found
-
-
 def kill_all(pids: set[int]) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
@@ -534,12 +510,12 @@ def test_a_worktree_an_agent_still_runs_in_stays_until_its_processes_end(
     path = Path(attempt["worktree"])
     seen: set[int] = {attempt["wrapper_pid"]}
     try:
-        seen |= wait_for(lambda: sleeping_in(path), "the agent's sleep to start")
+        seen |= wait_for(lambda: sleepers(path), "the agent's sleep to start")
         os.kill(attempt["wrapper_pid"], signal.SIGKILL)
         wait_for(lambda: f"t{task_id}" not in windows(env), "the window to close")
         assert cli("sweep").code == 0
         assert task_row(env, task_id)["status"] == "interrupted"
-        left = working_in(path)
+        left = in_worktree(path)
         seen |= left
         assert len(left) == 2  # the deaf shell and its sleep
         pids = " ".join(map(str, sorted(left)))
@@ -552,17 +528,17 @@ def test_a_worktree_an_agent_still_runs_in_stays_until_its_processes_end(
             result = gc_json(capsys, "--older-than", "0s", "--include-failed", *extra)
             assert result["removed"] == []
             assert result["kept"] == [{"task_id": task_id, "reason": reason}]
-        assert working_in(path) == left and str(path) in worktree_list(project)
+        assert in_worktree(path) == left and str(path) in worktree_list(project)
         assert events(env, task_id, "gc") == []
 
         kill_all(left)
-        wait_for(lambda: not working_in(path), "the agent's processes to end")
+        wait_for(lambda: not in_worktree(path), "the agent's processes to end")
         result = gc_json(capsys, "--older-than", "0s", "--include-failed")
 
         assert [r["task_id"] for r in result["removed"]] == [task_id]
         assert result["kept"] == [] and not path.exists()
     finally:
-        kill_all(seen | working_in(path))
+        kill_all(seen | in_worktree(path))
 
 
 # -- restore's answers ---------------------------------------------------------------------

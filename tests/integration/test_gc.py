@@ -188,6 +188,24 @@ def test_staged_changes_come_back_staged(
     assert status(path) == before
 
 
+def test_the_diff_of_a_collected_task_says_when_its_snapshot_is_gone(
+    make_app: Any, env: Env, project: Path, capsys: Any
+) -> None:
+    """The snapshot was deleted by hand (its ref, then git's gc): the diff still shows the
+    branch and says what it cannot show, rather than pass the worktree's changes over."""
+    committed = DIRTY + " && git add -A && git commit -qm x && echo more >> README.md"
+    task_id = finished(make_app, env, project, committed)
+    gc_json(capsys, "--older-than", "0s")
+    (gc_event,) = events(env, task_id, "gc")
+    commit = gc_event["detail"]["commit"]
+    git_out(project, "update-ref", "-d", gc_event["detail"]["ref"])
+    git_out(project, "reflog", "expire", "--expire=now", "--all")
+    git_out(project, "gc", "-q", "--prune=now")
+    diff = task_diff(make_app(), task_id)
+    assert f"# snapshot {commit} cannot be read\n" in diff
+    assert "new/deep/notes.txt" in diff  # the branch's own commit is still shown
+
+
 def test_a_clean_worktree_goes_without_a_snapshot_and_comes_back(
     make_app: Any, env: Env, project: Path, capsys: Any
 ) -> None:

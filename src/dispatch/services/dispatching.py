@@ -136,8 +136,6 @@ def claim(d: Dispatch) -> bool:
     """
     d.app.worktrees.require()
     d.app.terminal.require()
-    if d.task_id is not None:
-        _refuse_while_alive(d.app, d.task_id)  # a named task: refused before anything is made
     fixed = _claim_values(d)
     # A signal between the commit and learning the attempt would leave a claim nobody
     # knows to undo: held until the attempt is known, then the undos run as after any step.
@@ -152,7 +150,9 @@ def claim(d: Dispatch) -> bool:
     if claimed is not None and picked:
         # Picked inside the claim's transaction, too late to refuse: a failed dispatch,
         # undone, and `run --next` goes on to the next task.
-        _refuse_while_alive(d.app, claimed.task.id, before=claimed.attempt_id)
+        task_id, attempt_id = claimed.task.id, claimed.attempt_id
+        last = d.app.direct.read(lambda tx: st.latest_attempt(tx, task_id, before=attempt_id))
+        _refuse_while_alive(d.app, task_id, last)
     return claimed is not None
 
 
@@ -247,17 +247,17 @@ class _Changed(Exception):
 def _claim_named(d: Dispatch, task_id: int, fixed: _ClaimValues) -> Claimed:
     """Checked from a read, then written only if the task is still as it was read."""
 
-    def check(tx: Tx) -> TaskRow:
+    def check(tx: Tx) -> tuple[TaskRow, AttemptRow | None]:
         task = st.get_task(tx, task_id)
         if d.expected_attempt is not None:
             st.expect_latest_attempt(tx, task, d.expected_attempt)
         if task.status == Status.IN_PROGRESS.value:
             raise _running_conflict(tx, task)
-        return task
+        return task, st.latest_attempt(tx, task_id)
 
     for _ in range(_CLAIM_TRIES):
-        plan = _plan(d, d.app.direct.read(check), fixed)
-        task = plan.task
+        task, last = d.app.direct.read(check)
+        plan = _plan(d, task, fixed)
         if not os.path.isdir(task.repo):
             # On a fleet, most likely a task for another host: refused before anything is
             # made, as `run --next` passes it over (SPEC §10).
@@ -266,6 +266,7 @@ def _claim_named(d: Dispatch, task_id: int, fixed: _ClaimValues) -> Claimed:
                 f"({d.app.settings.host})",
                 hint="run it on a host that has the repository",
             )
+        _refuse_while_alive(d.app, task_id, last)  # before anything is made
         try:
             return d.app.direct.write(functools.partial(_write_claim, d=d, plan=plan, fixed=fixed))
         except _Changed:
@@ -979,17 +980,11 @@ def redispatch(
     return result
 
 
-def _refuse_while_alive(app: App, task_id: int, *, before: int | None = None) -> None:
+def _refuse_while_alive(app: App, task_id: int, latest: AttemptRow | None) -> None:
     """A second agent must never work in the worktree while the last one's processes run
     (a wrapper killed outright leaves an agent that ignores hangups running): a task
-    reset or redispatched since is refused until they are gone. With `before`, the last
-    attempt is the newest before that one (the one being claimed)."""
-
-    def work(tx: Tx) -> AttemptRow | None:
-        st.get_task(tx, task_id)  # an unknown task is refused as such
-        return st.latest_attempt(tx, task_id, before=before)
-
-    latest = app.direct.read(work)
+    reset or redispatched since is refused until they are gone. `latest` is the task's
+    last attempt before the one being claimed."""
     if latest is None or latest.state != AttemptState.ENDED.value:
         return  # a running attempt is refused by the claim, with its window named
     if latest.host != app.settings.host:

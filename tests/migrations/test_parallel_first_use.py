@@ -6,11 +6,13 @@ import json
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from contextlib import closing
 
 import pytest
 
+from dispatch.store.database import Database
 from dispatch.store.revisions import HEAD_REVISION
 from tests.conftest import Env
 
@@ -46,7 +48,7 @@ def test_six_processes_on_a_new_database_all_succeed_and_migrate_once(env: Env) 
     go.touch()
     results = [(p.wait(timeout=120), *p.communicate()) for p in procs]
     for code, stdout, stderr in results:
-        assert code == 0, stderr
+        assert code == 0, stdout + stderr  # --json puts an error on stdout
         assert json.loads(stdout) == []
         assert stderr == ""
     with closing(sqlite3.connect(env.db_path)) as conn:
@@ -59,4 +61,36 @@ def test_six_processes_on_a_new_database_all_succeed_and_migrate_once(env: Env) 
             r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='trigger'")
         }
         assert triggers == {"events_no_update", "events_no_delete"}
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+@pytest.mark.parametrize(
+    "lock",
+    [
+        pytest.param("BEGIN EXCLUSIVE", id="writing"),  # as the first process creating it
+        pytest.param("BEGIN; SELECT count(*) FROM sqlite_master", id="reading"),
+    ],
+)
+def test_a_new_database_held_by_another_process_is_waited_for(env: Env, lock: str) -> None:
+    """While a brand-new file is still in rollback-journal mode, a writer keeps readers
+    out and a reader keeps the switch to WAL out, each for longer than SQLite's busy
+    timeout when the machine is loaded: the schema check waits, it does not call the
+    database unusable."""
+    env.db_path.parent.mkdir(parents=True, exist_ok=True)
+    holder = sqlite3.connect(env.db_path, isolation_level=None, check_same_thread=False)
+    for statement in lock.split("; "):
+        holder.execute(statement)
+    release = threading.Timer(0.5, holder.commit)
+    release.start()
+    database = Database(f"sqlite:///{env.db_path}")
+    try:
+        assert database.upgrade() == HEAD_REVISION
+    finally:
+        release.join()
+        holder.close()
+        database.dispose()
+    with closing(sqlite3.connect(env.db_path)) as conn:
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [
+            (HEAD_REVISION,)
+        ]
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)

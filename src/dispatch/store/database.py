@@ -9,6 +9,7 @@ are Core connections: the models are the schema, not how rows are read or writte
 from __future__ import annotations
 
 import os
+import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib import resources
@@ -143,9 +144,15 @@ class Database:
 
     def current_revision(self) -> str | None:
         """The database's Alembic revision; None for an empty database."""
-        try:
+
+        def look() -> str | None:
             with self.engine.execution_options(dispatch_read=True).connect() as conn:
                 return _revision(conn, self._where())
+
+        try:
+            # A new SQLite file is in rollback-journal mode until it is migrated: while
+            # the first process creates the schema, the others' reads wait for its commit.
+            return retry_while_locked(look, DBAPIError)
         except DBAPIError as exc:
             raise self._corrupt(exc) from exc
 
@@ -171,28 +178,34 @@ class Database:
             self._checked = True
             return HEAD_REVISION
         with self._migration_lock() as conn:
-            # Re-check under the lock: another process may have migrated meanwhile.
-            revision = _revision(conn, self._where())
-            self._check_known(revision)
-            if revision != HEAD_REVISION:
-                if self.is_sqlite:
-                    # Persistent in the file; set here, under the lock, never on a refused
-                    # file, and outside a transaction, where SQLite refuses it.
-                    raw = conn.connection.driver_connection
-                    assert raw is not None
-                    raw.execute("PRAGMA journal_mode=WAL")
-                # Alembic only when an upgrade is due: its import costs a third of a second.
-                from alembic import command
-                from alembic.config import Config
-
-                config = Config()
-                config.set_main_option("script_location", str(migrations_dir()))
-                config.attributes["connection"] = conn
-                command.upgrade(config, "head")
-                if conn.in_transaction():
-                    conn.commit()
+            # Readers still in rollback-journal mode hold off the switch to WAL, and a
+            # failed attempt is rolled back whole: so it is simply made again.
+            retry_while_locked(lambda: self._migrate(conn), (DBAPIError, sqlite3.OperationalError))
         self._checked = True
         return HEAD_REVISION
+
+    def _migrate(self, conn: Connection) -> None:
+        # Re-checked under the lock: another process may have migrated meanwhile.
+        revision = _revision(conn, self._where())
+        self._check_known(revision)
+        if revision == HEAD_REVISION:
+            return
+        if self.is_sqlite:
+            # Persistent in the file; set here, under the lock, never on a refused file,
+            # and outside a transaction, where SQLite refuses it.
+            raw = conn.connection.driver_connection
+            assert raw is not None
+            raw.execute("PRAGMA journal_mode=WAL")
+        # Alembic only when an upgrade is due: its import costs a third of a second.
+        from alembic import command
+        from alembic.config import Config
+
+        config = Config()
+        config.set_main_option("script_location", str(migrations_dir()))
+        config.attributes["connection"] = conn
+        command.upgrade(config, "head")
+        if conn.in_transaction():
+            conn.commit()
 
     @contextmanager
     def _migration_lock(self) -> Iterator[Connection]:
@@ -223,11 +236,11 @@ class Database:
                     finally:
                         conn.execute(text("SELECT pg_advisory_unlock(7307013)"))
                         conn.commit()
-        except DBAPIError as exc:
+        except (DBAPIError, sqlite3.Error) as exc:
             raise self._corrupt(exc) from exc
 
-    def _corrupt(self, exc: DBAPIError) -> EnvironmentProblem:
-        reason = str(exc.orig).splitlines()[0] if exc.orig else str(exc)
+    def _corrupt(self, exc: DBAPIError | sqlite3.Error) -> EnvironmentProblem:
+        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
         return EnvironmentProblem(
             f"database {self._where()} is unusable: {reason}; it was left untouched"
         )

@@ -59,7 +59,9 @@ def begin_sqlite(read_only: bool) -> str:
     return "BEGIN" if read_only else "BEGIN IMMEDIATE"
 
 
-def retry_while_locked(write: Callable[[], T], errors: type[Exception]) -> T:
+def retry_while_locked(
+    write: Callable[[], T], errors: type[Exception] | tuple[type[Exception], ...]
+) -> T:
     """Run a whole write transaction again, after a short random pause, while it fails
     only because another writer holds the lock (or won a deadlock); for at most
     WRITE_PATIENCE_SECONDS. Any other error, and the last one, is raised as it is."""

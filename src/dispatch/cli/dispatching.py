@@ -67,7 +67,14 @@ def run(
         for r in run_.started:
             _print_result(r, False)
     if not run_.results:
-        out.notice(f"nothing to dispatch: {run_.stopped}" if run_.stopped else "nothing ready")
+        if run_.stopped:
+            out.notice(f"nothing to dispatch: {run_.stopped}")
+        elif run_.passed_over:
+            out.notice(f"nothing ready to start on {app.settings.host}:")
+            for reason in run_.passed_over:
+                out.notice(f"  {reason}")
+        else:
+            out.notice("nothing ready")
     elif run_.stopped:
         out.notice(f"stopped: {run_.stopped}")
     for failure in run_.failures:

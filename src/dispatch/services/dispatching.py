@@ -905,6 +905,8 @@ class RunNext:
 
     results: list[DispatchResult | DispatchFailed] = field(default_factory=list)
     stopped: str | None = None
+    # When nothing was started: why the ready tasks there are could not be, one line each.
+    passed_over: list[str] = field(default_factory=list)
 
     @property
     def failures(self) -> list[DispatchFailed]:
@@ -947,7 +949,23 @@ def run_next(app: App, limit: int, *, reap: bool = True) -> RunNext:
             break
         tried.add(result.task.id)
         run.results.append(result)
+    if not run.results and run.stopped is None:
+        run.passed_over = _passed_over(app, tried)
     return run
+
+
+def _passed_over(app: App, tried: set[int]) -> list[str]:
+    """Why each ready task `run --next` found is not one it can start on this host: its
+    agent profile is not in the config, or its repository is not here (SPEC §10)."""
+    agents = app.settings.agents
+    reasons = []
+    for agent, repo, count, first in app.direct.read(lambda tx: st.ready_groups(tx, tried)):
+        which = f"task {first}" if count == 1 else f"{count} tasks, the first {first}"
+        if agent not in agents:
+            reasons.append(f"{which}: agent profile {agent!r} is not in the config")
+        elif not os.path.isdir(repo):
+            reasons.append(f"{which}: repository {repo} is not on this host")
+    return reasons
 
 
 def redispatch(

@@ -397,6 +397,21 @@ def ready_without_profile(
     return [(row[0], row[1]) for row in rows]
 
 
+def ready_groups(tx: Tx, skip: Collection[int] = ()) -> list[tuple[str, str, int, int]]:
+    """The ready tasks other than those in `skip`, by agent and repository: (agent,
+    repo, how many, the lowest id). What `run --next` passed over when it started none."""
+    where, params = _ready_where()
+    if skip:
+        clause, skipped = in_clause("skip", sorted(skip))
+        where += f" AND id NOT {clause}"
+        params.update(skipped)
+    sql = (
+        f"SELECT agent, repo, COUNT(*), MIN(id) FROM tasks {where} "
+        "GROUP BY agent, repo ORDER BY MIN(id)"
+    )
+    return [(row[0], row[1], int(row[2]), int(row[3])) for row in tx.rows(sql, params)]
+
+
 # How `last_error` begins on a task a claim passed over for its agent profile.
 SKIPPED_PROFILE = "unknown agent profile"
 

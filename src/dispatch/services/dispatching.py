@@ -97,6 +97,7 @@ class Claimed:
     action: Action
     task: TaskRow
     attempt_id: int
+    number: int  # the attempt's, among the task's
     prior: Status
     worktree: Path
     branch: str  # the task's branch; a move to another host may give it a new one
@@ -147,9 +148,10 @@ def claim(d: Dispatch) -> bool:
             claimed = _claim_named(d, d.task_id, fixed)
         if claimed is not None:
             d.task_id, d.claimed = claimed.task.id, claimed
-    if claimed is not None and picked:
+    if claimed is not None and picked and claimed.number > 1:
         # Picked inside the claim's transaction, too late to refuse: a failed dispatch,
-        # undone, and `run --next` goes on to the next task.
+        # undone, and `run --next` goes on to the next task. (A first attempt has no
+        # earlier one whose processes could still run.)
         task_id, attempt_id = claimed.task.id, claimed.attempt_id
         last = d.app.direct.read(lambda tx: st.latest_attempt(tx, task_id, before=attempt_id))
         _refuse_while_alive(d.app, task_id, last)
@@ -301,7 +303,7 @@ def _write_claim(tx: Tx, d: Dispatch, plan: _Plan, fixed: _ClaimValues) -> Claim
     session_id = fixed.attempt["session_id"]
     if d.action is Action.REDISPATCH:
         session_id = _use_session(tx, task, session_id, renew=False)
-    attempt_id = st.insert_next_attempt(
+    attempt_id, number = st.insert_next_attempt(
         tx,
         **{**fixed.attempt, "session_id": session_id},
         task_id=task.id,
@@ -335,6 +337,7 @@ def _write_claim(tx: Tx, d: Dispatch, plan: _Plan, fixed: _ClaimValues) -> Claim
         d.action,
         task,
         attempt_id,
+        number,
         plan.current,
         plan.worktree,
         plan.branch,
@@ -541,7 +544,7 @@ def _branch_for_this_host(
     else:
         reason = f"branch {c.branch} is checked out at {held} (host {previous})"
         start, commit = c.branch, git.branch_tip(repo, c.branch)
-        c.branch = f"{branch_name(c.task.id, c.task.title)}-{_attempt(c).number}"
+        c.branch = f"{branch_name(c.task.id, c.task.title)}-{c.number}"
         holder = git.branch_holder(repo, c.branch)
         if holder is not None:
             raise DispatchError(

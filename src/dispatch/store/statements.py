@@ -564,21 +564,23 @@ _NEXT_ATTEMPT = (
     f" SELECT {', '.join(':' + c for c in _NEXT_ATTEMPT_COLUMNS)},"
     " COALESCE(MAX(number), 0) + 1,"
     " CASE WHEN :redispatch = 1 THEN COALESCE(:redispatch_of, MAX(id)) END"
-    " FROM attempts WHERE task_id = :task_id RETURNING id"
+    " FROM attempts WHERE task_id = :task_id RETURNING id, number"
 )
 
 
 def insert_next_attempt(
     tx: Tx, *, redispatch: bool, redispatch_of: int | None, **values: Any
-) -> int:
-    """The task's next attempt (numbered after its last), in one statement; its id.
+) -> tuple[int, int]:
+    """The task's next attempt (numbered after its last), in one statement; its id and
+    number.
 
     A redispatch records the attempt it follows: `redispatch_of`, else the task's latest.
     """
     if values.keys() != _NEXT_ATTEMPT_NAMES:
         raise ValueError(f"columns {sorted(values.keys() ^ _NEXT_ATTEMPT_NAMES)}")
     params = {**values, "redispatch": int(redispatch), "redispatch_of": redispatch_of}
-    return int(tx.rows(_NEXT_ATTEMPT, params)[0][0])
+    [(attempt_id, number)] = tx.rows(_NEXT_ATTEMPT, params)
+    return int(attempt_id), int(number)
 
 
 def move_task(

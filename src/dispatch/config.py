@@ -180,13 +180,15 @@ def load_settings(
     config: str | None = None,
     db: str | None = None,
     env: Mapping[str, str] | None = None,
+    read_file: bool = True,
 ) -> Settings:
-    """Defaults < config file < environment < global options."""
+    """Defaults < config file < environment < global options (without `read_file`, the
+    file is left out: what doctor checks when the file does not load)."""
     env = os.environ if env is None else env
     home = default_home(env)
     path = _absolute(config) if config else default_config_path(env)
-    explicit = bool(config or env.get("DISPATCH_CONFIG"))
-    found = path.exists()
+    explicit = read_file and bool(config or env.get("DISPATCH_CONFIG"))
+    found = read_file and path.exists()
     raw: dict[str, Any] = {}
     text = ""
     if found:

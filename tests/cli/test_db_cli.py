@@ -109,6 +109,30 @@ def test_doctor_reports_a_broken_config(run: Cli, env: Env) -> None:
     assert code == 7
     ok, detail = checks["config"]
     assert not ok and f"{env.config}:1: invalid TOML" in detail
+    # What needs nothing from the config is still checked; what it names is not.
+    assert set(checks) == {"config", "tmux", "git"}
+    assert checks["tmux"][0] is True and checks["git"][0] is True
+    assert checks["tmux"][1].endswith(
+        f"server {env.socket!r} is not running (the first run starts it)"
+    )
+
+
+def test_doctor_with_a_broken_config_still_finds_tmux_missing(cli: Cli, env: Env) -> None:
+    env.write_config('max_running = "many"\n')
+    tools = env.root / "bin"
+    tools.mkdir()
+    found = shutil.which("git")
+    assert found is not None
+    os.symlink(found, tools / "git")
+    done = cli("doctor", extra_env={"PATH": str(tools)})
+    assert done.code == 7
+    lines = done.stdout.splitlines()
+    assert [line.split()[:2] for line in lines[1:]] == [
+        ["FAIL", "config"],
+        ["FAIL", "tmux"],
+        ["ok", "git"],
+    ], done.stdout
+    assert "max_running: expected a whole number" in lines[1]
 
 
 @pytest.mark.sqlite_only

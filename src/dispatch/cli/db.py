@@ -48,9 +48,12 @@ def doctor(ctx: typer.Context, json: bool = typer.Option(False, "--json")) -> No
     live host uses this host's name, the config and the agent commands; exit 0 only if
     every check passes.
     """
+    from dispatch.app import App
+    from dispatch.config import load_settings
     from dispatch.services.doctor import run_checks
 
-    checks = run_checks(invocation(ctx).app)
+    options = invocation(ctx)
+    checks = run_checks(options.app, lambda: App(load_settings(db=options.db, read_file=False)))
     if json:
         out.emit_json([{"name": c.name, "detail": c.detail, "ok": c.ok} for c in checks])
     else:

@@ -21,18 +21,24 @@ class Check:
     ok: bool
 
 
-def run_checks(make_app: Callable[[], App]) -> list[Check]:
-    """Every check runs, whatever failed before it, so one run shows every problem."""
-    checks: list[Check] = []
+def run_checks(make_app: Callable[[], App], without_config: Callable[[], App]) -> list[Check]:
+    """Every check runs, whatever failed before it, so one run shows every problem.
+
+    A config that does not load is a finding too: then tmux and git, which need
+    nothing from it, are checked on `without_config`'s settings (the defaults and
+    the environment); the database, the host and the agents are named by the config,
+    so they are not checked."""
     try:
-        app = make_app()  # reads the settings: a config that does not load is the finding
+        app = make_app()  # reads the settings
     except DispatchError as exc:
-        return [Check("config", exc.message, False)]
+        defaults = without_config()
+        try:
+            return [Check("config", exc.message, False), *_programs(defaults)]
+        finally:
+            defaults.close()
     settings = app.settings
     where = str(settings.config_path) if settings.config_path else "defaults (no config file)"
-    checks.append(Check("config", where, True))
-    checks.append(_check("tmux", lambda: app.terminal.health(settings.tmux_session)))
-    checks.append(_check("git", lambda: app.worktrees.version()))
+    checks = [Check("config", where, True), *_programs(app)]
     checks.append(_check("database server", lambda: _server(app)))
     checks.append(_check("database", lambda: _database(app)))
     checks.append(_check("migrations", lambda: _migrations(app)))
@@ -47,6 +53,13 @@ def run_checks(make_app: Callable[[], App]) -> list[Check]:
         detail = found or f"{program!r} not found on PATH"
         checks.append(Check(f"agent {name}", detail, found is not None))
     return checks
+
+
+def _programs(app: App) -> list[Check]:
+    return [
+        _check("tmux", lambda: app.terminal.health(app.settings.tmux_session)),
+        _check("git", lambda: app.worktrees.version()),
+    ]
 
 
 def _check(name: str, probe: Callable[[], str]) -> Check:

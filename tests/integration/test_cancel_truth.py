@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -301,6 +302,46 @@ def test_redispatch_refuses_while_the_last_attempts_processes_run(
         wait_for(lambda: not sleepers(attempt["worktree"]), "the leftovers to die")
         again = cli("run", str(task_id))
         assert again.code == 0, again.stderr
+    finally:
+        for pid in in_worktree(attempt["worktree"]):
+            signal_quietly(pid, signal.SIGKILL)
+
+
+def test_cancel_stops_what_an_ended_attempt_left_running(
+    cli: Cli, make_app: MakeApp, repo: Path, env: Env
+) -> None:
+    """The sweep calls the task interrupted, rightly: its wrapper is gone. Its agent,
+    deaf to the hangup, still works in the worktree; cancel is how to stop it."""
+    task_id, attempt = _start(make_app, repo, env, DEAF)
+    os.kill(attempt["wrapper_pid"], 9)
+    wait_for(lambda: f"t{task_id}" not in windows(env), "the window to close")
+    assert cli("sweep").code == 0
+    left = sleepers(attempt["worktree"])
+    assert left and task_row(env, task_id)["status"] == "interrupted"
+
+    try:
+        cancel = cli("cancel", str(task_id))
+
+        assert cancel.code == 0, cancel.stderr
+        said = cancel.stderr.removeprefix("stopped processes ")
+        pids, _, rest = said.partition(" of attempt ")
+        assert rest == (
+            f"{attempt['id']}, which ran on after it ended; task {task_id} is interrupted\n"
+        )
+        assert left <= {int(pid) for pid in pids.split()}
+        assert in_worktree(attempt["worktree"]) == set()
+        assert task_row(env, task_id)["status"] == "interrupted"  # how the attempt ended
+        [stopped] = events_of(env, task_id, "leftovers-stopped")
+        assert stopped["attempt_id"] == attempt["id"]
+        detail = json.loads(stopped["detail"])
+        assert (detail["pids"], detail["still_running"]) == (sorted(map(int, pids.split())), [])
+        # With nothing left, the status graph answers as before: an interrupted task
+        # is not cancelled.
+        again = cli("cancel", str(task_id))
+        assert again.code == 3, again.stderr
+        assert "interrupted" in again.stderr
+        assert len(events_of(env, task_id, "leftovers-stopped")) == 1
+        assert cli("redispatch", str(task_id)).code == 0  # no longer refused
     finally:
         for pid in in_worktree(attempt["worktree"]):
             signal_quietly(pid, signal.SIGKILL)

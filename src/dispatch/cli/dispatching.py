@@ -152,6 +152,8 @@ def cancel(ctx: typer.Context, task: int = TASK, json: bool = JSON) -> None:
     """Stop a task's agent and mark it cancelled.
 
     Sends C-c, then kills the window after a grace period; cancelling twice is a no-op.
+    An agent still running after its attempt ended (its wrapper was killed) is stopped
+    too; the task then keeps its status.
     """
     from dispatch.services.control import cancel_task
 

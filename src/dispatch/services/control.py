@@ -48,6 +48,10 @@ class _Plan:
     task: TaskRow
     attempt: AttemptRow | None
     notices: list[str]
+    # The task's last attempt, ended here: its processes, if any still run, are stopped.
+    ended: AttemptRow | None = None
+    # Why the status graph refuses the cancel, said only if nothing was left to stop.
+    refusal: Conflict | None = None
 
 
 def cancel_task(
@@ -55,7 +59,11 @@ def cancel_task(
 ) -> TaskView:
     """Stop the agent (Ctrl-C, the window's hangup, then its processes), and only once
     none of them is left record the attempt and task `cancelled`; idempotent. With
-    `expected_attempt`, only while the task's latest attempt is that one."""
+    `expected_attempt`, only while the task's latest attempt is that one.
+
+    Processes of the last attempt that run on after it ended here (its wrapper killed
+    outright, its agent deaf to the hangup) are stopped too, whatever the status; the
+    status, which says how the attempt ended, stays."""
 
     def request(tx: Tx) -> _Plan:
         task = st.get_task(tx, task_id)
@@ -63,7 +71,9 @@ def cancel_task(
             st.expect_latest_attempt(tx, task, expected_attempt)
         status = Status(task.status)
         if status is Status.CANCELLED:
-            return _Plan(task, None, [f"task {task_id} is already cancelled"])
+            return _Plan(
+                task, None, [f"task {task_id} is already cancelled"], _ended_here(tx, task)
+            )
         if status is Status.READY:
             target = next_status(status, Action.CANCEL, task_id=task_id)
             if not st.move_task(tx, task_id, expected=status, target=target):
@@ -76,8 +86,11 @@ def cancel_task(
                 to_status=target,
                 reason=reason,
             )
-            return _Plan(st.get_task(tx, task_id), None, [])
-        next_status(status, Action.CANCEL, task_id=task_id)  # refuses done, failed, ...
+            return _Plan(st.get_task(tx, task_id), None, [], _ended_here(tx, task))
+        try:
+            next_status(status, Action.CANCEL, task_id=task_id)  # refuses done, failed, ...
+        except Conflict as refusal:
+            return _Plan(task, None, [], _ended_here(tx, task), refusal)
         attempt = _current_attempt(tx, task)
         if attempt is None or attempt.state == AttemptState.STARTING.value:
             raise Conflict(
@@ -92,6 +105,12 @@ def cancel_task(
         return _Plan(task, attempt, [])
 
     plan = app.direct.write(request)
+    if plan.ended is not None:
+        stopped = _stop_leftovers(app, plan.task, plan.ended, reason)
+        if stopped is not None:
+            return stopped
+    if plan.refusal is not None:
+        raise plan.refusal
     if plan.attempt is None:
         return TaskView(plan.task, notices=plan.notices)
     attempt = plan.attempt
@@ -105,6 +124,55 @@ def cancel_task(
         pids = ", ".join(map(str, sorted(left)))
         return _still_running(app, attempt, f"processes {pids} of its agent are still running")
     return TaskView(_force_cancel(app, attempt.id, reason))
+
+
+def _ended_here(tx: Tx, task: TaskRow) -> AttemptRow | None:
+    attempt = st.latest_attempt(tx, task.id)  # an ended attempt is no longer the current one
+    if attempt is None or attempt.state != AttemptState.ENDED.value:
+        return None
+    return attempt
+
+
+def _stop_leftovers(
+    app: App, task: TaskRow, attempt: AttemptRow, reason: str | None
+) -> TaskView | None:
+    """An attempt's processes that run on after it ended (an agent deaf to the hangup,
+    whose wrapper was killed outright) are its agent still at work: cancel stops them.
+    The task keeps its status, which already tells how the attempt ended; None when
+    there is nothing to stop (or it ran on another host, whose processes are not seen
+    from here)."""
+    if attempt.host != app.settings.host:
+        return None
+    found = agent_processes(app, attempt)
+    if not found:
+        return None
+    left = stop_processes(lambda: agent_processes(app, attempt), grace=STOP_GRACE_SECONDS)
+    stopped = sorted(found - left)
+
+    def record(tx: Tx) -> TaskRow:
+        st.record_event(
+            tx,
+            "leftovers-stopped",
+            task_id=task.id,
+            attempt_id=attempt.id,
+            pids=stopped,
+            still_running=sorted(left),
+            reason=reason,
+        )
+        return st.get_task(tx, task.id)
+
+    now = app.direct.write(record)
+    pids = " ".join(map(str, stopped))
+    notices = [
+        f"stopped processes {pids} of attempt {attempt.id}, which ran on after it ended; "
+        f"task {task.id} is {now.status}"
+    ]
+    if left:
+        raise Conflict(
+            f"{notices[0]}; processes {' '.join(map(str, sorted(left)))} still run",
+            hint="a process stuck in the kernel or a frozen cgroup outlives SIGKILL: see ps",
+        )
+    return TaskView(now, notices=notices)
 
 
 def _still_running(app: App, attempt: AttemptRow, why: str) -> TaskView:

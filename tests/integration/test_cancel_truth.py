@@ -284,12 +284,14 @@ def test_redispatch_refuses_while_the_last_attempts_processes_run(
 
         assert refused.code == 3, refused.stderr
         assert f"of attempt {attempt['id']} are still running" in refused.stderr
+        assert f"stop them: `dispatch cancel {task_id}`" in refused.stderr
         assert events_of(env, task_id, "redispatched") == []
         # Nor through a reset: neither `run` of the task nor `run --next` starts a second agent.
         assert cli("reset", str(task_id)).code == 0
         named = cli("run", str(task_id))
         assert named.code == 3, named.stderr
         assert f"of attempt {attempt['id']} are still running" in named.stderr
+        assert "stop them: kill " in named.stderr  # a cancel would cancel the ready task
         picked = cli("run", "--next")
         assert picked.code == 6, picked.stderr
         assert f"of attempt {attempt['id']} are still running" in picked.stderr

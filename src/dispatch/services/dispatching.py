@@ -268,7 +268,9 @@ def _claim_named(d: Dispatch, task_id: int, fixed: _ClaimValues) -> Claimed:
                 f"({d.app.settings.host})",
                 hint="run it on a host that has the repository",
             )
-        _refuse_while_alive(d.app, task_id, last)  # before anything is made
+        # Before anything is made. A redispatch's task keeps its status through a cancel,
+        # which stops them; a ready one would be cancelled.
+        _refuse_while_alive(d.app, task_id, last, cancel=d.action is Action.REDISPATCH)
         try:
             return d.app.direct.write(functools.partial(_write_claim, d=d, plan=plan, fixed=fixed))
         except _Changed:
@@ -1001,7 +1003,9 @@ def redispatch(
     return result
 
 
-def _refuse_while_alive(app: App, task_id: int, latest: AttemptRow | None) -> None:
+def _refuse_while_alive(
+    app: App, task_id: int, latest: AttemptRow | None, *, cancel: bool = False
+) -> None:
     """A second agent must never work in the worktree while the last one's processes run
     (a wrapper killed outright leaves an agent that ignores hangups running): a task
     reset or redispatched since is refused until they are gone. `latest` is the task's
@@ -1018,7 +1022,9 @@ def _refuse_while_alive(app: App, task_id: int, latest: AttemptRow | None) -> No
         raise Conflict(
             f"task {task_id}: processes {pids} of attempt {latest.id} are still running "
             "in its worktree",
-            hint=f"wait for them to exit, or stop them: kill {pids} (kill -9 if they ignore it)",
+            hint=f"wait for them to exit, or stop them: `dispatch cancel {task_id}`"
+            if cancel
+            else f"wait for them to exit, or stop them: kill {pids} (kill -9 if they ignore it)",
         )
 
 

@@ -633,9 +633,13 @@ def test_a_gc_killed_at_each_step_is_finished_by_the_next_and_loses_nothing(
     (shim / "git").write_text(SHIM.format(trigger=trigger, when=when, real=real))
     (shim / "git").chmod(0o755)
 
+    # A gc killed while it writes a snapshot cannot remove its temporary index: kept
+    # in this test's directory, not the machine's /tmp.
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
     killed = cli(
         "gc", "--older-than", "0s", "--branches",
-        extra_env={"PATH": f"{shim}{os.pathsep}{os.environ['PATH']}"},
+        extra_env={"PATH": f"{shim}{os.pathsep}{os.environ['PATH']}", "TMPDIR": str(scratch)},
     )  # fmt: skip
     assert killed.code == -9, (killed.stdout, killed.stderr)
 

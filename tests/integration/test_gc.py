@@ -842,8 +842,12 @@ def test_a_snapshot_needs_neither_an_identity_nor_a_signing_key(
 
 @pytest.mark.slow
 def test_a_gc_killed_at_any_moment_then_run_again_loses_nothing(
-    make_app: Any, env: Env, project: Path, cli: Any
+    make_app: Any, env: Env, project: Path, cli: Any, tmp_path: Path, monkeypatch: Any
 ) -> None:
+    # A gc killed while it writes a snapshot cannot remove its temporary index: kept
+    # in this test's directory, not the machine's /tmp.
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
     # Enough files that snapshot, rename and delete each take a while to kill into.
     many = f"{DIRTY} && mkdir bulk && for i in $(seq 2000); do echo $i > bulk/f$i; done"
     # From before the snapshot to after the delete on this machine; slower ones shift

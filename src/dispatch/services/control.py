@@ -48,8 +48,8 @@ class _Plan:
     task: TaskRow
     attempt: AttemptRow | None
     notices: list[str]
-    # The task's last attempt, ended here: its processes, if any still run, are stopped.
-    ended: AttemptRow | None = None
+    # The task's last attempt: what still runs of it after it ended here is stopped.
+    last: AttemptRow | None = None
     # Why the status graph refuses the cancel, said only if nothing was left to stop.
     refusal: Conflict | None = None
 
@@ -72,7 +72,7 @@ def cancel_task(
         status = Status(task.status)
         if status is Status.CANCELLED:
             return _Plan(
-                task, None, [f"task {task_id} is already cancelled"], _ended_here(tx, task)
+                task, None, [f"task {task_id} is already cancelled"], st.latest_attempt(tx, task_id)
             )
         if status is Status.READY:
             target = next_status(status, Action.CANCEL, task_id=task_id)
@@ -86,11 +86,11 @@ def cancel_task(
                 to_status=target,
                 reason=reason,
             )
-            return _Plan(st.get_task(tx, task_id), None, [], _ended_here(tx, task))
+            return _Plan(st.get_task(tx, task_id), None, [], st.latest_attempt(tx, task_id))
         try:
             next_status(status, Action.CANCEL, task_id=task_id)  # refuses done, failed, ...
         except Conflict as refusal:
-            return _Plan(task, None, [], _ended_here(tx, task), refusal)
+            return _Plan(task, None, [], st.latest_attempt(tx, task_id), refusal)
         attempt = _current_attempt(tx, task)
         if attempt is None or attempt.state == AttemptState.STARTING.value:
             raise Conflict(
@@ -105,8 +105,8 @@ def cancel_task(
         return _Plan(task, attempt, [])
 
     plan = app.direct.write(request)
-    if plan.ended is not None:
-        stopped = _stop_leftovers(app, plan.task, plan.ended, reason)
+    if plan.last is not None:
+        stopped = _stop_leftovers(app, plan.task, plan.last, reason)
         if stopped is not None:
             return stopped
     if plan.refusal is not None:
@@ -126,27 +126,27 @@ def cancel_task(
     return TaskView(_force_cancel(app, attempt.id, reason))
 
 
-def _ended_here(tx: Tx, task: TaskRow) -> AttemptRow | None:
-    attempt = st.latest_attempt(tx, task.id)  # an ended attempt is no longer the current one
+def leftovers(app: App, attempt: AttemptRow | None) -> set[int]:
+    """What still runs of an attempt that ended on this host: an agent deaf to the
+    hangup whose wrapper was killed outright. Another host's processes are not seen
+    from here; a running attempt's are its wrapper's to stop."""
     if attempt is None or attempt.state != AttemptState.ENDED.value:
-        return None
-    return attempt
+        return set()
+    if attempt.host != app.settings.host:
+        return set()
+    return agent_processes(app, attempt)
 
 
 def _stop_leftovers(
     app: App, task: TaskRow, attempt: AttemptRow, reason: str | None
 ) -> TaskView | None:
-    """An attempt's processes that run on after it ended (an agent deaf to the hangup,
-    whose wrapper was killed outright) are its agent still at work: cancel stops them.
-    The task keeps its status, which already tells how the attempt ended; None when
-    there is nothing to stop (or it ran on another host, whose processes are not seen
-    from here)."""
-    if attempt.host != app.settings.host:
-        return None
-    found = agent_processes(app, attempt)
+    """An ended attempt's leftovers are its agent still at work: cancel stops them. The
+    task keeps its status, which already tells how the attempt ended; None when there
+    is nothing to stop."""
+    found = leftovers(app, attempt)
     if not found:
         return None
-    left = stop_processes(lambda: agent_processes(app, attempt), grace=STOP_GRACE_SECONDS)
+    left = stop_processes(lambda: leftovers(app, attempt), grace=STOP_GRACE_SECONDS)
     stopped = sorted(found - left)
 
     def record(tx: Tx) -> TaskRow:
@@ -162,17 +162,16 @@ def _stop_leftovers(
         return st.get_task(tx, task.id)
 
     now = app.direct.write(record)
-    pids = " ".join(map(str, stopped))
-    notices = [
-        f"stopped processes {pids} of attempt {attempt.id}, which ran on after it ended; "
-        f"task {task.id} is {now.status}"
-    ]
+    said = (
+        f"stopped processes {' '.join(map(str, stopped))} of attempt {attempt.id}, which "
+        f"ran on after it ended; task {task.id} is {now.status}"
+    )
     if left:
         raise Conflict(
-            f"{notices[0]}; processes {' '.join(map(str, sorted(left)))} still run",
+            f"{said}; processes {' '.join(map(str, sorted(left)))} still run",
             hint="a process stuck in the kernel or a frozen cgroup outlives SIGKILL: see ps",
         )
-    return TaskView(now, notices=notices)
+    return TaskView(now, notices=[said])
 
 
 def _still_running(app: App, attempt: AttemptRow, why: str) -> TaskView:

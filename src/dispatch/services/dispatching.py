@@ -1010,14 +1010,10 @@ def _refuse_while_alive(
     (a wrapper killed outright leaves an agent that ignores hangups running): a task
     reset or redispatched since is refused until they are gone. `latest` is the task's
     last attempt before the one being claimed."""
-    if latest is None or latest.state != AttemptState.ENDED.value:
-        return  # a running attempt is refused by the claim, with its window named
-    if latest.host != app.settings.host:
-        return  # nothing here can see that host's processes
-    from dispatch.services.control import agent_processes
+    from dispatch.services.control import leftovers
 
-    alive = agent_processes(app, latest)
-    if alive:
+    alive = leftovers(app, latest)  # a running one is refused by the claim, its window named
+    if latest is not None and alive:
         pids = " ".join(map(str, sorted(alive)))
         raise Conflict(
             f"task {task_id}: processes {pids} of attempt {latest.id} are still running "

@@ -60,15 +60,17 @@ def begin_sqlite(read_only: bool) -> str:
 
 
 def retry_while_locked(
-    write: Callable[[], T], errors: type[Exception] | tuple[type[Exception], ...]
+    transaction: Callable[[], T], errors: type[Exception] | tuple[type[Exception], ...]
 ) -> T:
-    """Run a whole write transaction again, after a short random pause, while it fails
-    only because another writer holds the lock (or won a deadlock); for at most
-    WRITE_PATIENCE_SECONDS. Any other error, and the last one, is raised as it is."""
+    """Run a whole transaction again, after a short random pause, while it fails only
+    because another writer holds the lock (or won a deadlock); for at most
+    WRITE_PATIENCE_SECONDS. Any other error, and the last one, is raised as it is.
+    Writes, and the schema check of a new SQLite file, which its creator's commit and
+    switch to WAL keep locked."""
     deadline = time.monotonic() + WRITE_PATIENCE_SECONDS
     while True:
         try:
-            return write()
+            return transaction()
         except errors as exc:
             if not is_locked(exc) or time.monotonic() > deadline:
                 raise

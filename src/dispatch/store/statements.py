@@ -361,11 +361,7 @@ def next_ready(
     number of hosts, each take the next free task instead of waiting or finding
     nothing. SQLite has one writer at a time and needs no row locks.
     """
-    where, params = _ready_where()
-    if skip:
-        clause, skipped = in_clause("skip", sorted(skip))
-        where += f" AND id NOT {clause}"
-        params.update(skipped)
+    where, params = _ready_where(skip)
     if absent_repos:
         clause, repos = in_clause("absent", sorted(absent_repos))
         where += f" AND repo NOT {clause}"
@@ -400,11 +396,7 @@ def ready_without_profile(
 def ready_groups(tx: Tx, skip: Collection[int] = ()) -> list[tuple[str, str, int, int]]:
     """The ready tasks other than those in `skip`, by agent and repository: (agent,
     repo, how many, the lowest id). What `run --next` passed over when it started none."""
-    where, params = _ready_where()
-    if skip:
-        clause, skipped = in_clause("skip", sorted(skip))
-        where += f" AND id NOT {clause}"
-        params.update(skipped)
+    where, params = _ready_where(skip)
     sql = (
         f"SELECT agent, repo, COUNT(*), MIN(id) FROM tasks {where} "
         "GROUP BY agent, repo ORDER BY MIN(id)"
@@ -416,8 +408,14 @@ def ready_groups(tx: Tx, skip: Collection[int] = ()) -> list[tuple[str, str, int
 SKIPPED_PROFILE = "unknown agent profile"
 
 
-def _ready_where() -> tuple[str, dict[str, Any]]:
-    return "WHERE status = :ready AND closed_at IS NULL", {"ready": Status.READY.value}
+def _ready_where(skip: Collection[int] = ()) -> tuple[str, dict[str, Any]]:
+    """Open ready tasks, other than those in `skip`."""
+    where, params = "WHERE status = :ready AND closed_at IS NULL", {"ready": Status.READY.value}
+    if skip:
+        clause, skipped = in_clause("skip", sorted(skip))
+        where += f" AND id NOT {clause}"
+        params.update(skipped)
+    return where, params
 
 
 def _skip_locked(tx: Tx) -> str:

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from dispatch.errors import Conflict
 from dispatch.services import control
 from dispatch.services.control import attach_argv
 from dispatch.services.dispatching import dispatch_task
@@ -267,10 +268,11 @@ def attempt_row_of(env: Env, task_id: int) -> dict[str, Any] | None:
     return dict(attempt_row(env, current)) if current else None
 
 
-def test_redispatch_refuses_while_the_last_attempts_processes_run(
+def _orphaned(
     cli: Cli, make_app: MakeApp, repo: Path, env: Env
-) -> None:
-    """The wrapper is killed: its window closes, the sweep reaps, the deaf agent lives on."""
+) -> tuple[int, dict[str, Any], set[int]]:
+    """A deaf agent whose wrapper was killed outright: its window closes, the sweep calls
+    the task interrupted (rightly: the wrapper is gone), and the agent works on."""
     task_id, attempt = _start(make_app, repo, env, DEAF)
     os.kill(attempt["wrapper_pid"], 9)
     wait_for(lambda: f"t{task_id}" not in windows(env), "the window to close")
@@ -278,6 +280,13 @@ def test_redispatch_refuses_while_the_last_attempts_processes_run(
     assert task_row(env, task_id)["status"] == "interrupted"
     left = sleepers(attempt["worktree"])
     assert left  # deaf to the hangup: still working in the worktree
+    return task_id, attempt, left
+
+
+def test_redispatch_refuses_while_the_last_attempts_processes_run(
+    cli: Cli, make_app: MakeApp, repo: Path, env: Env
+) -> None:
+    task_id, attempt, left = _orphaned(cli, make_app, repo, env)
 
     try:
         refused = cli("redispatch", str(task_id))
@@ -312,14 +321,7 @@ def test_redispatch_refuses_while_the_last_attempts_processes_run(
 def test_cancel_stops_what_an_ended_attempt_left_running(
     cli: Cli, make_app: MakeApp, repo: Path, env: Env
 ) -> None:
-    """The sweep calls the task interrupted, rightly: its wrapper is gone. Its agent,
-    deaf to the hangup, still works in the worktree; cancel is how to stop it."""
-    task_id, attempt = _start(make_app, repo, env, DEAF)
-    os.kill(attempt["wrapper_pid"], 9)
-    wait_for(lambda: f"t{task_id}" not in windows(env), "the window to close")
-    assert cli("sweep").code == 0
-    left = sleepers(attempt["worktree"])
-    assert left and task_row(env, task_id)["status"] == "interrupted"
+    task_id, attempt, left = _orphaned(cli, make_app, repo, env)
 
     try:
         cancel = cli("cancel", str(task_id))
@@ -380,6 +382,69 @@ def _emptied(group: Path) -> bool:
     except OSError:
         return False
     return True
+
+
+@pytest.mark.one_backend  # about processes and hosts, whatever the database
+def test_cancel_leaves_alone_what_an_attempt_of_another_host_left(
+    cli: Cli, make_app: MakeApp, repo: Path, env: Env
+) -> None:
+    """Another host's processes are not seen from here: the pids found here would be
+    someone else's. The status graph answers, and nothing is signalled."""
+    task_id, attempt, left = _orphaned(cli, make_app, repo, env)
+    try:
+        execute(env, "UPDATE attempts SET host = 'elsewhere' WHERE id = ?", attempt["id"])
+        refused = cli("cancel", str(task_id))
+        assert refused.code == 3, refused.stderr
+        assert refused.stderr.startswith(f"dispatch: error: task {task_id} is interrupted")
+        assert sleepers(attempt["worktree"]) == left
+        assert events_of(env, task_id, "leftovers-stopped") == []
+    finally:
+        for pid in in_worktree(attempt["worktree"]):
+            signal_quietly(pid, signal.SIGKILL)
+
+
+@pytest.mark.one_backend
+def test_cancel_of_a_reset_task_also_stops_what_its_last_attempt_left(
+    cli: Cli, make_app: MakeApp, repo: Path, env: Env
+) -> None:
+    task_id, attempt, _left = _orphaned(cli, make_app, repo, env)
+    try:
+        assert cli("reset", str(task_id)).code == 0
+        cancel = cli("cancel", str(task_id))
+        assert cancel.code == 0, cancel.stderr
+        assert cancel.stderr.endswith(f"; task {task_id} is cancelled\n")
+        assert in_worktree(attempt["worktree"]) == set()
+        assert task_row(env, task_id)["status"] == "cancelled"
+        assert len(events_of(env, task_id, "leftovers-stopped")) == 1
+    finally:
+        for pid in in_worktree(attempt["worktree"]):
+            signal_quietly(pid, signal.SIGKILL)
+
+
+@pytest.mark.one_backend
+@pytest.mark.skipif(
+    not (FREEZER / "cgroup.procs").exists() or os.geteuid() != 0,
+    reason="needs the cgroup v1 freezer, as root",
+)
+def test_cancel_says_which_leftovers_outlived_sigkill(
+    cli: Cli, make_app: MakeApp, repo: Path, env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(control, "STOP_GRACE_SECONDS", 0.2)
+    task_id, attempt, _left = _orphaned(cli, make_app, repo, env)
+    agent = in_worktree(attempt["worktree"])
+
+    with frozen(agent):
+        with pytest.raises(Conflict) as refused:
+            control.cancel_task(make_app(), task_id)
+
+        pids = " ".join(map(str, sorted(agent)))
+        assert refused.value.message.endswith(f"; processes {pids} still run")
+        assert task_row(env, task_id)["status"] == "interrupted"
+        [stopped] = events_of(env, task_id, "leftovers-stopped")
+        assert json.loads(stopped["detail"])["still_running"] == sorted(agent)
+
+    # Thawed, the SIGKILL already sent takes effect.
+    wait_for(lambda: not in_worktree(attempt["worktree"]), "the leftovers to die")
 
 
 @pytest.mark.one_backend  # what it proves is about processes, whatever the database

@@ -237,6 +237,12 @@ def crashed_dispatch(
     return task_id, seed_attempt(app, task_id, intent=intent, **values), intent
 
 
+# An agent's shell deaf to every polite signal, whose `sleep` inherits the deafness:
+# what build tools and language servers under a real agent often are, and an agent
+# that outlives a wrapper killed outright.
+DEAF = 'trap "" TERM INT HUP; sleep 300'
+
+
 def alive(pid: int) -> bool:
     """Running, not merely a zombie waiting for whoever inherited it to reap it."""
     try:

@@ -22,6 +22,7 @@ from dispatch.services.dispatching import dispatch_task
 from dispatch.store import statements as st
 from tests.conftest import TMUX, Cli, Env, MakeApp, Result, tmux, windows
 from tests.integration.recovery_helpers import (
+    DEAF,
     alive,
     attempt_row,
     events_of,
@@ -37,10 +38,6 @@ from tests.integration.recovery_helpers import (
     terminal_events,
     wait_for,
 )
-
-# A shell deaf to every polite signal, whose child inherits the deafness: what build
-# tools and language servers under a real agent often are.
-DEAF = 'trap "" TERM INT HUP; sleep 300'
 
 
 def _start(make_app: MakeApp, repo: Path, env: Env, prompt: str) -> tuple[int, dict[str, Any]]:

@@ -25,6 +25,7 @@ from dispatch.services.monitor import task_diff
 from tests.conftest import Env, windows
 from tests.faults import events, run_cli, worktree_list
 from tests.integration.recovery_helpers import (
+    DEAF,
     dispatch_process,
     dump,
     execute,
@@ -505,11 +506,6 @@ def test_an_orphan_whose_detached_head_no_ref_holds_stays(
         assert (answer["removed"], answer["kept"]) == ([], kept)
     assert (orphan / "lost.txt").exists() and str(orphan) in worktree_list(project)
     assert refs(project) == ""
-
-
-# A shell deaf to every polite signal, whose `sleep` inherits the deafness: an agent
-# that outlives its wrapper.
-DEAF = 'trap "" TERM INT HUP; sleep 300'
 
 
 def kill_all(pids: set[int]) -> None:

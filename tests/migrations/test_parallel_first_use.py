@@ -12,6 +12,8 @@ from contextlib import closing
 
 import pytest
 
+from dispatch.errors import EnvironmentProblem
+from dispatch.store import direct
 from dispatch.store.database import Database
 from dispatch.store.revisions import HEAD_REVISION
 from tests.conftest import Env
@@ -94,3 +96,35 @@ def test_a_new_database_held_by_another_process_is_waited_for(env: Env, lock: st
             (HEAD_REVISION,)
         ]
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+@pytest.mark.parametrize(
+    "lock",
+    [
+        pytest.param("BEGIN EXCLUSIVE", id="writing"),
+        pytest.param("BEGIN; SELECT count(*) FROM sqlite_master", id="reading"),
+    ],
+)
+def test_a_new_database_held_past_all_patience_is_refused_untouched(
+    env: Env, lock: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wait is bounded: held for longer, it is one clear environment error, and the
+    file is as it was (no schema, not switched to WAL)."""
+    monkeypatch.setattr(direct, "WRITE_PATIENCE_SECONDS", 0.3)
+    env.db_path.parent.mkdir(parents=True, exist_ok=True)
+    holder = sqlite3.connect(env.db_path, isolation_level=None)
+    database = Database(f"sqlite:///{env.db_path}")
+    try:
+        for statement in lock.split("; "):
+            holder.execute(statement)
+        with pytest.raises(EnvironmentProblem) as refused:
+            database.upgrade()
+        assert refused.value.message == (
+            f"database {env.db_path} is unusable: database is locked; it was left untouched"
+        )
+    finally:
+        holder.close()
+        database.dispose()
+    with closing(sqlite3.connect(env.db_path)) as conn:
+        tables = conn.execute("SELECT name FROM sqlite_master").fetchall()
+        assert (tables, conn.execute("PRAGMA journal_mode").fetchone()) == ([], ("delete",))

@@ -265,27 +265,31 @@ def attempt_row_of(env: Env, task_id: int) -> dict[str, Any] | None:
     return dict(attempt_row(env, current)) if current else None
 
 
+@contextlib.contextmanager
 def _orphaned(
     cli: Cli, make_app: MakeApp, repo: Path, env: Env
-) -> tuple[int, dict[str, Any], set[int]]:
+) -> Iterator[tuple[int, dict[str, Any], set[int]]]:
     """A deaf agent whose wrapper was killed outright: its window closes, the sweep calls
-    the task interrupted (rightly: the wrapper is gone), and the agent works on."""
+    the task interrupted (rightly: the wrapper is gone), and the agent works on. Whatever
+    still works in the worktree is killed afterwards."""
     task_id, attempt = _start(make_app, repo, env, DEAF)
-    os.kill(attempt["wrapper_pid"], 9)
-    wait_for(lambda: f"t{task_id}" not in windows(env), "the window to close")
-    assert cli("sweep").code == 0
-    assert task_row(env, task_id)["status"] == "interrupted"
-    left = sleepers(attempt["worktree"])
-    assert left  # deaf to the hangup: still working in the worktree
-    return task_id, attempt, left
+    try:
+        os.kill(attempt["wrapper_pid"], 9)
+        wait_for(lambda: f"t{task_id}" not in windows(env), "the window to close")
+        assert cli("sweep").code == 0
+        assert task_row(env, task_id)["status"] == "interrupted"
+        left = sleepers(attempt["worktree"])
+        assert left  # deaf to the hangup: still working in the worktree
+        yield task_id, attempt, left
+    finally:
+        for pid in in_worktree(attempt["worktree"]):
+            signal_quietly(pid, signal.SIGKILL)
 
 
 def test_redispatch_refuses_while_the_last_attempts_processes_run(
     cli: Cli, make_app: MakeApp, repo: Path, env: Env
 ) -> None:
-    task_id, attempt, left = _orphaned(cli, make_app, repo, env)
-
-    try:
+    with _orphaned(cli, make_app, repo, env) as (task_id, attempt, left):
         refused = cli("redispatch", str(task_id))
 
         assert refused.code == 3, refused.stderr
@@ -310,17 +314,12 @@ def test_redispatch_refuses_while_the_last_attempts_processes_run(
         wait_for(lambda: not sleepers(attempt["worktree"]), "the leftovers to die")
         again = cli("run", str(task_id))
         assert again.code == 0, again.stderr
-    finally:
-        for pid in in_worktree(attempt["worktree"]):
-            signal_quietly(pid, signal.SIGKILL)
 
 
 def test_cancel_stops_what_an_ended_attempt_left_running(
     cli: Cli, make_app: MakeApp, repo: Path, env: Env
 ) -> None:
-    task_id, attempt, left = _orphaned(cli, make_app, repo, env)
-
-    try:
+    with _orphaned(cli, make_app, repo, env) as (task_id, attempt, left):
         cancel = cli("cancel", str(task_id))
 
         assert cancel.code == 0, cancel.stderr
@@ -343,9 +342,6 @@ def test_cancel_stops_what_an_ended_attempt_left_running(
         assert "interrupted" in again.stderr
         assert len(events_of(env, task_id, "leftovers-stopped")) == 1
         assert cli("redispatch", str(task_id)).code == 0  # no longer refused
-    finally:
-        for pid in in_worktree(attempt["worktree"]):
-            signal_quietly(pid, signal.SIGKILL)
 
 
 FREEZER = Path("/sys/fs/cgroup/freezer")
@@ -387,25 +383,20 @@ def test_cancel_leaves_alone_what_an_attempt_of_another_host_left(
 ) -> None:
     """Another host's processes are not seen from here: the pids found here would be
     someone else's. The status graph answers, and nothing is signalled."""
-    task_id, attempt, left = _orphaned(cli, make_app, repo, env)
-    try:
+    with _orphaned(cli, make_app, repo, env) as (task_id, attempt, left):
         execute(env, "UPDATE attempts SET host = 'elsewhere' WHERE id = ?", attempt["id"])
         refused = cli("cancel", str(task_id))
         assert refused.code == 3, refused.stderr
         assert refused.stderr.startswith(f"dispatch: error: task {task_id} is interrupted")
         assert sleepers(attempt["worktree"]) == left
         assert events_of(env, task_id, "leftovers-stopped") == []
-    finally:
-        for pid in in_worktree(attempt["worktree"]):
-            signal_quietly(pid, signal.SIGKILL)
 
 
 @pytest.mark.one_backend
 def test_cancel_of_a_reset_task_also_stops_what_its_last_attempt_left(
     cli: Cli, make_app: MakeApp, repo: Path, env: Env
 ) -> None:
-    task_id, attempt, _left = _orphaned(cli, make_app, repo, env)
-    try:
+    with _orphaned(cli, make_app, repo, env) as (task_id, attempt, _left):
         assert cli("reset", str(task_id)).code == 0
         cancel = cli("cancel", str(task_id))
         assert cancel.code == 0, cancel.stderr
@@ -413,9 +404,6 @@ def test_cancel_of_a_reset_task_also_stops_what_its_last_attempt_left(
         assert in_worktree(attempt["worktree"]) == set()
         assert task_row(env, task_id)["status"] == "cancelled"
         assert len(events_of(env, task_id, "leftovers-stopped")) == 1
-    finally:
-        for pid in in_worktree(attempt["worktree"]):
-            signal_quietly(pid, signal.SIGKILL)
 
 
 @pytest.mark.one_backend
@@ -427,21 +415,21 @@ def test_cancel_says_which_leftovers_outlived_sigkill(
     cli: Cli, make_app: MakeApp, repo: Path, env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(control, "STOP_GRACE_SECONDS", 0.2)
-    task_id, attempt, _left = _orphaned(cli, make_app, repo, env)
-    agent = in_worktree(attempt["worktree"])
+    with _orphaned(cli, make_app, repo, env) as (task_id, attempt, _left):
+        agent = in_worktree(attempt["worktree"])
 
-    with frozen(agent):
-        with pytest.raises(Conflict) as refused:
-            control.cancel_task(make_app(), task_id)
+        with frozen(agent):
+            with pytest.raises(Conflict) as refused:
+                control.cancel_task(make_app(), task_id)
 
-        pids = " ".join(map(str, sorted(agent)))
-        assert refused.value.message.endswith(f"; processes {pids} still run")
-        assert task_row(env, task_id)["status"] == "interrupted"
-        [stopped] = events_of(env, task_id, "leftovers-stopped")
-        assert json.loads(stopped["detail"])["still_running"] == sorted(agent)
+            pids = " ".join(map(str, sorted(agent)))
+            assert refused.value.message.endswith(f"; processes {pids} still run")
+            assert task_row(env, task_id)["status"] == "interrupted"
+            [stopped] = events_of(env, task_id, "leftovers-stopped")
+            assert json.loads(stopped["detail"])["still_running"] == sorted(agent)
 
-    # Thawed, the SIGKILL already sent takes effect.
-    wait_for(lambda: not in_worktree(attempt["worktree"]), "the leftovers to die")
+        # Thawed, the SIGKILL already sent takes effect.
+        wait_for(lambda: not in_worktree(attempt["worktree"]), "the leftovers to die")
 
 
 @pytest.mark.one_backend  # what it proves is about processes, whatever the database
